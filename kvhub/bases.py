@@ -1,0 +1,93 @@
+"""Fitted PCA bases: per layer, per stream (keys/values), per KV head a mean, an orthonormal basis ordered by
+variance, and the variances (eigenvalues). Calibration produces full ``d x d`` bases; a preset stores only the
+``d x rank`` columns its codec keeps."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .codec import STREAMS, CacheCodec, ModelShape
+from .errors import CodecError
+
+
+@dataclass
+class StreamBasis:
+    """``mean``: [H, d]; ``basis``: [H, d, r] orthonormal columns ordered by decreasing variance;
+    ``variance``: [H, r], the calibrated variance of each component (eigenvalues)."""
+
+    mean: torch.Tensor
+    basis: torch.Tensor
+    variance: torch.Tensor
+
+    @property
+    def rank(self) -> int:
+        return self.basis.shape[-1]
+
+    def truncated(self, rank: int) -> "StreamBasis":
+        return StreamBasis(self.mean, self.basis[..., :rank].contiguous(), self.variance[..., :rank].contiguous())
+
+    def check(self, where: str, heads: int, head_dim: int, rank: int) -> None:
+        """Raise :class:`CodecError` if shapes disagree with the model or the codec, or values are unusable."""
+        want = {"mean": (heads, head_dim), "basis": (heads, head_dim, rank), "variance": (heads, rank)}
+        for name, shape in want.items():
+            got = tuple(getattr(self, name).shape)
+            if name == "basis" and got[:2] == shape[:2] and got[2] >= rank:
+                continue
+            if name == "variance" and got[0] == heads and got[1] >= rank:
+                continue
+            if got != shape:
+                raise CodecError(
+                    f"{where}: {name} is {'x'.join(map(str, got))} but the model and codec need "
+                    f"{'x'.join(map(str, shape))} (heads={heads}, head_dim={head_dim}, rank={rank}); "
+                    "fix: use bases fitted for this model and codec"
+                )
+        for name in want:
+            if not torch.isfinite(getattr(self, name)).all():
+                raise CodecError(f"{where}: {name} contains NaN or Inf; fix: re-run calibration")
+        u = self.basis[..., :rank].double()
+        gram = u.transpose(-1, -2) @ u
+        err = (gram - torch.eye(rank, dtype=gram.dtype)).abs().max().item()
+        if err > 1e-3:
+            raise CodecError(f"{where}: basis is not orthonormal (max |U^T U - I| = {err:.2e}); fix: re-run calibration")
+
+
+class Bases(dict):
+    """``{(layer, stream): StreamBasis}`` for the PCA-projected streams of a model."""
+
+    def for_codec(self, codec: CacheCodec, shape: ModelShape) -> "Bases":
+        """Check every stream the codec projects has a basis that fits, and keep only the columns it uses."""
+        out = Bases()
+        for i, layer in enumerate(codec.layers):
+            if not layer.compressed:
+                continue
+            for name in STREAMS:
+                stream = layer.stream(name)
+                if stream.projection != "pca":
+                    continue
+                where = f"layer {i} {name}"
+                if (i, name) not in self:
+                    raise CodecError(f"{where}: the codec projects onto a PCA basis but none was given; fix: calibrate")
+                basis = self[(i, name)]
+                basis.check(where, shape.num_kv_heads, shape.head_dim, stream.rank)
+                out[(i, name)] = basis.truncated(stream.rank)
+        return out
+
+    def nbytes(self) -> int:
+        return sum(t.nbytes for b in self.values() for t in (b.mean, b.basis, b.variance))
+
+    def to_tensors(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        out = {}
+        for (i, name), b in sorted(self.items()):
+            for part in ("mean", "basis", "variance"):
+                out[f"layers.{i}.{name}.{part}"] = getattr(b, part).to(dtype).contiguous()
+        return out
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "Bases":
+        parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+        for key, t in tensors.items():
+            _, i, name, part = key.split(".")
+            parts.setdefault((int(i), name), {})[part] = t.float()
+        return cls({k: StreamBasis(v["mean"], v["basis"], v["variance"]) for k, v in parts.items()})

@@ -1,0 +1,105 @@
+"""``CompressedCache``: a ``transformers.Cache`` whose attention layers store K and V compressed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, get_layer_types_and_kwargs
+
+from .bases import Bases
+from .codec import CacheCodec, ModelShape
+from .layer import CompressedLayer
+
+COMPRESSIBLE = ("full_attention", "sliding_attention")
+FP16_BYTES = 2
+
+
+class CompressedCache(Cache):
+    """Drop-in cache for ``model.generate(..., cache=cache)`` / ``past_key_values=cache`` or a forward loop.
+
+    Layers whose type kvhub cannot compress (or whose codec says ``compressed=False``) get the stock transformers
+    layer; :attr:`compressed_layers` lists the others. Bytes are read off the held tensors by :meth:`nbytes`.
+    """
+
+    def __init__(self, config: Any, codec: CacheCodec, bases: Bases | None = None) -> None:
+        text_config = config.get_text_config(decoder=True)
+        self.shape = ModelShape.from_config(text_config)
+        codec.check(self.shape)
+        self.codec = codec
+        self.bases = (bases if bases is not None else Bases()).for_codec(codec, self.shape)
+        layer_types, layer_kwargs = get_layer_types_and_kwargs(text_config)
+        layers = []
+        for i, (layer_type, kwargs) in enumerate(zip(layer_types, layer_kwargs)):
+            layer_codec = codec.layers[i]
+            if layer_codec.compressed and layer_type in COMPRESSIBLE:
+                layers.append(
+                    CompressedLayer(
+                        layer_codec,
+                        self.bases.get((i, "keys")),
+                        self.bases.get((i, "values")),
+                        codec.flush_block,
+                        sliding_window=kwargs.get("sliding_window"),
+                    )
+                )
+            else:
+                layers.append(DYNAMIC_LAYER_TYPE_MAPPING[layer_type](**kwargs))
+        super().__init__(layers=layers)
+
+    @property
+    def compressed_layers(self) -> list[int]:
+        """Indices of the layers that store K/V compressed (the rest use the stock layer)."""
+        return [i for i, layer in enumerate(self.layers) if isinstance(layer, CompressedLayer)]
+
+    def nbytes(self) -> dict[str, int]:
+        """Bytes the cache holds, by part: ``codes``, ``scales``, ``full_precision`` (sink and recent tokens, and
+        the stock layers' tensors) and ``total``. Shared per-model bases are not included: see :meth:`bases_nbytes`."""
+        out = {"codes": 0, "scales": 0, "full_precision": 0}
+        for layer in self.layers:
+            if isinstance(layer, CompressedLayer):
+                for part, n in layer.nbytes().items():
+                    out[part] += n
+            elif getattr(layer, "is_initialized", False):
+                out["full_precision"] += layer.keys.nbytes + layer.values.nbytes
+        out["total"] = sum(out.values())
+        return out
+
+    def bases_nbytes(self) -> int:
+        """Bytes of the per-model bases, shared by every sequence and every cache built from the same preset."""
+        return self.bases.nbytes()
+
+    def fp16_nbytes(self) -> int:
+        """Bytes an fp16 K+V cache would need for the tokens each layer holds."""
+        total = 0
+        for layer in self.layers:
+            if isinstance(layer, CompressedLayer):
+                if layer.is_initialized:
+                    batch = layer.sink_keys.shape[0]
+                    total += layer.held_tokens() * batch * self.shape.num_kv_heads * self.shape.head_dim
+            elif getattr(layer, "is_initialized", False):
+                total += layer.keys.numel()
+        return total * 2 * FP16_BYTES
+
+    def compression_ratio(self) -> float:
+        """fp16 K+V bytes of the same tokens divided by the bytes held."""
+        held = self.nbytes()["total"]
+        return self.fp16_nbytes() / held if held else 1.0
+
+    def reserved_nbytes(self) -> int:
+        """Bytes allocated, including the growth headroom of the preallocated buffers."""
+        total = 0
+        for layer in self.layers:
+            if isinstance(layer, CompressedLayer) and layer.is_initialized:
+                total += sum(s.reserved_nbytes() for s in layer.streams.values()) + layer.nbytes()["full_precision"]
+            elif getattr(layer, "is_initialized", False):
+                total += layer.keys.nbytes + layer.values.nbytes
+        return total
+
+    @torch.no_grad()
+    def describe(self) -> str:
+        n = self.nbytes()
+        return (
+            f"CompressedCache: {len(self.compressed_layers)}/{len(self.layers)} layers compressed, "
+            f"{n['total'] / 1e6:.2f} MB held (codes {n['codes'] / 1e6:.2f}, scales {n['scales'] / 1e6:.2f}, "
+            f"full precision {n['full_precision'] / 1e6:.2f}), {self.compression_ratio():.2f}x vs fp16"
+        )

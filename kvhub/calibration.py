@@ -1,0 +1,105 @@
+"""Fitting the PCA bases on calibration text.
+
+The model reads calibration windows; a recording cache sees every layer's keys (after RoPE, as they are cached) and
+values and accumulates, per layer, stream and KV head, the sum and the outer-product sum in float64: memory is
+independent of the token count, so 100k+ calibration tokens cost nothing more than time. The first ``sink``
+positions of each window are left out: attention sinks are stored exactly and would only distort the basis.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+from tqdm.auto import tqdm
+
+from .bases import Bases, StreamBasis
+from .codec import STREAMS, ModelShape
+
+
+class _Moments:
+    def __init__(self, heads: int, dim: int, device) -> None:
+        self.count = 0
+        self.sum = torch.zeros(heads, dim, dtype=torch.float64, device=device)
+        self.outer = torch.zeros(heads, dim, dim, dtype=torch.float64, device=device)
+
+    def add(self, x: torch.Tensor) -> None:
+        """x: [B, H, T, d]."""
+        x = x.detach().to(torch.float64).transpose(0, 1).reshape(x.shape[1], -1, x.shape[-1])
+        self.count += x.shape[1]
+        self.sum += x.sum(1)
+        self.outer += x.transpose(1, 2) @ x
+
+    def basis(self) -> StreamBasis:
+        mean = self.sum / self.count
+        cov = self.outer / self.count - mean[:, :, None] * mean[:, None, :]
+        eigvals, eigvecs = torch.linalg.eigh(cov.cpu())
+        eigvals, eigvecs = eigvals.flip(-1).clamp_min(0), eigvecs.flip(-1)
+        # Fix each eigenvector's sign (largest entry positive) so the same data gives the same basis, bit for bit.
+        idx = eigvecs.abs().argmax(dim=1, keepdim=True)
+        signs = torch.sign(torch.gather(eigvecs, 1, idx))
+        eigvecs = eigvecs * torch.where(signs == 0, 1.0, signs)
+        return StreamBasis(mean.cpu().float(), eigvecs.float(), eigvals.float())
+
+
+class _RecordingLayer(CacheLayerMixin):
+    """Accumulates moments and returns the states unchanged (each window is read in one forward pass)."""
+
+    def __init__(self, sink: int) -> None:
+        super().__init__()
+        self.sink = sink
+        self.moments: dict[str, _Moments] = {}
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        for name, x in (("keys", key_states), ("values", value_states)):
+            x = x[:, :, self.sink :]
+            if name not in self.moments:
+                self.moments[name] = _Moments(x.shape[1], x.shape[-1], x.device)
+            self.moments[name].add(x)
+        return key_states, value_states
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return query_length, 0
+
+    def get_seq_length(self) -> int:
+        return 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+@dataclass
+class CalibrationStats:
+    """What calibration saw: enough to record the recipe in a preset."""
+
+    tokens: int
+    windows: int
+    seq_len: int
+    sink: int
+
+
+@torch.no_grad()
+def calibrate(
+    model,
+    windows: list[torch.Tensor],
+    sink: int = 4,
+    progress: bool = True,
+) -> tuple[Bases, CalibrationStats]:
+    """Fit full ``d x d`` PCA bases for every layer's keys and values from ``windows`` (token id tensors [1, T])."""
+    shape = ModelShape.from_config(model.config)
+    layers = [_RecordingLayer(sink) for _ in range(shape.num_layers)]
+    device = next(model.parameters()).device
+    for ids in tqdm(windows, desc="calibrating", unit="window", disable=not progress):
+        cache = Cache(layers=layers)
+        model(input_ids=ids.to(device), cache=cache, use_cache=True)
+    bases = Bases()
+    for i, layer in enumerate(layers):
+        for name in STREAMS:
+            bases[(i, name)] = layer.moments[name].basis()
+    tokens = sum(int(w.shape[-1]) for w in windows)
+    seq_len = int(windows[0].shape[-1]) if windows else 0
+    return bases, CalibrationStats(tokens=tokens, windows=len(windows), seq_len=seq_len, sink=sink)

@@ -1,0 +1,247 @@
+"""The codec: how each layer's keys and values are stored. Plain dataclasses, no torch, so configs and the CLI
+can read and validate them cheaply.
+
+A stream (the keys or the values of one layer) is rotated onto its PCA basis, whose components are ordered by
+calibrated variance, then cut into *segments* of consecutive components, each stored at its own bit width: more
+bits on the high-variance components, fewer (or none) on the tail. This is transform coding: it spends bits by
+variance instead of cutting a rank and quantizing what is left uniformly. ``rank`` is the number of components with
+bits > 0; the dropped tail is never stored. All KV heads of a layer share the segment plan (each head has its own
+basis and mean), which keeps the stored tensors rectangular and attention in the compressed space vectorized.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+from .errors import CodecError
+
+BITS = (0, 2, 4, 8, 16)
+Projection = Literal["pca", "identity"]
+ScaleScheme = Literal["token", "channel"]
+STREAMS = ("keys", "values")
+_PACK = {2: 4, 4: 2}
+
+
+@dataclass(frozen=True)
+class Segment:
+    """``size`` consecutive components stored at ``bits`` bits (0: dropped, 16: fp16 passthrough)."""
+
+    size: int
+    bits: int
+
+
+@dataclass(frozen=True)
+class StreamCodec:
+    """How one stream (keys or values) of one layer is stored."""
+
+    segments: tuple[Segment, ...]
+    projection: Projection = "pca"
+    scale: ScaleScheme = "token"
+
+    @property
+    def rank(self) -> int:
+        """Components actually stored, per head."""
+        return sum(s.size for s in self.segments if s.bits > 0)
+
+    @property
+    def dim(self) -> int:
+        return sum(s.size for s in self.segments)
+
+    @property
+    def kept(self) -> tuple[Segment, ...]:
+        return tuple(s for s in self.segments if s.bits > 0)
+
+    def bits_per_token(self) -> int:
+        """Bits one token of one head costs: codes plus one fp16 scale per quantized segment (token scheme)."""
+        codes = sum(s.size * s.bits for s in self.segments)
+        scales = 16 * sum(1 for s in self.kept if s.bits < 16) if self.scale == "token" else 0
+        return codes + scales
+
+    def check(self, where: str, head_dim: int) -> None:
+        """Raise :class:`CodecError` naming ``where`` if this stream cannot encode ``head_dim``-sized vectors."""
+        if not self.segments:
+            raise CodecError(f"{where}: no segments; fix: give at least one [size, bits] segment")
+        for s in self.segments:
+            if s.bits not in BITS:
+                raise CodecError(f"{where}: bits={s.bits} is not one of {BITS}; fix: use 2, 4, 8 or 16 (0 drops)")
+            if s.size <= 0:
+                raise CodecError(f"{where}: segment size {s.size} must be positive")
+            if s.bits in _PACK and s.size % _PACK[s.bits]:
+                raise CodecError(
+                    f"{where}: a {s.bits}-bit segment of {s.size} components cannot be packed; "
+                    f"fix: make its size a multiple of {_PACK[s.bits]}"
+                )
+        if self.dim != head_dim:
+            raise CodecError(
+                f"{where}: segments cover {self.dim} components but the model's head_dim is {head_dim}; "
+                f"fix: make the segment sizes sum to {head_dim}"
+            )
+        if self.rank == 0:
+            raise CodecError(f"{where}: every segment has 0 bits; fix: keep at least one component")
+        bits = [s.bits for s in self.segments]
+        if bits != sorted(bits, reverse=True):
+            raise CodecError(f"{where}: bits {bits} must not increase along the variance-ordered components")
+        if self.projection == "identity" and (self.rank != head_dim or self.scale != "token"):
+            raise CodecError(
+                f"{where}: an identity projection has no variance order; fix: drop no component and use scale 'token'"
+            )
+        if self.projection not in ("pca", "identity"):
+            raise CodecError(f"{where}: projection '{self.projection}' is not 'pca' or 'identity'")
+        if self.scale not in ("token", "channel"):
+            raise CodecError(f"{where}: scale '{self.scale}' is not 'token' or 'channel'")
+
+    @classmethod
+    def uniform(cls, head_dim: int, bits: int, rank: int | None = None, **kw: Any) -> "StreamCodec":
+        """Rank ``rank`` (default: all) at one bit width, the rest dropped."""
+        rank = head_dim if rank is None else rank
+        if rank > head_dim:
+            raise CodecError(f"rank {rank} is larger than head_dim {head_dim}; fix: use a rank <= {head_dim}")
+        segs = [Segment(rank, bits)] + ([Segment(head_dim - rank, 0)] if rank < head_dim else [])
+        return cls(tuple(segs), **kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "segments": [[s.size, s.bits] for s in self.segments],
+            "projection": self.projection,
+            "scale": self.scale,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "StreamCodec":
+        return cls(
+            segments=tuple(Segment(int(a), int(b)) for a, b in d["segments"]),
+            projection=d.get("projection", "pca"),
+            scale=d.get("scale", "token"),
+        )
+
+
+@dataclass(frozen=True)
+class LayerCodec:
+    """One layer: its keys and values codecs and how many sink/recent tokens stay in full precision.
+
+    ``compressed=False`` keeps the stock transformers layer (e.g. for a layer type kvhub cannot compress)."""
+
+    keys: StreamCodec
+    values: StreamCodec
+    sink: int = 4
+    window: int = 32
+    compressed: bool = True
+
+    def stream(self, name: str) -> StreamCodec:
+        return self.keys if name == "keys" else self.values
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "keys": self.keys.to_dict(),
+            "values": self.values.to_dict(),
+            "sink": self.sink,
+            "window": self.window,
+            "compressed": self.compressed,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LayerCodec":
+        return cls(
+            keys=StreamCodec.from_dict(d["keys"]),
+            values=StreamCodec.from_dict(d["values"]),
+            sink=int(d.get("sink", 4)),
+            window=int(d.get("window", 32)),
+            compressed=bool(d.get("compressed", True)),
+        )
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The facts of a model's attention that a codec must agree with."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def from_config(cls, config: Any) -> "ModelShape":
+        config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return cls(int(config.num_hidden_layers), int(heads), int(head_dim))
+
+
+@dataclass(frozen=True)
+class CacheCodec:
+    """Every layer's codec, plus the flush block: how many tokens past the window accumulate before they are
+    compressed together (encoding in blocks amortizes the projection; history is never re-quantized)."""
+
+    layers: tuple[LayerCodec, ...]
+    flush_block: int = 16
+    meta: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @classmethod
+    def uniform(
+        cls,
+        shape: ModelShape,
+        key_bits: int = 8,
+        value_bits: int = 8,
+        key_rank: int | None = None,
+        value_rank: int | None = None,
+        sink: int = 4,
+        window: int = 32,
+        projection: Projection = "pca",
+        scale: ScaleScheme = "token",
+        compress_keys: bool = True,
+    ) -> "CacheCodec":
+        """The same setting on every layer. ``compress_keys=False`` keeps keys in fp16 (the inherited V-only recipe)."""
+        d = shape.head_dim
+        keys = StreamCodec.uniform(d, key_bits if compress_keys else 16, key_rank if compress_keys else None,
+                                   projection=projection if compress_keys else "identity", scale=scale)
+        values = StreamCodec.uniform(d, value_bits, value_rank, projection=projection, scale=scale)
+        return cls(tuple(LayerCodec(keys, values, sink, window) for _ in range(shape.num_layers)))
+
+    def check(self, shape: ModelShape) -> None:
+        """Raise :class:`CodecError` if this codec does not fit a model of ``shape``."""
+        if len(self.layers) != shape.num_layers:
+            raise CodecError(
+                f"the codec describes {len(self.layers)} layers but the model has {shape.num_layers}; "
+                "fix: use a preset made for this model"
+            )
+        if self.flush_block < 1:
+            raise CodecError(f"flush_block={self.flush_block} must be >= 1")
+        for i, layer in enumerate(self.layers):
+            if layer.sink < 0 or layer.window < 0:
+                raise CodecError(f"layer {i}: sink and window must be >= 0")
+            for name in STREAMS:
+                layer.stream(name).check(f"layer {i} {name}", shape.head_dim)
+
+    def with_layer(self, index: int, layer: LayerCodec) -> "CacheCodec":
+        layers = list(self.layers)
+        layers[index] = layer
+        return replace(self, layers=tuple(layers))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Compact form: a ``default`` layer plus only the layers that differ from it."""
+        dicts = [layer.to_dict() for layer in self.layers]
+        default = max(dicts, key=dicts.count)
+        out: dict[str, Any] = {"num_layers": len(dicts), "flush_block": self.flush_block, "default": default}
+        overrides = {str(i): d for i, d in enumerate(dicts) if d != default}
+        if overrides:
+            out["layers"] = overrides
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "CacheCodec":
+        default = d["default"]
+        overrides = d.get("layers", {})
+        layers = tuple(LayerCodec.from_dict(overrides.get(str(i), default)) for i in range(int(d["num_layers"])))
+        return cls(layers, flush_block=int(d.get("flush_block", 16)))
+
+    def describe(self) -> list[dict[str, Any]]:
+        """One row per layer for tables: rank and bits layout of keys and values."""
+        rows = []
+        for i, layer in enumerate(self.layers):
+            row: dict[str, Any] = {"layer": i, "sink": layer.sink, "window": layer.window}
+            for name in STREAMS:
+                s = layer.stream(name)
+                row[name] = {"rank": s.rank, "layout": "+".join(f"{g.size}x{g.bits}b" for g in s.kept),
+                             "scale": s.scale, "projection": s.projection, "bits_per_token": s.bits_per_token()}
+            rows.append(row)
+        return rows

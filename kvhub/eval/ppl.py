@@ -1,0 +1,52 @@
+"""Perplexity under compression (protocol of docs/field.md).
+
+Each window is fed through a fresh cache in chunks, so every token attends to a *compressed* past and to its own
+chunk exactly: a single prefill pass would never exercise what a decode-time cache stores."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers.cache_utils import Cache
+
+
+@dataclass
+class PerplexityResult:
+    nll_sum: float
+    tokens: int
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(self.nll_sum / self.tokens)
+
+
+@torch.no_grad()
+def window_nll(model, ids: torch.Tensor, cache: Cache, chunk: int = 128) -> PerplexityResult:
+    """Summed NLL of ``ids`` [1, T] (all T-1 predicted tokens), read through ``cache`` ``chunk`` tokens at a time."""
+    device = next(model.parameters()).device
+    ids = ids.to(device)
+    nll, count, prev_last = 0.0, 0, None
+    for start in range(0, ids.shape[-1], chunk):
+        piece = ids[:, start : start + chunk]
+        logits = model(input_ids=piece, cache=cache, use_cache=True).logits.float()
+        if prev_last is not None:  # the previous chunk's last position predicts this chunk's first token
+            nll += F.cross_entropy(prev_last, piece[:, 0], reduction="sum").item()
+            count += 1
+        if piece.shape[-1] > 1:
+            nll += F.cross_entropy(logits[0, :-1], piece[0, 1:], reduction="sum").item()
+            count += piece.shape[-1] - 1
+        prev_last = logits[:, -1]
+    return PerplexityResult(nll, count)
+
+
+def perplexity(model, windows: list[torch.Tensor], make_cache: Callable[[], Cache], chunk: int = 128) -> PerplexityResult:
+    """Perplexity over several windows, each through a fresh cache from ``make_cache``."""
+    total = PerplexityResult(0.0, 0)
+    for ids in windows:
+        r = window_nll(model, ids, make_cache(), chunk)
+        total = PerplexityResult(total.nll_sum + r.nll_sum, total.tokens + r.tokens)
+    return total

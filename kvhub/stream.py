@@ -1,0 +1,127 @@
+"""One compressed stream (the keys or the values of one layer): projection, quantization, packed storage."""
+
+from __future__ import annotations
+
+import torch
+
+from .bases import StreamBasis
+from .codec import StreamCodec
+from .quant import GAUSSIAN_STEP, dequantize, half_levels, pack, quantize, unpack
+from .storage import GrowableTensor
+
+_TINY = 1e-8
+
+
+class CompressedStream:
+    """Holds a stream's tokens as packed codes (one growable tensor per segment) and fp16 per-token scales.
+
+    Coefficients are ``z = (x - mean) @ U`` (``U`` keeps ``rank`` columns); segment ``j`` covers components
+    ``[start_j, end_j)`` of ``z`` and stores them at its bit width."""
+
+    def __init__(self, codec: StreamCodec, basis: StreamBasis | None, device: torch.device) -> None:
+        self.codec = codec
+        self.segments = codec.kept
+        self.bounds = []
+        start = 0
+        for s in self.segments:
+            self.bounds.append((start, start + s.size))
+            start += s.size
+        if codec.projection == "pca":
+            assert basis is not None
+            self.mean = basis.mean.to(device, torch.float32)
+            self.basis = basis.basis[..., : codec.rank].to(device, torch.float32)
+            sigma = basis.variance[..., : codec.rank].clamp_min(0).sqrt().to(device, torch.float32)
+            self.sigma = sigma.clamp_min(sigma.amax(-1, keepdim=True) * 1e-6 + _TINY)  # [H, r]
+        else:
+            self.mean = self.basis = None
+            self.sigma = None
+        self.codes = [GrowableTensor() for _ in self.segments]
+        self.n_scaled = sum(1 for s in self.segments if s.bits < 16) if codec.scale == "token" else 0
+        self.scales = GrowableTensor()
+
+    # --- writing -------------------------------------------------------------------------------------------
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, H, n, d] -> coefficients [B, H, n, r] in float32."""
+        x = x.float()
+        if self.basis is None:
+            return x
+        return torch.einsum("bhnd,hdr->bhnr", x - self.mean[:, None, :], self.basis)
+
+    def _sigma(self, a: int, b: int) -> torch.Tensor | None:
+        return None if self.sigma is None else self.sigma[:, None, a:b]  # [H, 1, size]
+
+    def append(self, x: torch.Tensor) -> None:
+        z = self.project(x)
+        scales = []
+        for seg, (a, b), store in zip(self.segments, self.bounds, self.codes):
+            zs = z[..., a:b]
+            if seg.bits == 16:
+                store.append(zs.half())
+                continue
+            if self.codec.scale == "token":
+                amax = zs.abs().amax(-1, keepdim=True).clamp_min(_TINY).half()
+                scales.append(amax)
+                q = quantize(zs, amax.float() / half_levels(seg.bits), seg.bits)
+            else:
+                q = quantize(zs, GAUSSIAN_STEP[seg.bits] * self._sigma(a, b), seg.bits)
+            store.append(pack(q, seg.bits))
+        if scales:
+            self.scales.append(torch.cat(scales, dim=-1))
+
+    # --- reading -------------------------------------------------------------------------------------------
+    @property
+    def length(self) -> int:
+        return self.codes[0].length
+
+    def coefficients(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Dequantized coefficients [B, H, T, r] (whitening undone)."""
+        parts = []
+        scale_idx = 0
+        scales = self.scales.view() if self.n_scaled else None
+        for seg, (a, b), store in zip(self.segments, self.bounds, self.codes):
+            data = store.view()
+            if seg.bits == 16:
+                parts.append(data.to(dtype))
+                continue
+            q = unpack(data, seg.bits)
+            if self.codec.scale == "token":
+                step = scales[..., scale_idx : scale_idx + 1].float() / half_levels(seg.bits)
+                scale_idx += 1
+            else:
+                step = GAUSSIAN_STEP[seg.bits] * self._sigma(a, b)
+            parts.append(dequantize(q, step, seg.bits, torch.float32).to(dtype))
+        return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
+
+    def decode(self, dtype: torch.dtype) -> torch.Tensor:
+        """Reconstructed vectors [B, H, T, d]."""
+        z = self.coefficients(torch.float32)
+        if self.basis is None:
+            return z.to(dtype)
+        x = torch.einsum("bhtr,hdr->bhtd", z, self.basis) + self.mean[:, None, :]
+        return x.to(dtype)
+
+    # --- bookkeeping ---------------------------------------------------------------------------------------
+    def _stores(self) -> list[GrowableTensor]:
+        return self.codes + [self.scales]
+
+    def truncate(self, length: int) -> None:
+        for s in self._stores():
+            s.truncate(length)
+
+    def drop_front(self, n: int) -> None:
+        for s in self._stores():
+            s.drop_front(n)
+
+    def map_batch(self, fn) -> None:
+        for s in self._stores():
+            s.map_batch(fn)
+
+    def to(self, device) -> None:
+        for s in self._stores():
+            s.to(device)
+
+    def nbytes(self) -> dict[str, int]:
+        return {"codes": sum(s.nbytes() for s in self.codes), "scales": self.scales.nbytes()}
+
+    def reserved_nbytes(self) -> int:
+        return sum(s.reserved_nbytes() for s in self._stores())
