@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, get_layer_types_and_kwargs
 
+from .attention import ATTN_NAME
 from .bases import Bases
 from .codec import CacheCodec, ModelShape
 from .layer import CompressedLayer
@@ -18,12 +19,17 @@ FP16_BYTES = 2
 class CompressedCache(Cache):
     """Drop-in cache for ``model.generate(..., cache=cache)`` / ``past_key_values=cache`` or a forward loop.
 
+    ``exact_dtype`` is the dtype of sink/recent tokens and 16-bit segments: 16-bit by default (the model's dtype if
+    it is 16-bit, else fp16); ``torch.float32`` makes a full-rank 16-bit codec lossless, to test the machinery.
     Layers whose type kvhub cannot compress (or whose codec says ``compressed=False``) get the stock transformers
     layer; :attr:`compressed_layers` lists the others. Bytes are read off the held tensors by :meth:`nbytes`.
     """
 
-    def __init__(self, config: Any, codec: CacheCodec, bases: Bases | None = None) -> None:
+    def __init__(
+        self, config: Any, codec: CacheCodec, bases: Bases | None = None, exact_dtype: torch.dtype | None = None
+    ) -> None:
         text_config = config.get_text_config(decoder=True)
+        self._attn_config = text_config
         self.shape = ModelShape.from_config(text_config)
         codec.check(self.shape)
         self.codec = codec
@@ -40,11 +46,17 @@ class CompressedCache(Cache):
                         self.bases.get((i, "values")),
                         codec.flush_block,
                         sliding_window=kwargs.get("sliding_window"),
+                        exact_dtype=exact_dtype,
+                        fast_path=self._uses_compressed_attention,
                     )
                 )
             else:
                 layers.append(DYNAMIC_LAYER_TYPE_MAPPING[layer_type](**kwargs))
         super().__init__(layers=layers)
+
+    def _uses_compressed_attention(self) -> bool:
+        """Whether the model reads this cache through kvhub.attention (checked per call: the config is shared)."""
+        return self._attn_config._attn_implementation == ATTN_NAME
 
     @property
     def compressed_layers(self) -> list[int]:
@@ -62,6 +74,18 @@ class CompressedCache(Cache):
             elif getattr(layer, "is_initialized", False):
                 out["full_precision"] += layer.keys.nbytes + layer.values.nbytes
         out["total"] = sum(out.values())
+        return out
+
+    def stream_nbytes(self) -> dict[str, int]:
+        """Bytes held for keys and for values separately (codes, scales and exact tokens of each)."""
+        out = {"keys": 0, "values": 0}
+        for layer in self.layers:
+            if isinstance(layer, CompressedLayer):
+                for name, n in layer.stream_nbytes().items():
+                    out[name] += n
+            elif getattr(layer, "is_initialized", False):
+                out["keys"] += layer.keys.nbytes
+                out["values"] += layer.values.nbytes
         return out
 
     def bases_nbytes(self) -> int:

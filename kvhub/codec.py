@@ -18,7 +18,7 @@ from .errors import CodecError
 
 BITS = (0, 2, 4, 8, 16)
 Projection = Literal["pca", "identity"]
-ScaleScheme = Literal["token", "channel"]
+ScaleScheme = Literal["token", "rms", "channel"]
 STREAMS = ("keys", "values")
 _PACK = {2: 4, 4: 2}
 
@@ -53,9 +53,9 @@ class StreamCodec:
         return tuple(s for s in self.segments if s.bits > 0)
 
     def bits_per_token(self) -> int:
-        """Bits one token of one head costs: codes plus one fp16 scale per quantized segment (token scheme)."""
+        """Bits one token of one head costs: codes plus one fp16 scale per quantized segment (per-token schemes)."""
         codes = sum(s.size * s.bits for s in self.segments)
-        scales = 16 * sum(1 for s in self.kept if s.bits < 16) if self.scale == "token" else 0
+        scales = 16 * sum(1 for s in self.kept if s.bits < 16) if self.scale != "channel" else 0
         return codes + scales
 
     def check(self, where: str, head_dim: int) -> None:
@@ -82,14 +82,14 @@ class StreamCodec:
         bits = [s.bits for s in self.segments]
         if bits != sorted(bits, reverse=True):
             raise CodecError(f"{where}: bits {bits} must not increase along the variance-ordered components")
-        if self.projection == "identity" and (self.rank != head_dim or self.scale != "token"):
+        if self.projection == "identity" and (self.rank != head_dim or self.scale == "channel"):
             raise CodecError(
-                f"{where}: an identity projection has no variance order; fix: drop no component and use scale 'token'"
+                f"{where}: an identity projection has no variance order; fix: drop no component and use a per-token scale"
             )
         if self.projection not in ("pca", "identity"):
             raise CodecError(f"{where}: projection '{self.projection}' is not 'pca' or 'identity'")
-        if self.scale not in ("token", "channel"):
-            raise CodecError(f"{where}: scale '{self.scale}' is not 'token' or 'channel'")
+        if self.scale not in ("token", "rms", "channel"):
+            raise CodecError(f"{where}: scale '{self.scale}' is not 'token', 'rms' or 'channel'")
 
     @classmethod
     def uniform(cls, head_dim: int, bits: int, rank: int | None = None, **kw: Any) -> "StreamCodec":

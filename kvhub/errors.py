@@ -41,8 +41,48 @@ class PresetExistsError(PresetError, FileExistsError):
 
 
 class HubError(KVHubError):
-    """Resolving, downloading or publishing a preset on the Hub failed."""
+    """Resolving, downloading or publishing a preset on the Hub failed. Subclasses name the kind of failure."""
+
+
+class HubNotFoundError(HubError):
+    """A repo, or a file in it, that the Hub does not have."""
+
+
+class HubRevisionNotFoundError(HubNotFoundError):
+    """A branch, tag or commit that the repo does not have."""
+
+
+class HubAuthError(HubError):
+    """A private repo asked for without a token, or a token the Hub rejects (reading or writing)."""
+
+
+class HubNetworkError(HubError):
+    """The Hub could not be reached or failed (connection, timeout, 5xx); retrying may help."""
+
+
+class HubOfflineError(HubError):
+    """Offline (``HF_HUB_OFFLINE=1`` or ``local_files_only``) and what was asked for is not in the local cache."""
+
+
+class HubChecksumError(HubError):
+    """A downloaded file whose sha256 or size differs from the registry entry or the preset config."""
+
+
+class HubModelMismatchError(HubError):
+    """A preset whose config names another base model, or another revision of it, than its registry entry."""
 
 
 class RegistryError(KVHubError):
     """The registry index is malformed or does not know a model."""
+
+
+class RegistryFormatError(RegistryError):
+    """An index that violates ``schemas/registry.schema.json`` or lists a name twice."""
+
+
+class UnknownModelError(RegistryError):
+    """A name that is neither in the registry nor a Hub repo id."""
+
+
+class NoPresetError(RegistryError):
+    """A model the registry knows but for which no validated preset is published (pending or failed)."""

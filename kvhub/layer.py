@@ -10,13 +10,16 @@ Token positions are laid out as ``[sink | compressed history | recent]``:
   it, returning exactly the tokens the stock ``DynamicSlidingWindowLayer`` would.
 
 ``update`` returns the full-length keys and values (reconstructed history + exact recent tokens), which any
-attention implementation accepts; :mod:`kvhub.attention` reads the compressed storage directly instead.
+attention implementation accepts. When the model runs :mod:`kvhub.attention` (``fast_path()`` is true), it
+returns only the exact tokens, tagged with the layer, and attention reads the compressed history directly.
 """
 
 from __future__ import annotations
 
 import torch
 from transformers.cache_utils import CacheLayerMixin
+
+from collections.abc import Callable
 
 from .bases import StreamBasis
 from .codec import LayerCodec
@@ -38,8 +41,13 @@ class CompressedLayer(CacheLayerMixin):
         value_basis: StreamBasis | None,
         flush_block: int = 16,
         sliding_window: int | None = None,
+        exact_dtype: torch.dtype | None = None,
+        fast_path: Callable[[], bool] | None = None,
     ) -> None:
         super().__init__()
+        self.requested_exact_dtype = exact_dtype
+        self.fast_path = fast_path
+        self.visible = 0
         self.codec = codec
         self.bases = {"keys": key_basis, "values": value_basis}
         self.flush_block = flush_block
@@ -50,14 +58,15 @@ class CompressedLayer(CacheLayerMixin):
     # --- transformers' layer protocol -----------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device, self.dtype = key_states.device, key_states.dtype
-        # Sink and recent tokens are kept at 16 bits (the model's own dtype when it is already 16-bit): the
-        # reference is an fp16 cache, and an fp32 CPU model should not make exact tokens cost twice that.
-        self.exact_dtype = self.dtype if self.dtype.itemsize <= 2 else torch.float16
+        # Sink, recent tokens and 16-bit segments are kept at 16 bits (the model's own dtype when it is already
+        # 16-bit): the reference is an fp16 cache, and an fp32 CPU model should not make them cost twice that.
+        # ``exact_dtype=torch.float32`` keeps them bit-exact (used to prove the machinery lossless).
+        self.exact_dtype = self.requested_exact_dtype or (self.dtype if self.dtype.itemsize <= 2 else torch.float16)
         empty = key_states[:, :, :0].to(self.exact_dtype)
         self.sink_keys, self.sink_values = empty.clone(), value_states[:, :, :0].to(self.exact_dtype)
         self.recent_keys, self.recent_values = empty.clone(), self.sink_values.clone()
         self.streams = {
-            name: CompressedStream(self.codec.stream(name), self.bases[name], self.device) for name in ("keys", "values")
+            name: CompressedStream(self.codec.stream(name), self.bases[name], self.device, self.exact_dtype) for name in ("keys", "values")
         }
         self.is_initialized = True
 
@@ -66,10 +75,19 @@ class CompressedLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         n = key_states.shape[-2]
         # The tokens of this call attend to themselves exactly; the past is what the cache holds.
-        keys = torch.cat([self.sink_keys.to(self.dtype), self._history("keys"), self.recent_keys.to(self.dtype), key_states], -2)
-        values = torch.cat(
-            [self.sink_values.to(self.dtype), self._history("values"), self.recent_values.to(self.dtype), value_states], -2
-        )
+        if self.fast_path is not None and not self.is_sliding and self.fast_path():
+            # kvhub.attention reads the compressed history itself: return only the exact tokens, tagged.
+            self.visible = self.streams["keys"].length
+            keys = torch.cat([self.sink_keys.to(self.dtype), self.recent_keys.to(self.dtype), key_states], -2)
+            values = torch.cat([self.sink_values.to(self.dtype), self.recent_values.to(self.dtype), value_states], -2)
+            keys._kvhub_layer, keys._kvhub_sink = self, self.sink_keys.shape[-2]
+        else:
+            keys = torch.cat(
+                [self.sink_keys.to(self.dtype), self._history("keys"), self.recent_keys.to(self.dtype), key_states], -2
+            )
+            values = torch.cat(
+                [self.sink_values.to(self.dtype), self._history("values"), self.recent_values.to(self.dtype), value_states], -2
+            )
         if self.is_sliding:
             visible = self.sliding_window - 1 + n
             keys, values = keys[:, :, -visible:], values[:, :, -visible:]
@@ -194,6 +212,12 @@ class CompressedLayer(CacheLayerMixin):
             self.__dict__.pop(attr, None)
 
     # --- bytes ----------------------------------------------------------------------------------------------
+    def stream_nbytes(self) -> dict[str, int]:
+        if not self.is_initialized:
+            return {"keys": 0, "values": 0}
+        exact = {"keys": (self.sink_keys, self.recent_keys), "values": (self.sink_values, self.recent_values)}
+        return {name: sum(self.streams[name].nbytes().values()) + sum(t.nbytes for t in exact[name]) for name in exact}
+
     def nbytes(self) -> dict[str, int]:
         """Bytes held, by part, read off the tensors."""
         out = {"codes": 0, "scales": 0, "full_precision": 0}

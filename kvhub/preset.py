@@ -33,6 +33,7 @@ CONFIG_NAME = "kvhub_preset.json"
 BASES_NAME = "bases.safetensors"
 BASES_FORMAT = "kvhub-bases/1"
 _ALLOWED_DTYPES = ("F32", "F16")
+_PARTS = ("mean", "basis", "variance")
 
 
 def sha256_file(path: Path) -> str:
@@ -99,10 +100,11 @@ class KVPreset:
         metrics: dict[str, Any] | None = None,
         license: str | None = None,
     ) -> "KVPreset":
-        """A new preset for a model: the codec is checked against the model, bases are cut to the codec's ranks."""
+        """A new preset for a model from calibrated (variance-ordered) bases: the codec is checked against the model,
+        and the bases are cut to the codec's ranks and rotated within each segment (see ``rotate_segments``)."""
         shape = ModelShape.from_config(model_config)
         codec.check(shape)
-        kept = bases.for_codec(codec, shape)
+        kept = bases.rotated_for(codec, shape)
         base_model: dict[str, Any] = {
             "id": model_id,
             "revision": revision,
@@ -221,11 +223,16 @@ class KVPreset:
                     "fix: use that model's preset, or pass allow_name_mismatch=True if they share weights"
                 )
 
-    def build_cache(self, model: Any, allow_name_mismatch: bool = False):
-        """A fresh :class:`~kvhub.cache.CompressedCache` for ``model`` (one per generation)."""
+    def build_cache(self, model: Any, allow_name_mismatch: bool = False, compressed_attention: bool = True):
+        """A fresh :class:`~kvhub.cache.CompressedCache` for ``model`` (one per generation). By default also
+        switches the model to :mod:`kvhub.attention`, so decoding reads the compressed storage directly."""
         from .cache import CompressedCache
 
         self.check_model(model.config, getattr(model.config, "_name_or_path", None), allow_name_mismatch)
+        if compressed_attention:
+            from .attention import enable
+
+            enable(model)
         return CompressedCache(model.config, self.codec, self.bases)
 
 
@@ -262,10 +269,15 @@ def _load_tensor_files(folder: Path, config: dict[str, Any]) -> dict[str, Any]:
                     tensors[key] = f.get_tensor(key)
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
             raise PresetFileError(f"{path}: not a readable safetensors file ({str(exc).splitlines()[0]}); fix: re-download the preset") from exc
+    where = folder / config["files"][0]["name"]
     bad = [k for k in tensors if len(k.split(".")) != 4 or k.split(".")[2] not in ("keys", "values")
-           or k.split(".")[3] not in ("mean", "basis", "variance") or not k.split(".")[1].isdigit()]
+           or k.split(".")[3] not in _PARTS or not k.split(".")[1].isdigit()]
     if bad:
-        raise PresetTensorError(f"{folder / config['files'][0]['name']}: unexpected tensor '{bad[0]}'; fix: names are layers.{{i}}.{{keys|values}}.{{mean|basis|variance}}")
+        raise PresetTensorError(f"{where}: unexpected tensor '{bad[0]}'; fix: names are layers.{{i}}.{{keys|values}}.{{mean|basis|variance}}")
+    for stream in sorted({k.rsplit(".", 1)[0] for k in tensors}):
+        for part in _PARTS:
+            if f"{stream}.{part}" not in tensors:
+                raise PresetTensorError(f"{where}: tensor '{stream}.{part}' is missing; fix: re-save the preset with kvhub")
     return tensors
 
 

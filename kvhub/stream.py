@@ -18,8 +18,11 @@ class CompressedStream:
     Coefficients are ``z = (x - mean) @ U`` (``U`` keeps ``rank`` columns); segment ``j`` covers components
     ``[start_j, end_j)`` of ``z`` and stores them at its bit width."""
 
-    def __init__(self, codec: StreamCodec, basis: StreamBasis | None, device: torch.device) -> None:
+    def __init__(
+        self, codec: StreamCodec, basis: StreamBasis | None, device: torch.device, passthrough_dtype=torch.float16
+    ) -> None:
         self.codec = codec
+        self.passthrough_dtype = passthrough_dtype
         self.segments = codec.kept
         self.bounds = []
         start = 0
@@ -36,7 +39,7 @@ class CompressedStream:
             self.mean = self.basis = None
             self.sigma = None
         self.codes = [GrowableTensor() for _ in self.segments]
-        self.n_scaled = sum(1 for s in self.segments if s.bits < 16) if codec.scale == "token" else 0
+        self.n_scaled = sum(1 for s in self.segments if s.bits < 16) if codec.scale != "channel" else 0
         self.scales = GrowableTensor()
 
     # --- writing -------------------------------------------------------------------------------------------
@@ -50,18 +53,29 @@ class CompressedStream:
     def _sigma(self, a: int, b: int) -> torch.Tensor | None:
         return None if self.sigma is None else self.sigma[:, None, a:b]  # [H, 1, size]
 
+    def _token_scale(self, zs: torch.Tensor) -> torch.Tensor:
+        """Per-token statistic stored for a segment: its absmax (``token``) or its RMS (``rms``)."""
+        if self.codec.scale == "token":
+            return zs.abs().amax(-1, keepdim=True)
+        return zs.pow(2).mean(-1, keepdim=True).sqrt()
+
+    def _step(self, scale: torch.Tensor, bits: int) -> torch.Tensor:
+        if self.codec.scale == "token":
+            return scale.float() / half_levels(bits)
+        return scale.float() * GAUSSIAN_STEP[bits]
+
     def append(self, x: torch.Tensor) -> None:
         z = self.project(x)
         scales = []
         for seg, (a, b), store in zip(self.segments, self.bounds, self.codes):
             zs = z[..., a:b]
             if seg.bits == 16:
-                store.append(zs.half())
+                store.append(zs.to(self.passthrough_dtype))
                 continue
-            if self.codec.scale == "token":
-                amax = zs.abs().amax(-1, keepdim=True).clamp_min(_TINY).half()
-                scales.append(amax)
-                q = quantize(zs, amax.float() / half_levels(seg.bits), seg.bits)
+            if self.codec.scale in ("token", "rms"):
+                scale = self._token_scale(zs).clamp_min(_TINY).half()
+                scales.append(scale)
+                q = quantize(zs, self._step(scale, seg.bits), seg.bits)
             else:
                 q = quantize(zs, GAUSSIAN_STEP[seg.bits] * self._sigma(a, b), seg.bits)
             store.append(pack(q, seg.bits))
@@ -84,13 +98,67 @@ class CompressedStream:
                 parts.append(data.to(dtype))
                 continue
             q = unpack(data, seg.bits)
-            if self.codec.scale == "token":
-                step = scales[..., scale_idx : scale_idx + 1].float() / half_levels(seg.bits)
+            if self.codec.scale in ("token", "rms"):
+                step = self._step(scales[..., scale_idx : scale_idx + 1], seg.bits)
                 scale_idx += 1
             else:
                 step = GAUSSIAN_STEP[seg.bits] * self._sigma(a, b)
             parts.append(dequantize(q, step, seg.bits, torch.float32).to(dtype))
         return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
+
+    # --- attention in the coefficient space (kvhub.attention) ---------------------------------------------------
+    def _segments(self, length: int):
+        """Yield ``(a, b, codes, step)`` per stored segment over the first ``length`` tokens: ``codes`` are the
+        centred integer levels as float32 [B, H, T, size]; ``step`` broadcasts as [B, H, T, 1] (per-token scales),
+        [H, 1, size] (static per-component steps) or is None (16-bit passthrough)."""
+        scales = self.scales.view().narrow(2, 0, length) if self.n_scaled else None
+        scale_idx = 0
+        for seg, (a, b), store in zip(self.segments, self.bounds, self.codes):
+            data = store.view().narrow(2, 0, length)
+            if seg.bits == 16:
+                yield a, b, data.float(), None
+                continue
+            levels = unpack(data, seg.bits).float().sub_(half_levels(seg.bits))
+            if self.codec.scale == "channel":
+                step = GAUSSIAN_STEP[seg.bits] * self._sigma(a, b)
+            else:
+                step = self._step(scales[..., scale_idx : scale_idx + 1], seg.bits)
+                scale_idx += 1
+            yield a, b, levels, step
+
+    def attention_scores(self, q: torch.Tensor, length: int) -> torch.Tensor:
+        """``q @ K_hat^T`` for queries q [B, H, M, d] (float32) against the first ``length`` stored keys, computed as
+        ``(q U) Z^T + q . mean``: keys are never rebuilt, and no per-step d x r projection of the history is done."""
+        qu = q if self.basis is None else torch.einsum("bhmd,hdr->bhmr", q, self.basis)
+        out = None
+        for a, b, levels, step in self._segments(length):
+            qa = qu[..., a:b]
+            if step is not None and step.dim() == 3:  # static per-component step [H, 1, size] folds into the query
+                qa = qa * step
+            part = qa @ levels.transpose(-1, -2)
+            if step is not None and step.dim() == 4:  # per-token step scales each key's column
+                part = part * step.transpose(-1, -2)
+            out = part if out is None else out + part
+        if self.mean is not None:
+            out = out + (q @ self.mean.unsqueeze(-1))  # [B, H, M, 1]: the mean's score, the same for every key
+        return out
+
+    def attention_values(self, p: torch.Tensor, length: int) -> torch.Tensor:
+        """``p @ V_hat`` for attention weights p [B, H, M, T] over the first ``length`` stored values, computed as
+        ``(p Z) U^T + sum(p) mean``, with per-token scales folded into the weights."""
+        acc = []
+        for _, _, levels, step in self._segments(length):
+            if step is not None and step.dim() == 4:
+                part = (p * step.transpose(-1, -2)) @ levels
+            else:
+                part = p @ levels
+                if step is not None:
+                    part = part * step
+            acc.append(part)
+        z = torch.cat(acc, dim=-1) if len(acc) > 1 else acc[0]
+        if self.basis is None:
+            return z
+        return torch.einsum("bhmr,hdr->bhmd", z, self.basis) + p.sum(-1, keepdim=True) * self.mean[:, None, :]
 
     def decode(self, dtype: torch.dtype) -> torch.Tensor:
         """Reconstructed vectors [B, H, T, d]."""

@@ -24,7 +24,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.hf_api import RepoFile, RepoFolder
 from huggingface_hub.utils import _http, httpx
 
-from hub_server import DEFAULT_TOKEN, DEFAULT_USER, LocalHub, git_blob_sha1, isolate_hf_env, running_hub
+from tests.hub_server import DEFAULT_TOKEN, DEFAULT_USER, LocalHub, git_blob_sha1, isolate_hf_env, running_hub
 
 REPO = "org/presets"
 WEIGHTS = b"\x00\x01" * 64

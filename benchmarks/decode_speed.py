@@ -1,0 +1,212 @@
+"""Decode-step time and KV memory: kvhub vs DynamicCache vs transformers' QuantizedCache (quanto int4).
+
+One run measures every method on the same model, context and batch, and reports step-time *ratios* against
+DynamicCache measured in that run. Caches are filled with synthetic K/V through their own ``update`` (in 512-token
+chunks, so each method stores them exactly as it would after a chunked prefill); then the model decodes real steps
+through them. Memory: the bytes each cache holds after the fill (read off its tensors), and the peak RSS of a real
+chunked 8k-token generate in a fresh process.
+
+    python benchmarks/decode_speed.py                # SmolLM2 + a 7B-shaped random model, 1k/4k/8k, batch 1 and 4
+    python benchmarks/decode_speed.py --device cuda --models 7b --contexts 8192,16384,32768 --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, QuantizedCache
+
+from kvhub import KVPreset, load_model
+from kvhub.attention import enable
+from kvhub.bases import Bases, StreamBasis
+from kvhub.cache import CompressedCache
+from kvhub.codec import CacheCodec, LayerCodec, ModelShape, Segment, StreamCodec
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESET = ROOT / "presets" / "HuggingFaceTB--SmolLM2-135M-Instruct"
+FILL_CHUNK = 512
+
+
+def seven_b_shaped(dtype, device):
+    """Attention shaped like Qwen2.5-7B (28 layers, 4 KV heads, head_dim 128, GQA 7:1); hidden and MLP narrowed so
+    the weights fit 2 CPU cores' memory and time. The KV cache, the subject here, has the real shape."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=1024, hidden_size=3584, intermediate_size=1024, num_hidden_layers=28,
+                      num_attention_heads=28, num_key_value_heads=4, head_dim=128, max_position_embeddings=65536)
+    return LlamaForCausalLM(cfg).to(device=device, dtype=dtype).eval()
+
+
+def random_bases(shape: ModelShape) -> Bases:
+    """Orthonormal bases for a random-weight model (its K/V have no structure to fit; timing only)."""
+    gen = torch.Generator().manual_seed(0)
+    out = Bases()
+    for i in range(shape.num_layers):
+        for name in ("keys", "values"):
+            q, _ = torch.linalg.qr(torch.randn(shape.num_kv_heads, shape.head_dim, shape.head_dim, generator=gen))
+            out[(i, name)] = StreamBasis(torch.zeros(shape.num_kv_heads, shape.head_dim), q,
+                                         torch.ones(shape.num_kv_heads, shape.head_dim))
+    return out
+
+
+def scaled_codec(preset: KVPreset, shape: ModelShape) -> CacheCodec:
+    """The preset's first-layer layout, stretched to ``shape``'s head_dim and repeated over its layers."""
+    factor = shape.head_dim // preset.shape.head_dim
+    layer = preset.codec.layers[0]
+
+    def stretch(s: StreamCodec) -> StreamCodec:
+        return StreamCodec(tuple(Segment(g.size * factor, g.bits) for g in s.segments), s.projection, s.scale)
+
+    one = LayerCodec(stretch(layer.keys), stretch(layer.values), layer.sink, layer.window)
+    return CacheCodec((one,) * shape.num_layers, preset.codec.flush_block)
+
+
+def make_caches(model, preset: KVPreset) -> dict:
+    shape = ModelShape.from_config(model.config)
+    if preset.shape == shape:
+        codec, bases = preset.codec, preset.bases
+    else:  # the 7B-shaped random model: the SmolLM2 preset's layout on random bases
+        codec, bases = scaled_codec(preset, shape), random_bases(shape)
+    return {
+        "DynamicCache": lambda: DynamicCache(config=model.config),
+        "QuantizedCache quanto int4": lambda: QuantizedCache(backend="quanto", config=model.config, nbits=4),
+        "kvhub": lambda: CompressedCache(model.config, codec, bases),
+    }
+
+
+def fill(cache, shape: ModelShape, batch: int, context: int, dtype, device) -> None:
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    for start in range(0, context, FILL_CHUNK):
+        n = min(FILL_CHUNK, context - start)
+        for i in range(shape.num_layers):
+            k = torch.randn(batch, shape.num_kv_heads, n, shape.head_dim, generator=gen).to(device, dtype)
+            v = torch.randn(batch, shape.num_kv_heads, n, shape.head_dim, generator=gen).to(device, dtype)
+            cache.update(k, v, i)
+
+
+def held_bytes(cache) -> int:
+    if isinstance(cache, CompressedCache):
+        return cache.reserved_nbytes()
+    total = 0
+    for layer in cache.layers:
+        for name in ("keys", "values", "_quantized_keys", "_quantized_values"):
+            t = getattr(layer, name, None)
+            if t is None:
+                continue
+            if hasattr(t, "_data"):  # quanto QTensor: codes, scales, zero points
+                total += sum(x.nbytes for x in (t._data, t._scale, t._shift) if isinstance(x, torch.Tensor))
+                continue
+            total += t.nbytes
+    return total
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def step_time(model, cache, batch: int, steps: int, device) -> float:
+    tok = torch.randint(0, model.config.vocab_size, (batch, 1), device=device)
+    times = []
+    for _ in range(steps + 1):
+        sync(device)
+        t0 = time.perf_counter()
+        model(input_ids=tok, cache=cache, use_cache=True)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])  # the first step warms up
+
+
+def peak_rss_child(method: str, context: int) -> None:
+    """Run in a fresh process: chunked prefill of ``context`` tokens + 16 generated, print the RSS increase."""
+    model, _ = load_model("HuggingFaceTB/SmolLM2-135M-Instruct")
+    preset = KVPreset.from_pretrained(str(PRESET))
+    if method == "kvhub":
+        enable(model)
+    cache = make_caches(model, preset)[method]()
+    ids = torch.randint(0, model.config.vocab_size, (1, context))
+    with torch.no_grad():
+        model(input_ids=ids[:, :8], cache=make_caches(model, preset)[method](), use_cache=True)  # warm up
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        for start in range(0, context - 1, FILL_CHUNK):
+            model(input_ids=ids[:, start : min(start + FILL_CHUNK, context - 1)], cache=cache, use_cache=True)
+        model.generate(ids, attention_mask=torch.ones_like(ids), cache=cache, max_new_tokens=16, do_sample=False)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"peak_rss_increase_bytes": (peak - base) * 1024, "cache_bytes": held_bytes(cache)}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="smollm2,7b")
+    ap.add_argument("--contexts", default="1024,4096,8192")
+    ap.add_argument("--batches", default="1,4")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--peak-context", type=int, default=8192, help="0 to skip the peak-RSS generate")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "decode_speed.json"))
+    ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        return peak_rss_child(args.child[0], int(args.child[1]))
+
+    dtype = getattr(torch, args.dtype)
+    preset = KVPreset.from_pretrained(str(PRESET))
+    rows = []
+    for name in args.models.split(","):
+        if name == "smollm2":
+            model, _ = load_model("HuggingFaceTB/SmolLM2-135M-Instruct", dtype=args.dtype, device=args.device)
+        else:
+            model = seven_b_shaped(dtype, args.device)
+        shape = ModelShape.from_config(model.config)
+        makers = make_caches(model, preset)
+        for context in map(int, args.contexts.split(",")):
+            for batch in map(int, args.batches.split(",")):
+                row = {"model": name, "context": context, "batch": batch, "methods": {}}
+                for method, make in makers.items():
+                    if method == "kvhub":
+                        enable(model)
+                    else:
+                        model.set_attn_implementation("sdpa")
+                    cache = make()
+                    fill(cache, shape, batch, context, dtype, args.device)
+                    t = step_time(model, cache, batch, args.steps, args.device)
+                    row["methods"][method] = {"step_s": t, "cache_bytes": held_bytes(cache)}
+                    del cache
+                base = row["methods"]["DynamicCache"]
+                for m in row["methods"].values():
+                    m["step_ratio_vs_dynamic"] = m["step_s"] / base["step_s"]
+                    m["bytes_ratio_vs_dynamic"] = m["cache_bytes"] / base["cache_bytes"]
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+        del model
+    peak = {}
+    if args.peak_context and args.device == "cpu":
+        for method in ("DynamicCache", "QuantizedCache quanto int4", "kvhub"):
+            out = subprocess.run([sys.executable, __file__, "--child", method, str(args.peak_context)],
+                                 capture_output=True, text=True, check=True)
+            peak[method] = json.loads(out.stdout.strip().splitlines()[-1])
+            print(method, peak[method], flush=True)
+    result = {
+        "hardware": f"{platform.machine()} {platform.processor() or 'cpu'}, torch {torch.__version__}, "
+                    f"{torch.get_num_threads()} threads" if args.device == "cpu" else torch.cuda.get_device_name(0),
+        "dtype": args.dtype,
+        "command": "python " + " ".join(sys.argv),
+        "rows": rows,
+        "peak_generate": {"context": args.peak_context, "model": "smollm2", "methods": peak},
+    }
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

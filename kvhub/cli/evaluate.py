@@ -1,0 +1,61 @@
+"""``kvhub eval``: measure a preset against the uncompressed cache on the same text in the same run."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+
+import click
+
+
+@click.command("eval")
+@click.argument("preset")
+@click.option("--model", "model_name", default=None, help="Local folder or Hub id (default: the preset's base model).")
+@click.option("--ppl", "ppl_files", multiple=True, type=click.Path(exists=True), required=True,
+              help="Evaluation text files or folders (repeatable).")
+@click.option("--windows", default=3, show_default=True, help="Windows per file.")
+@click.option("--window-tokens", default=2048, show_default=True)
+@click.option("--chunk", default=128, show_default=True, help="Tokens fed through the cache per forward pass.")
+@click.option("--needle/--no-needle", default=False, help="Also run the passkey retrieval grid.")
+@click.option("--context-lengths", default="1024,2048,4096", show_default=True, help="Needle prompt lengths.")
+@click.option("--haystack", type=click.Path(exists=True), default=None, help="Needle haystack (default: Persuasion).")
+@click.option("--device", default=None, help="cpu, cuda, auto (device_map) ...")
+@click.option("--json", "json_out", type=click.Path(), default=None, help="Write the metrics JSON here.")
+@click.option("--write-metrics", is_flag=True, help="Store the metrics in the preset folder's config.")
+def eval_cmd(preset, model_name, ppl_files, windows, window_tokens, chunk, needle, context_lengths, haystack, device,
+             json_out, write_metrics) -> None:
+    """Perplexity under compression (and the needle grid) of PRESET next to DynamicCache."""
+    from ..eval import EvalConfig, evaluate, metrics_block
+    from ..models import load_model
+    from ..preset import KVPreset
+
+    p = KVPreset.from_pretrained(preset)
+    model, tokenizer = load_model(model_name or p.base_model["id"], device=device)
+    p.check_model(model.config)
+    contexts = tuple(int(c) for c in context_lengths.split(","))
+    cfg = EvalConfig(list(ppl_files), windows, window_tokens, chunk, needle, haystack, contexts)
+    result = evaluate(model, tokenizer, lambda: p.build_cache(model, allow_name_mismatch=True), cfg)
+    metrics = metrics_block(result, cfg, "kvhub " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    for name, row in result.ppl.items():
+        click.echo(f"{name:<28} PPL {row['base']:.3f} -> {row['compressed']:.3f}  ({row['delta_pct']:+.3f}%)")
+    click.echo(f"{'mean delta':<28} {result.mean_delta_pct:+.3f}%")
+    c = result.compression
+    click.echo(f"compression at {window_tokens} tokens: total {c['total']:.2f}x (keys {c['keys']:.2f}x, values {c['values']:.2f}x), "
+               f"{result.bytes['total']} bytes held")
+    if result.needle:
+        for ctx, comp, base in zip(contexts, result.needle.hits, result.needle_baseline.hits):
+            click.echo(f"needle {ctx:>5}: {''.join('x' if h else '.' for h in comp)} ({sum(comp)}/{len(comp)})  "
+                       f"baseline {''.join('x' if h else '.' for h in base)} ({sum(base)}/{len(base)})")
+    if json_out:
+        with open(json_out, "w", encoding="utf-8") as f:
+            json.dump(metrics, f, indent=2)
+    if write_metrics:
+        if p.path is None:
+            raise click.UsageError("--write-metrics needs a local preset folder")
+        p.config["metrics"] = metrics
+        p.save_pretrained(p.path, overwrite=True)
+        click.echo(f"metrics written to {p.path}")
+
+
+COMMANDS = [eval_cmd]

@@ -1,0 +1,145 @@
+"""Evaluation of a compressed cache against the uncompressed baseline in the same run: perplexity under
+compression, needle retrieval, and the bytes the cache really held. Produces the ``metrics`` block of a preset."""
+
+from __future__ import annotations
+
+import datetime
+import platform
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+from transformers import DynamicCache
+from transformers.cache_utils import Cache
+
+from .. import __version__
+from ..text import corpus_sha256, read_texts, token_windows
+from .needle import CONTEXTS, DEPTHS, NeedleGrid, needle_grid
+from .ppl import PerplexityResult, window_nll
+
+
+@dataclass
+class EvalConfig:
+    """What to measure; the defaults are the protocol of docs/field.md."""
+
+    ppl_files: list[str]
+    windows: int = 3
+    window_tokens: int = 2048
+    chunk: int = 128
+    needle: bool = False
+    haystack: str | None = None  # default: the Persuasion file among ppl_files
+    contexts: tuple[int, ...] = CONTEXTS
+    depths: tuple[float, ...] = DEPTHS
+    progress: bool = True
+
+
+@dataclass
+class EvalResult:
+    ppl: dict[str, dict[str, float]] = field(default_factory=dict)
+    needle: NeedleGrid | None = None
+    needle_baseline: NeedleGrid | None = None
+    bytes: dict[str, int] = field(default_factory=dict)
+    compression: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def mean_delta_pct(self) -> float:
+        return sum(r["delta_pct"] for r in self.ppl.values()) / len(self.ppl)
+
+
+def hardware() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    return f"{platform.machine()} CPU x{torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def _haystack(cfg: EvalConfig) -> str:
+    if cfg.haystack:
+        return Path(cfg.haystack).read_text(encoding="utf-8")
+    for name, text in read_texts(cfg.ppl_files):
+        if "persuasion" in name:
+            return text
+    raise ValueError("no haystack: pass --haystack or include austen_persuasion.txt among the perplexity files")
+
+
+@torch.no_grad()
+def evaluate(
+    model,
+    tokenizer,
+    make_cache: Callable[[], Cache],
+    cfg: EvalConfig,
+    baseline: Callable[[], Cache] | None = None,
+) -> EvalResult:
+    """Measure ``make_cache`` against ``baseline`` (default: DynamicCache) with identical inputs and chunking."""
+    baseline = baseline or (lambda: DynamicCache(config=model.config))
+    result = EvalResult()
+    texts = read_texts(cfg.ppl_files)
+    last_cache: Cache | None = None
+    total = len(texts) * cfg.windows * 2
+    with tqdm(total=total, desc="perplexity", unit="window", disable=not cfg.progress) as bar:
+        for name, text in texts:
+            sums = {"base": PerplexityResult(0.0, 0), "compressed": PerplexityResult(0.0, 0)}
+            for ids in token_windows(tokenizer, text, cfg.window_tokens, cfg.windows):
+                for key, factory in (("base", baseline), ("compressed", make_cache)):
+                    cache = factory()
+                    r = window_nll(model, ids, cache, cfg.chunk)
+                    sums[key] = PerplexityResult(sums[key].nll_sum + r.nll_sum, sums[key].tokens + r.tokens)
+                    if key == "compressed":
+                        last_cache = cache
+                    bar.update()
+            base, comp = sums["base"].ppl, sums["compressed"].ppl
+            result.ppl[name] = {"base": base, "compressed": comp, "delta_pct": 100 * (comp / base - 1)}
+    if last_cache is not None and hasattr(last_cache, "nbytes"):
+        result.bytes = last_cache.nbytes()
+        fp16 = last_cache.fp16_nbytes()
+        per_stream = last_cache.stream_nbytes()
+        result.compression = {
+            "keys": fp16 / 2 / per_stream["keys"],
+            "values": fp16 / 2 / per_stream["values"],
+            "total": fp16 / result.bytes["total"],
+        }
+    if cfg.needle:
+        hay = _haystack(cfg)
+        cells = len(cfg.contexts) * len(cfg.depths) * 2
+        with tqdm(total=cells, desc="needle", unit="cell", disable=not cfg.progress) as bar:
+            result.needle_baseline = needle_grid(model, tokenizer, hay, baseline, cfg.contexts, cfg.depths, bar.update)
+            result.needle = needle_grid(model, tokenizer, hay, make_cache, cfg.contexts, cfg.depths, bar.update)
+    return result
+
+
+def metrics_block(result: EvalResult, cfg: EvalConfig, command: str | None = None) -> dict[str, Any]:
+    """The preset's ``metrics`` object (schemas/preset.schema.json)."""
+    metrics: dict[str, Any] = {
+        "context_length": cfg.window_tokens,
+        "compression": {k: round(v, 4) for k, v in result.compression.items()},
+        "bytes": result.bytes,
+        "perplexity": {
+            "corpora": {n: {k: round(v, 4) for k, v in row.items()} for n, row in result.ppl.items()},
+            "mean_delta_pct": round(result.mean_delta_pct, 4),
+            "windows": cfg.windows,
+            "window_tokens": cfg.window_tokens,
+            "chunk": cfg.chunk,
+        },
+        "eval_corpus": ", ".join(Path(p).name for p in cfg.ppl_files),
+        "eval_corpus_sha256": corpus_sha256(cfg.ppl_files),
+        "hardware": hardware(),
+        "date": datetime.date.today().isoformat(),
+        "kvhub_version": __version__,
+    }
+    if result.needle is not None and result.needle_baseline is not None:
+        metrics["needle"] = {
+            "context_lengths": result.needle.context_lengths,
+            "depths": result.needle.depths,
+            "compressed": result.needle.hits,
+            "baseline": result.needle_baseline.hits,
+            "accuracy": round(result.needle.accuracy, 4),
+            "baseline_accuracy": round(result.needle_baseline.accuracy, 4),
+        }
+    if command:
+        metrics["command"] = command
+    return metrics
+
+
+__all__ = ["EvalConfig", "EvalResult", "evaluate", "metrics_block", "token_windows"]

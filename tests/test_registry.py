@@ -1,0 +1,549 @@
+"""The registry pipeline: `kvhub registry build/check/verify/publish/push-index`, MODEL_ZOO.md, the recipes of
+the pending models, and the GitHub workflows that run these commands.
+
+Verification and publication run on a tiny random-weight Llama saved to disk with a word-level tokenizer trained
+here on a few hundred words, evaluated on one 64-token window: mechanics only, never quality. Publication goes
+to the local Hub test server (tests/hub_server.py) through the real huggingface_hub client."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kvhub.card import model_card
+from kvhub.cli import main
+from kvhub.hub import download_preset
+from kvhub.preset import BASES_NAME, CONFIG_NAME, KVPreset
+from kvhub.recipe import Recipe
+from kvhub.registry import RegistryIndex
+from kvhub.registry_tools import Tolerances, compare_metrics, render_zoo
+from kvhub.registry_tools.publish import measured_by, registry_metrics
+from kvhub.registry_tools.verify import compare_needle
+from kvhub.registry_tools.zoo import CLAIMS_HEADING, render_plot
+from tests.conftest import TINY_MODEL_ID
+from tests.hub_server import DEFAULT_TOKEN
+from tests.tiny_models import tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
+WORKFLOWS = REPO / ".github" / "workflows"
+PRESET_REPO = "kvhub-test/tiny-llama-kvhub"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# The tiny protocol: one window of 64 tokens fed 16 at a time; a needle grid of one 96-token context.
+EVAL_ARGS = ("--windows", "1", "--window-tokens", "64", "--chunk", "16")
+NEEDLE_ARGS = ("--needle", "--context-lengths", "96")
+
+
+# --- helpers and fixtures -----------------------------------------------------------------------------------
+
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def cli_error(capsys, *args: str) -> str:
+    """A failing command: exit 1 and exactly one `error: ... fix: ...` line, no traceback."""
+    code, _, err = cli(capsys, *args)
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 1 and len(errors) == 1 and "Traceback" not in err, err
+    return errors[0]
+
+
+@pytest.fixture(scope="session")
+def eval_text(tmp_path_factory) -> Path:
+    """A few hundred words of deterministic pseudo-English, the evaluation text and needle haystack."""
+    words = "the a of and to in is was it for on with as his her by at from that which this be had not but".split()
+    rng = random.Random(0)
+    text = " ".join(rng.choice(words) + ("." if rng.random() < 0.1 else "") for _ in range(600))
+    path = tmp_path_factory.mktemp("text") / "tiny_eval.txt"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def model_dir(tiny_llama, eval_text, tmp_path_factory) -> Path:
+    """tiny_llama saved with a word-level tokenizer (ids 0/1/2 = pad/bos/eos, as the tiny config says) and a
+    minimal chat template, so `load_model` and the needle prompt work on it offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator([eval_text.read_text()], trainers.WordLevelTrainer(special_tokens=["[PAD]", "[BOS]", "[EOS]", "[UNK]"]))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", bos_token="[BOS]", eos_token="[EOS]",
+                                   unk_token="[UNK]")
+    fast.chat_template = ("{% for m in messages %}{{ m['content'] }} {% endfor %}"
+                          "{% if add_generation_prompt %}answer: {% endif %}")
+    folder = tmp_path_factory.mktemp("models") / "tiny-llama"
+    tiny_llama.save_pretrained(folder)
+    fast.save_pretrained(folder)
+    return folder
+
+
+def measure(capsys, folder: Path, model: Path, text: Path, *extra: str) -> None:
+    """`kvhub eval ... --write-metrics`: what a contributor runs before opening the pull request."""
+    code, _, err = cli(capsys, "eval", folder, "--model", model, "--ppl", text, *EVAL_ARGS, *extra, "--write-metrics")
+    assert code == 0, err
+
+
+@pytest.fixture(scope="session")
+def measured_preset(tiny_preset, model_dir, eval_text, tmp_path_factory) -> Path:
+    """tiny_preset with metrics measured by `kvhub eval` (no needle). Read-only: copy it before editing."""
+    folder = tmp_path_factory.mktemp("measured") / "test--tiny-llama"
+    shutil.copytree(tiny_preset, folder)
+    code = main(["eval", str(folder), "--model", str(model_dir), "--ppl", str(eval_text), *EVAL_ARGS, "--write-metrics"])
+    assert code == 0
+    return folder
+
+
+@pytest.fixture
+def preset_copy(measured_preset, tmp_path) -> Path:
+    copy = tmp_path / "presets" / measured_preset.name
+    shutil.copytree(measured_preset, copy)
+    return copy
+
+
+def edit_metrics(folder: Path, change) -> None:
+    """Change the claimed metrics and re-save (so the card and checksums stay consistent: only the claim is off)."""
+    preset = KVPreset.load_folder(folder)
+    change(preset.config["metrics"])
+    preset.save_pretrained(folder, overwrite=True)
+
+
+def verify(capsys, folder: Path, model: Path, text: Path, report: Path, *extra: str) -> tuple[int, str, str]:
+    return cli(capsys, "registry", "verify", folder, "--model", model, "--ppl", text, "--report-dir", report, *extra)
+
+
+def read_report(report: Path) -> tuple[dict, str]:
+    return json.loads((report / "report.json").read_text()), (report / "report.md").read_text()
+
+
+def failed(report: dict) -> list[str]:
+    return [c["name"] for c in report["checks"] if not c["ok"]]
+
+
+def repo_copy(tmp_path: Path) -> Path:
+    """A repository root like ours: registry/index.json a link into the package data, MODEL_ZOO.md built."""
+    root = tmp_path / "repo"
+    data = root / "kvhub" / "data"
+    data.mkdir(parents=True)
+    shutil.copy(REPO / "kvhub" / "data" / "index.json", data / "index.json")
+    (root / "registry").mkdir()
+    (root / "registry" / "index.json").symlink_to("../kvhub/data/index.json")
+    assert main(["registry", "build", "--root", str(root)]) == 0
+    return root
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# --- MODEL_ZOO.md ---------------------------------------------------------------------------------------------
+
+def index_document() -> dict:
+    return json.loads((REPO / "registry" / "index.json").read_text(encoding="utf-8"))
+
+
+def test_model_zoo_is_generated_from_the_index():
+    """The staleness test: MODEL_ZOO.md is exactly what `kvhub registry build` makes of registry/index.json."""
+    expected = render_zoo(index_document())
+    assert (REPO / "MODEL_ZOO.md").read_text(encoding="utf-8") == expected, \
+        "MODEL_ZOO.md is stale: run `kvhub registry build` and commit it"
+    assert (REPO / "registry" / "compression_vs_quality.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_pending_rows_carry_no_numbers_and_claims_are_labelled():
+    document = index_document()
+    index = RegistryIndex.parse(document, "registry/index.json")
+    text = render_zoo(document)
+    head, claims_and_details = text.split(CLAIMS_HEADING)
+    claims, details = claims_and_details.split("\n## Models\n")
+    rows = {line.split(" | ")[0].split("[")[1].split("]")[0]: line.split(" | ")
+            for line in head.splitlines() if line.startswith("| [")}
+    assert set(rows) == {e.model for e in index.entries}
+    for entry in index.entries:
+        row = rows[entry.model]
+        assert row[1] == entry.status
+        if entry.status != "validated":
+            assert row[2:6] == ["not measured", "-", "-", "-"], row
+        if entry.claimed:
+            ppl = f"{entry.claimed['ppl_delta_pct']:+.2f}%"
+            assert ppl not in head and ppl not in details, f"{entry.model}: claimed {ppl} shown outside the claims section"
+            assert f"| {entry.model} |" in claims and ppl in claims
+    assert "never measured by kvhub" in claims and "not validated" in claims
+    inherited = {"Qwen/Qwen2.5-7B", "mistralai/Mistral-7B-v0.1", "Qwen/Qwen2-1.5B", "Qwen/Qwen2.5-0.5B"}
+    assert inherited <= {e.model for e in index.entries if e.claimed and e.status == "pending"}
+
+
+def test_build_and_check(tmp_path, capsys):
+    root = repo_copy(tmp_path)
+    for entry in RegistryIndex.parse(index_document(), "index").entries:
+        (root / entry.recipe).mkdir(parents=True)
+        (root / entry.recipe / "recipe.json").write_text("{}")
+    code, out, _ = cli(capsys, "registry", "check", "--root", root)
+    assert code == 0 and "ok:" in out
+    assert (root / "MODEL_ZOO.md").read_bytes() == (REPO / "MODEL_ZOO.md").read_bytes()
+    # Building twice gives the same bytes, plot included (no timestamp in the PNG).
+    plot = (root / "registry" / "compression_vs_quality.png").read_bytes()
+    assert main(["registry", "build", "--root", str(root)]) == 0
+    assert (root / "registry" / "compression_vs_quality.png").read_bytes() == plot
+
+    zoo = root / "MODEL_ZOO.md"
+    zoo.write_text(zoo.read_text().replace("pending", "validated", 1))
+    assert "stale" in cli_error(capsys, "registry", "check", "--root", root)
+    assert main(["registry", "build", "--root", str(root)]) == 0
+    shutil.rmtree(root / "presets" / "google--gemma-7b")
+    assert "presets/google--gemma-7b/" in cli_error(capsys, "registry", "check", "--root", root)
+
+
+def test_repository_registry_is_consistent(capsys):
+    """What CI runs: the committed index is valid, MODEL_ZOO.md is fresh, every recipe folder exists."""
+    code, out, err = cli(capsys, "registry", "check", "--root", REPO)
+    assert code == 0, err
+
+
+def test_recipes_of_the_pending_models():
+    index = RegistryIndex.parse(index_document(), "index")
+    claims = {"Qwen/Qwen2.5-7B": (2.67, 0.99), "mistralai/Mistral-7B-v0.1": (2.42, 2.30),
+              "Qwen/Qwen2-1.5B": (2.29, 3.06), "Qwen/Qwen2.5-0.5B": (2.29, 4.06)}
+    pending = [e for e in index.entries if e.status == "pending" and (REPO / e.recipe / "recipe.json").is_file()]
+    assert len(pending) >= 9
+    for entry in pending:
+        recipe = Recipe.load(REPO / entry.recipe)
+        assert recipe.model == entry.model and recipe.target_ppl_delta == 0.01
+        if entry.model in claims:
+            assert recipe.claimed["verified"] is False
+            assert (recipe.claimed["compression_ratio"], recipe.claimed["ppl_delta"]) == claims[entry.model]
+    legacy = Recipe.load(REPO / "presets" / "Qwen--Qwen2.5-7B").extra["inherited_recipe"]
+    assert legacy["value_rank"] == 96 and legacy["value_bits"] == 8 and legacy["compress_keys"] is False
+
+
+def test_plot_shows_validated_entries_only():
+    document = index_document()
+    empty = render_plot(document)
+    assert empty.startswith(PNG_MAGIC) and render_plot(document) == empty
+    entry = document["entries"][0]
+    validated = json.loads(json.dumps(document))
+    validated["entries"][0] = {
+        **entry, "status": "validated",
+        "preset": {"repo_id": entry["preset"]["repo_id"], "revision": "a" * 40,
+                   "files": [{"name": CONFIG_NAME, "sha256": "b" * 64, "size": 1}]},
+        "metrics": {"context_length": 2048, "compression": {"total": 3.0, "keys": 2.5, "values": 3.5},
+                    "ppl_delta_pct": 0.8, "needle": {"accuracy": 0.8, "baseline_accuracy": 0.87}},
+        "provenance": {"measured_by": "pytest", "hardware": "cpu", "kvhub_version": "0.1.0", "date": "2026-11-29"},
+    }
+    assert render_plot(validated) != empty
+    text = render_zoo(validated)
+    assert f"| [{entry['model']}]" in text and "| validated | 3.00x | 2.50x / 3.50x | +0.80% | 0.80 / 0.87 |" in text
+    assert "a" * 12 in text and "measured by | pytest" in text
+
+
+# --- verify ---------------------------------------------------------------------------------------------------
+
+def test_verify_passes_when_the_claims_match(preset_copy, model_dir, eval_text, tmp_path, capsys):
+    code, out, err = verify(capsys, preset_copy, model_dir, eval_text, tmp_path / "report")
+    assert code == 0, err
+    report, markdown = read_report(tmp_path / "report")
+    assert report["passed"] and not failed(report)
+    assert {c["name"] for c in report["checks"]} >= {
+        "preset files", "model card", "evaluation text", "model", "PPL delta (mean)", "compression (total)"}
+    claimed = json.loads((preset_copy / CONFIG_NAME).read_text())["metrics"]
+    assert report["measured"]["perplexity"]["mean_delta_pct"] == claimed["perplexity"]["mean_delta_pct"]
+    assert report["measured"]["compression"] == claimed["compression"]
+    assert markdown.startswith("### kvhub registry verify: PASS") and "| PPL delta (mean) |" in markdown
+    assert f"kvhub registry verify {preset_copy}" in markdown  # the command that reproduces it
+
+
+def test_verify_fails_when_the_ppl_claim_is_off(preset_copy, model_dir, eval_text, tmp_path, capsys):
+    edit_metrics(preset_copy, lambda m: m["perplexity"].update(mean_delta_pct=m["perplexity"]["mean_delta_pct"] + 1.0))
+    code, _, err = verify(capsys, preset_copy, model_dir, eval_text, tmp_path / "report")
+    assert code == 1 and "PPL delta (mean)" in err and "beyond 0.25 pp" in err and "Traceback" not in err
+    report, markdown = read_report(tmp_path / "report")
+    assert not report["passed"] and failed(report) == ["PPL delta (mean)"]
+    assert "FAIL" in markdown and "off by 1.000 pp, beyond 0.25 pp" in markdown
+    # The tolerance is an option.
+    code, _, err = verify(capsys, preset_copy, model_dir, eval_text, tmp_path / "wide", "--tolerance-ppl", "1.5")
+    assert code == 0, err
+
+
+def test_verify_fails_when_the_compression_claim_is_off(preset_copy, model_dir, eval_text, tmp_path, capsys):
+    edit_metrics(preset_copy, lambda m: m["compression"].update(total=round(m["compression"]["total"] * 1.05, 4)))
+    error = cli_error(capsys, "registry", "verify", preset_copy, "--model", model_dir, "--ppl", eval_text,
+                      "--report-dir", tmp_path / "report")
+    assert "compression (total)" in error and "beyond 2%" in error
+    report, _ = read_report(tmp_path / "report")
+    assert failed(report) == ["compression (total)"]
+    code, _, err = verify(capsys, preset_copy, model_dir, eval_text, tmp_path / "wide", "--tolerance-compression", "0.1")
+    assert code == 0, err
+
+
+def test_verify_fails_on_a_checksum_mismatch(preset_copy, model_dir, eval_text, tmp_path, capsys):
+    bases = preset_copy / BASES_NAME
+    data = bytearray(bases.read_bytes())
+    data[-1] ^= 0xFF
+    bases.write_bytes(bytes(data))
+    error = cli_error(capsys, "registry", "verify", preset_copy, "--model", model_dir, "--ppl", eval_text,
+                      "--report-dir", tmp_path / "report")
+    assert "sha256" in error and BASES_NAME in error
+    report, markdown = read_report(tmp_path / "report")
+    assert failed(report) == ["preset files"] and report["measured"] is None and "FAIL" in markdown
+
+
+def test_verify_refuses_other_evaluation_text_and_a_stale_card(preset_copy, model_dir, eval_text, tmp_path, capsys):
+    other = tmp_path / "other.txt"
+    other.write_text(eval_text.read_text() + " and more")
+    verify(capsys, preset_copy, model_dir, other, tmp_path / "text")
+    report, _ = read_report(tmp_path / "text")
+    assert failed(report) == ["evaluation text"] and report["measured"] is None
+
+    (preset_copy / "README.md").write_text("# edited by hand\n")
+    verify(capsys, preset_copy, model_dir, eval_text, tmp_path / "card")
+    report, _ = read_report(tmp_path / "card")
+    assert failed(report) == ["model card"] and not report["passed"]
+
+
+def test_verify_refuses_another_model_and_an_unmeasured_preset(preset_copy, tiny_preset, model_dir, eval_text,
+                                                                 tmp_path, capsys):
+    other = tmp_path / "qwen2"
+    tiny_model("qwen2-mixed").save_pretrained(other)  # 4 layers: not what the preset was fitted on
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(model_dir / name, other / name)
+    verify(capsys, preset_copy, other, eval_text, tmp_path / "model")
+    report, _ = read_report(tmp_path / "model")
+    assert failed(report) == ["model"] and "num_hidden_layers" in report["checks"][-1]["detail"]
+
+    verify(capsys, tiny_preset, model_dir, eval_text, tmp_path / "unmeasured")
+    report, _ = read_report(tmp_path / "unmeasured")
+    assert failed(report) == ["claimed metrics"] and "--write-metrics" in report["checks"][-1]["detail"]
+
+
+@pytest.mark.slow
+def test_benchmark_preset_verifies_on_cpu(tmp_path, capsys):
+    """The SmolLM2 preset re-measured on CPU with its full recorded protocol (3 corpora x 3 windows of 2048 tokens,
+    the needle grid): what validate-preset.yml does on a GPU for every contributed preset. Minutes, not seconds."""
+    folder = REPO / "presets" / "HuggingFaceTB--SmolLM2-135M-Instruct"
+    corpus = REPO.parent / "shared" / "corpora" / "evaluation"
+    code, out, err = cli(capsys, "registry", "verify", folder, "--device", "cpu", "--ppl", corpus,
+                         "--report-dir", tmp_path)
+    assert code == 0, out + err
+    report, _ = read_report(tmp_path)
+    assert report["passed"] and report["needle_rerun"] == ("needle" in report["claimed"])
+
+
+def needle_block(compressed, baseline) -> dict:
+    cells = [h for row in compressed for h in row]
+    base = [h for row in baseline for h in row]
+    return {"context_lengths": [1024, 2048], "depths": [0.1, 0.5, 0.9], "compressed": compressed,
+            "baseline": baseline, "accuracy": sum(cells) / len(cells), "baseline_accuracy": sum(base) / len(base)}
+
+
+def test_needle_grid_comparison():
+    base = [[1, 1, 1], [1, 0, 1]]
+    claimed = needle_block([[1, 1, 1], [1, 0, 0]], base)
+    assert compare_needle(claimed, needle_block([[1, 1, 1], [1, 0, 0]], base), 1).ok
+    # One compressed cell differs where the baseline flipped too: the model is unstable there, within tolerance.
+    flipped = needle_block([[1, 1, 1], [1, 1, 0]], [[1, 1, 1], [1, 1, 1]])
+    check = compare_needle(claimed, flipped, 1)
+    assert check.ok and "2048@0.5" in check.detail
+    assert not compare_needle(claimed, flipped, 0).ok
+    # A compressed cell that differs while the baseline did not is a real discrepancy, whatever the tolerance.
+    check = compare_needle(claimed, needle_block([[0, 1, 1], [1, 0, 0]], base), 5)
+    assert not check.ok and "1024@0.1" in check.detail and "baseline did not change" in check.detail
+    # Two unstable cells are more than one.
+    twice = needle_block([[1, 1, 1], [0, 1, 0]], [[1, 1, 1], [0, 1, 1]])
+    assert not compare_needle(claimed, twice, 1).ok and compare_needle(claimed, twice, 2).ok
+
+
+def test_metric_comparison_tolerances():
+    claimed = {"context_length": 2048, "compression": {"total": 4.0, "keys": 3.0, "values": 5.0},
+               "perplexity": {"mean_delta_pct": 1.0}}
+    close = {"context_length": 2048, "compression": {"total": 4.07, "keys": 3.0, "values": 5.0},
+             "perplexity": {"mean_delta_pct": 1.24}}
+    assert all(c.ok for c in compare_metrics(claimed, close, Tolerances()))
+    far = {**close, "compression": {"total": 4.1, "keys": 3.0, "values": 5.0}, "perplexity": {"mean_delta_pct": 0.7}}
+    assert [c.name for c in compare_metrics(claimed, far, Tolerances()) if not c.ok] == [
+        "PPL delta (mean)", "compression (total)"]
+    with pytest.raises(Exception, match="must not be negative"):
+        Tolerances(ppl_pp=-1)
+
+
+# --- publish --------------------------------------------------------------------------------------------------
+
+def test_publish_dry_run_end_to_end(local_hub, tiny_preset, model_dir, eval_text, tmp_path, capsys, monkeypatch):
+    """A pull request's preset goes verify -> publish against the local hub: pushed, pinned in the index with the
+    sha256 of every file the client downloads, validated with measured numbers and provenance, MODEL_ZOO.md
+    regenerated; once the index is uploaded, `download_preset` of the model name gets that exact commit."""
+    from huggingface_hub import HfApi
+
+    monkeypatch.setenv("HF_TOKEN", DEFAULT_TOKEN)
+    monkeypatch.delenv("GITHUB_ACTIONS", raising=False)  # provenance is then the command, not a workflow run
+    root = repo_copy(tmp_path)
+    before = {p: (root / p).read_bytes() for p in ("registry/index.json", "MODEL_ZOO.md")}
+    folder = tmp_path / "presets" / "test--tiny-llama"
+    shutil.copytree(tiny_preset, folder)
+    measure(capsys, folder, model_dir, eval_text, *NEEDLE_ARGS, "--haystack", str(eval_text))
+    out = tmp_path / "out"
+
+    code, stdout, err = cli(capsys, "registry", "publish", folder, "--repo-id", PRESET_REPO, "--model", model_dir,
+                            "--ppl", eval_text, "--haystack", eval_text, "--endpoint", local_hub.endpoint,
+                            "--root", root, "--dry-run", "--out", out, "--report-dir", tmp_path / "report")
+    assert code == 0, err
+    commit = HfApi(endpoint=local_hub.endpoint).model_info(PRESET_REPO).sha
+    assert f"pushed   {PRESET_REPO} @ {commit}" in stdout and "entry added" in stdout
+    assert {p: (root / p).read_bytes() for p in before} == before  # a dry run leaves the repository alone
+
+    document = json.loads((out / "registry" / "index.json").read_text())
+    index = RegistryIndex.parse(document, "dry run")
+    entry = index.find(TINY_MODEL_ID)
+    assert entry.status == "validated" and entry.repo_id == PRESET_REPO and entry.revision == commit
+    assert "tiny-llama" in entry.aliases and entry.recipe == "presets/test--tiny-llama/"
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    served = {CONFIG_NAME: (folder / CONFIG_NAME).read_bytes(), "README.md": model_card(config).encode(),
+              BASES_NAME: (folder / BASES_NAME).read_bytes()}
+    assert {(f.name, f.size, f.sha256) for f in entry.files} == {(n, len(d), sha256(d)) for n, d in served.items()}
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["passed"] and report["needle_rerun"]
+    raw = next(e for e in document["entries"] if e["model"] == TINY_MODEL_ID)
+    assert raw["metrics"] == registry_metrics(report["measured"]) and raw["metrics"]["needle"] is not None
+    assert raw["metrics"]["ppl_delta_pct"] == config["metrics"]["perplexity"]["mean_delta_pct"]
+    assert set(raw["provenance"]) == {"measured_by", "hardware", "kvhub_version", "date"}
+    assert raw["provenance"]["measured_by"].startswith("kvhub registry publish")
+    assert raw["provenance"]["hardware"] == report["measured"]["hardware"]
+    others = [e for e in document["entries"] if e["model"] != TINY_MODEL_ID]
+    assert others == json.loads(before["registry/index.json"])["entries"]  # nothing else changed
+
+    zoo = (out / "MODEL_ZOO.md").read_text()
+    assert zoo == render_zoo(document) and f"| [{TINY_MODEL_ID}]" in zoo and commit[:12] in zoo
+    assert (out / "registry" / "compression_vs_quality.png").read_bytes().startswith(PNG_MAGIC)
+
+    # Until the index is on the registry repo, the model name is unknown; then it resolves to the pinned commit.
+    code, stdout, err = cli(capsys, "registry", "push-index", "--root", out, "--endpoint", local_hub.endpoint)
+    assert code == 0, err
+    download = download_preset(TINY_MODEL_ID)
+    assert download.commit == commit and download.registry_verified
+    assert download.metrics.ppl_delta_pct == raw["metrics"]["ppl_delta_pct"]
+
+    # push-index refuses an index that pins a commit the Hub does not have.
+    raw["preset"]["revision"] = "f" * 40
+    (out / "registry" / "index.json").write_text(json.dumps(document))
+    assert "cannot serve" in cli_error(capsys, "registry", "push-index", "--root", out, "--endpoint", local_hub.endpoint)
+
+
+def test_publish_in_place_updates_the_linked_index(local_hub, preset_copy, model_dir, eval_text, tmp_path, capsys,
+                                                    monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", DEFAULT_TOKEN)
+    root = repo_copy(tmp_path)
+    code, _, err = cli(capsys, "registry", "publish", preset_copy, "--repo-id", PRESET_REPO, "--model", model_dir,
+                       "--ppl", eval_text, "--endpoint", local_hub.endpoint, "--root", root, "--alias", "tiny",
+                       "--measured-by", "pytest run 1", "--report-dir", tmp_path / "report")
+    assert code == 0, err
+    link = root / "registry" / "index.json"
+    assert link.is_symlink() and link.readlink() == Path("../kvhub/data/index.json")
+    entry = RegistryIndex.parse(json.loads(link.read_text()), "in place").find("tiny")
+    assert entry.model == TINY_MODEL_ID and entry.provenance["measured_by"] == "pytest run 1"
+    assert (root / "MODEL_ZOO.md").read_text() == render_zoo(json.loads(link.read_text()))
+    code, _, err = cli(capsys, "registry", "check", "--root", root)  # fresh zoo; only the recipe folders are absent
+    assert code == 1 and "stale" not in err and "recipe folder(s)" in err
+
+
+def test_provenance_names_the_workflow_run(monkeypatch):
+    for name, value in {"GITHUB_ACTIONS": "true", "GITHUB_SERVER_URL": "https://github.com",
+                        "GITHUB_REPOSITORY": "kvhub/kvhub", "GITHUB_RUN_ID": "42"}.items():
+        monkeypatch.setenv(name, value)
+    assert measured_by("kvhub registry publish x") == "https://github.com/kvhub/kvhub/actions/runs/42"
+    monkeypatch.delenv("GITHUB_ACTIONS")
+    assert measured_by("kvhub registry publish x") == "kvhub registry publish x"
+
+
+def test_publish_refuses_a_failed_verification(local_hub, preset_copy, model_dir, eval_text, tmp_path, capsys,
+                                               monkeypatch):
+    from huggingface_hub import HfApi
+
+    monkeypatch.setenv("HF_TOKEN", DEFAULT_TOKEN)
+    root = repo_copy(tmp_path)
+    index_before = (root / "registry" / "index.json").read_bytes()
+    edit_metrics(preset_copy, lambda m: m["perplexity"].update(mean_delta_pct=m["perplexity"]["mean_delta_pct"] - 2))
+    error = cli_error(capsys, "registry", "publish", preset_copy, "--repo-id", PRESET_REPO, "--model", model_dir,
+                      "--ppl", eval_text, "--endpoint", local_hub.endpoint, "--root", root,
+                      "--report-dir", tmp_path / "report")
+    assert "not published, verification failed" in error and "PPL delta (mean)" in error
+    assert not HfApi(endpoint=local_hub.endpoint).repo_exists(PRESET_REPO)
+    assert (root / "registry" / "index.json").read_bytes() == index_before
+    assert "FAIL" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_dry_run_never_targets_the_public_hub(measured_preset, tmp_path, capsys):
+    error = cli_error(capsys, "registry", "publish", measured_preset, "--root", REPO, "--dry-run", "--out",
+                      tmp_path / "out", "--endpoint", "https://huggingface.co", "--ppl", str(tmp_path))
+    assert "refuses the public Hub" in error and "fix:" in error and not (tmp_path / "out").exists()
+
+
+def test_publish_refuses_a_taken_alias_before_measuring(measured_preset, tmp_path, capsys):
+    root = repo_copy(tmp_path)
+    error = cli_error(capsys, "registry", "publish", measured_preset, "--repo-id", PRESET_REPO, "--root", root,
+                      "--alias", "smollm2", "--ppl", str(tmp_path))
+    assert "'smollm2' names both" in error
+
+
+# --- the workflows --------------------------------------------------------------------------------------------
+
+def workflow(name: str) -> dict:
+    document = yaml.safe_load((WORKFLOWS / name).read_text())
+    document["on"] = document.pop(True, document.get("on"))  # YAML 1.1 reads the key `on` as true
+    return document
+
+
+def test_workflows_pass_actionlint():
+    binary = Path(sys.executable).with_name("actionlint")
+    assert binary.is_file() or shutil.which("actionlint"), "actionlint is missing: install the dev extra (.[dev])"
+    files = sorted(str(p) for p in WORKFLOWS.glob("*.yml"))
+    assert len(files) >= 3
+    result = subprocess.run([str(binary) if binary.is_file() else "actionlint", "-no-color", *files], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_workflow_conventions():
+    ci = workflow("ci.yml")
+    assert set(ci["on"]) == {"push", "pull_request"}
+    assert "bash scripts/test.sh" in [s.get("run") for s in ci["jobs"]["test"]["steps"]]
+
+    validate = workflow("validate-preset.yml")
+    assert validate["on"] == {"pull_request": {"paths": ["presets/**"]}}
+    job = validate["jobs"]["verify"]
+    assert job["if"] == "github.event.pull_request.head.repo.full_name == github.repository"
+    assert job["runs-on"] == ["self-hosted", "linux", "gpu"]
+    assert validate["permissions"] == {"contents": "read"} and "secrets." not in (WORKFLOWS / "validate-preset.yml").read_text()
+    assert any("--device cuda" in s.get("run", "") and "--report-dir" in s.get("run", "") for s in job["steps"])
+
+    publish = workflow("publish.yml")
+    assert publish["on"]["push"]["branches"] == ["main"] and "presets/**" in publish["on"]["push"]["paths"]
+    assert "workflow_dispatch" in publish["on"]
+    job = publish["jobs"]["publish"]
+    assert job["environment"] == "hub-publish" and job["runs-on"] == ["self-hosted", "linux", "gpu"]
+    uses_token = [s for s in job["steps"] if "HF_TOKEN" in s.get("env", {})]
+    assert uses_token and all(s["env"]["HF_TOKEN"] == "${{ secrets.HF_TOKEN }}" for s in uses_token)
+    opens_pr = next(s for s in job["steps"] if s.get("uses", "").startswith("peter-evans/create-pull-request"))
+    assert {"kvhub/data/index.json", "MODEL_ZOO.md"} <= set(opens_pr["with"]["add-paths"].split())
+
+
+def test_every_kvhub_command_the_workflows_run_is_tested():
+    called = set()
+    for path in WORKFLOWS.glob("*.yml"):
+        runs = [step.get("run", "") for job in workflow(path.name)["jobs"].values() for step in job["steps"]]
+        for words in re.findall(r"(?:^|[\s/])kvhub ([a-z-]+)(?: ([a-z-]+))?", "\n".join(runs)):
+            assert words[0] == "registry", f"{path.name} runs `kvhub {words[0]}`: test it here or add it to this list"
+            called.add(words[1])
+    assert called == {"verify", "publish", "check", "push-index"}
+    source = Path(__file__).read_text()
+    for command in called:
+        assert f'"registry", "{command}"' in source, f"`kvhub registry {command}` is never run by the tests"
