@@ -19,6 +19,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -114,16 +115,23 @@ def sync(device):
 
 
 @torch.no_grad()
-def step_time(model, cache, batch: int, steps: int, device) -> float:
+def interleaved_step_times(model, caches: dict, batch: int, steps: int, device) -> dict[str, float]:
+    """Median decode-step time per method, the methods taking turns step by step so that machine noise (a shared
+    VM drifts by 20-30% over a minute) hits them alike. The first round warms up and is dropped."""
     tok = torch.randint(0, model.config.vocab_size, (batch, 1), device=device)
-    times = []
+    times: dict[str, list[float]] = {m: [] for m in caches}
     for _ in range(steps + 1):
-        sync(device)
-        t0 = time.perf_counter()
-        model(input_ids=tok, cache=cache, use_cache=True)
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times[1:])  # the first step warms up
+        for method, cache in caches.items():
+            if method == "kvhub":
+                enable(model)
+            else:
+                model.set_attn_implementation("sdpa")
+            sync(device)
+            t0 = time.perf_counter()
+            model(input_ids=tok, cache=cache, use_cache=True)
+            sync(device)
+            times[method].append(time.perf_counter() - t0)
+    return {m: statistics.median(t[1:]) for m, t in times.items()}
 
 
 def peak_rss_child(method: str, context: int) -> None:
@@ -136,12 +144,37 @@ def peak_rss_child(method: str, context: int) -> None:
     ids = torch.randint(0, model.config.vocab_size, (1, context))
     with torch.no_grad():
         model(input_ids=ids[:, :8], cache=make_caches(model, preset)[method](), use_cache=True)  # warm up
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        for start in range(0, context - 1, FILL_CHUNK):
-            model(input_ids=ids[:, start : min(start + FILL_CHUNK, context - 1)], cache=cache, use_cache=True)
-        model.generate(ids, attention_mask=torch.ones_like(ids), cache=cache, max_new_tokens=16, do_sample=False)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_rss_increase_bytes": (peak - base) * 1024, "cache_bytes": held_bytes(cache)}))
+        with RssSampler() as rss:
+            for start in range(0, context - 1, FILL_CHUNK):
+                model(input_ids=ids[:, start : min(start + FILL_CHUNK, context - 1)], cache=cache, use_cache=True)
+            model.generate(ids, attention_mask=torch.ones_like(ids), cache=cache, max_new_tokens=16, do_sample=False)
+    print(json.dumps({"peak_rss_increase_bytes": rss.peak - rss.start, "cache_bytes": held_bytes(cache)}))
+
+
+class RssSampler:
+    """Peak resident memory over a block, sampled every 2 ms from /proc (ru_maxrss only ever remembers the model
+    load, which peaks higher than any cache here)."""
+
+    def __enter__(self):
+        self.start = self.peak = self._rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, self._rss())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
 
 
 def main() -> None:
@@ -149,10 +182,11 @@ def main() -> None:
     ap.add_argument("--models", default="smollm2,7b")
     ap.add_argument("--contexts", default="1024,4096,8192")
     ap.add_argument("--batches", default="1,4")
-    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=7)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--peak-context", type=int, default=8192, help="0 to skip the peak-RSS generate")
+    ap.add_argument("--peak-only", action="store_true", help="only the peak-RSS part, merged into --out")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "decode_speed.json"))
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -162,7 +196,7 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     preset = KVPreset.from_pretrained(str(PRESET))
     rows = []
-    for name in args.models.split(","):
+    for name in [] if args.peak_only else args.models.split(","):
         if name == "smollm2":
             model, _ = load_model("HuggingFaceTB/SmolLM2-135M-Instruct", dtype=args.dtype, device=args.device)
         else:
@@ -172,16 +206,14 @@ def main() -> None:
         for context in map(int, args.contexts.split(",")):
             for batch in map(int, args.batches.split(",")):
                 row = {"model": name, "context": context, "batch": batch, "methods": {}}
+                caches = {}
                 for method, make in makers.items():
-                    if method == "kvhub":
-                        enable(model)
-                    else:
-                        model.set_attn_implementation("sdpa")
-                    cache = make()
-                    fill(cache, shape, batch, context, dtype, args.device)
-                    t = step_time(model, cache, batch, args.steps, args.device)
-                    row["methods"][method] = {"step_s": t, "cache_bytes": held_bytes(cache)}
-                    del cache
+                    caches[method] = make()
+                    fill(caches[method], shape, batch, context, dtype, args.device)
+                    row["methods"][method] = {"cache_bytes": held_bytes(caches[method])}
+                for method, t in interleaved_step_times(model, caches, batch, args.steps, args.device).items():
+                    row["methods"][method]["step_s"] = t
+                del caches
                 base = row["methods"]["DynamicCache"]
                 for m in row["methods"].values():
                     m["step_ratio_vs_dynamic"] = m["step_s"] / base["step_s"]
@@ -196,6 +228,12 @@ def main() -> None:
                                  capture_output=True, text=True, check=True)
             peak[method] = json.loads(out.stdout.strip().splitlines()[-1])
             print(method, peak[method], flush=True)
+    if args.peak_only:
+        result = json.loads(Path(args.out).read_text())
+        result["peak_generate"] = {"context": args.peak_context, "model": "smollm2", "methods": peak}
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"updated {args.out}")
+        return
     result = {
         "hardware": f"{platform.machine()} {platform.processor() or 'cpu'}, torch {torch.__version__}, "
                     f"{torch.get_num_threads()} threads" if args.device == "cpu" else torch.cuda.get_device_name(0),

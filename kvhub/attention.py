@@ -50,18 +50,19 @@ def compressed_attention(module, query, key, value, attention_mask, scaling=None
     if history:
         parts.append(layer.streams["keys"].attention_scores(q, history))
     parts.append(s_exact[..., n_sink:])
-    scores = torch.cat(parts, dim=-1) * scaling
+    scores = torch.cat(parts, dim=-1).mul_(scaling)  # in place from here on: at prefill these are [q x T] big
     softcap = kwargs.get("softcap")
     if softcap:
-        scores = torch.tanh(scores / softcap) * softcap
+        scores = scores.div_(softcap).tanh_().mul_(softcap)
     total = scores.shape[-1]
     scores = scores.view(bsz, kv_heads, group, q_len, total)
     if attention_mask is not None:
-        scores = scores + attention_mask[..., -total:].unsqueeze(2).float()
+        scores.add_(attention_mask[..., -total:].unsqueeze(2))
     elif q_len > 1:
         causal = torch.ones(q_len, total, dtype=torch.bool, device=scores.device).tril(total - q_len)
-        scores = scores.masked_fill(~causal, float("-inf"))
+        scores.masked_fill_(~causal, float("-inf"))
     probs = torch.softmax(scores, dim=-1).view(bsz, kv_heads, group * q_len, total)
+    del scores, parts, s_exact
 
     out = probs[..., :n_sink] @ exact_v[:, :, :n_sink] + probs[..., n_sink + history :] @ exact_v[:, :, n_sink:]
     if history:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from .bases import StreamBasis
@@ -12,18 +14,19 @@ from .storage import GrowableTensor
 _TINY = 1e-8
 
 
-_SCRATCH: dict[tuple, torch.Tensor] = {}
+_SCRATCH = threading.local()  # per thread: two generations in two threads must not share a buffer
 
 
 def _scratch(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A reused buffer for per-step temporaries the size of the whole history. A fresh allocation that large is
     served by new pages from the OS, and faulting them in cost 3-4x the conversion itself (measured on CPU); the
-    buffer is process-wide and holds one plane of one layer at a time, so it does not grow with the layer count."""
+    buffer holds one plane of one layer at a time, so it does not grow with the layer count."""
+    buffers = _SCRATCH.__dict__.setdefault("buffers", {})
     key = (dtype, torch.device(device))
     n = int(torch.Size(shape).numel())
-    buf = _SCRATCH.get(key)
+    buf = buffers.get(key)
     if buf is None or buf.numel() < n:
-        buf = _SCRATCH[key] = torch.empty(max(n, 1 << 16), dtype=dtype, device=device)
+        buf = buffers[key] = torch.empty(max(n, 1 << 16), dtype=dtype, device=device)
     return buf[:n].view(shape)
 
 

@@ -35,21 +35,22 @@ from .stream import CompressedStream
 
 def stream_ladders(head_dim: int) -> dict[str, list[StreamCodec]]:
     """Per-stream layouts from fewest to most bits. No rank cuts: on SmolLM2 dropping a quarter of V's components
-    cost +35% PPL, far more than 2-bit codes for them. Keys keep >= 3.5 bits per component and per-token absmax
-    scales (4-bit K: +0.53% with absmax, +0.66% with RMS); values use RMS scales, MSE-optimal at 2 bits."""
-    d, q = head_dim, head_dim // 4
+    cost +35% PPL, far more than 2-bit codes for them. Keys keep >= 3 bits per component (2-bit keys change
+    attention non-linearly) and per-token absmax scales (4-bit K: +0.53% with absmax, +0.66% with RMS); values use
+    RMS scales, MSE-optimal at 2 bits. Segment sizes are multiples of 4 so 2-bit codes pack."""
+    d, q, e = head_dim, head_dim // 4, 4 * max(1, round(3 * head_dim / 32))  # e: 3/8 of head_dim, packable
 
     def lay(plan, scale):
         return StreamCodec(tuple(Segment(n, b) for n, b in plan), "pca", scale)
 
-    keys = [[(3 * q, 4), (d - 3 * q, 2)], [(d, 4)], [(q, 8), (d - q, 4)], [(d, 8)]]
-    values = [[(d, 2)], [(q, 4), (d - q, 2)], [(2 * q, 4), (d - 2 * q, 2)], [(3 * q, 4), (d - 3 * q, 2)], [(d, 4)],
-              [(q, 8), (d - q, 4)]]
+    keys = [[(2 * q, 4), (d - 2 * q, 2)], [(3 * q, 4), (d - 3 * q, 2)], [(d, 4)], [(q, 8), (d - q, 4)], [(d, 8)]]
+    values = [[(d, 2)], [(q, 4), (d - q, 2)], [(e, 4), (d - e, 2)], [(2 * q, 4), (d - 2 * q, 2)],
+              [(3 * q, 4), (d - 3 * q, 2)], [(d, 4)], [(q, 8), (d - q, 4)]]
     return {"keys": [lay(p, "token") for p in keys], "values": [lay(p, "rms") for p in values]}
 
 
 # (keys rung, values rung) from most to least compressed.
-LEVELS = [(0, 0), (0, 1), (1, 1), (1, 2), (1, 3), (1, 4), (2, 4), (2, 5), (3, 5)]
+LEVELS = [(0, 0), (1, 0), (1, 1), (2, 1), (2, 2), (2, 3), (2, 4), (2, 5), (3, 5), (3, 6), (4, 6)]
 
 
 # --- sensitivity ------------------------------------------------------------------------------------------------

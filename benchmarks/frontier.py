@@ -1,0 +1,253 @@
+"""The quality/compression frontier on SmolLM2-135M-Instruct, every method in one run (protocol of docs/field.md).
+
+PPL under compression: per evaluation corpus, 3 windows of 2048 tokens from the middle of the file, fed in
+128-token chunks through a fresh cache; the DynamicCache baseline is measured in the same run with the same
+chunking. Bytes: what each cache holds at 2048 tokens against an fp16 K+V cache of the same tokens.
+
+Rows marked *real* are the method's own code path storing real bytes (kvhub's cache, transformers'
+QuantizedCache); rows marked *simulated* quantize-then-dequantize with bytes computed analytically (KIVI has no
+transformers implementation with its per-channel key blocks).
+
+    python benchmarks/frontier.py                 # writes benchmarks/results/frontier.{json,md,png}
+    python benchmarks/frontier.py --needle        # adds the needle grid for the rows listed in NEEDLE_ROWS
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache, QuantizedCache
+from transformers.cache_utils import Cache, DynamicLayer
+
+from kvhub import CacheCodec, CompressedCache, KVPreset, ModelShape, calibrate, load_model
+from kvhub.attention import enable
+from kvhub.eval import hardware
+from kvhub.eval.needle import needle_grid
+from kvhub.eval.ppl import PerplexityResult, window_nll
+from kvhub.text import read_texts, token_windows
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "corpora"
+RESULTS = ROOT / "benchmarks" / "results"
+PRESETS = {"kvhub 0.5% preset": ROOT / "benchmarks" / "presets" / "smollm2-0.5pct",
+           "kvhub 1% preset (bundled)": ROOT / "presets" / "HuggingFaceTB--SmolLM2-135M-Instruct",
+           "kvhub 3% preset": ROOT / "benchmarks" / "presets" / "smollm2-3pct"}
+NEEDLE_ROWS = ("DynamicCache (fp)", "int4 per token, 128 fp window", "QuantizedCache quanto int4", "KIVI-4 (simulated)",
+               "kvhub 1% preset (bundled)")
+
+
+# --- KIVI, simulated ---------------------------------------------------------------------------------------------
+def _fake_quant(x: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """Asymmetric min/max quantize-dequantize along ``dim``."""
+    lo, hi = x.amin(dim, keepdim=True), x.amax(dim, keepdim=True)
+    scale = ((hi - lo) / (2**bits - 1)).clamp_min(1e-8)
+    return ((x - lo) / scale).round().clamp(0, 2**bits - 1) * scale + lo
+
+
+class KIVILayer(DynamicLayer):
+    """KIVI: keys per channel over blocks of 32 tokens, values per token (group = head_dim), a 128-token fp16
+    residual; tokens leave the residual in whole key blocks. Stores dequantized values; ``analytic_bytes`` is what
+    a packed implementation holds (codes + fp16 scale and zero point per group)."""
+
+    BLOCK, RESIDUAL = 32, 128
+
+    def __init__(self, bits: int) -> None:
+        super().__init__()
+        self.bits, self.quantized = bits, 0
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        keys, values = super().update(key_states, value_states)
+        pending = keys.shape[-2] - self.quantized - self.RESIDUAL
+        n = (pending // self.BLOCK) * self.BLOCK
+        if n > 0:  # quantize after attention: this chunk attended to itself exactly, as with every other method
+            a, b = self.quantized, self.quantized + n
+            k = self.keys[:, :, a:b].unflatten(2, (n // self.BLOCK, self.BLOCK))
+            self.keys[:, :, a:b] = _fake_quant(k, self.bits, 3).flatten(2, 3)
+            self.values[:, :, a:b] = _fake_quant(self.values[:, :, a:b], self.bits, -1)
+            self.quantized = b
+        return keys, values
+
+    def analytic_bytes(self) -> int:
+        b, h, t, d = self.keys.shape
+        q = self.quantized
+        codes = 2 * b * h * q * d * self.bits // 8
+        k_meta = b * h * (q // self.BLOCK) * d * 2 * 2
+        v_meta = b * h * q * 2 * 2
+        return codes + k_meta + v_meta + 2 * b * h * (t - q) * d * 2
+
+
+def kivi_cache(config, bits: int) -> Cache:
+    return Cache(layers=[KIVILayer(bits) for _ in range(config.num_hidden_layers)])
+
+
+# --- bytes ---------------------------------------------------------------------------------------------------------
+def fp16_bytes(config, tokens: int) -> int:
+    shape = ModelShape.from_config(config)
+    return 2 * 2 * shape.num_layers * shape.num_kv_heads * shape.head_dim * tokens
+
+
+def held_bytes(cache: Cache) -> tuple[int, str]:
+    """Bytes held and how they were obtained."""
+    if isinstance(cache, CompressedCache):
+        return cache.nbytes()["total"], "real (kvhub nbytes)"
+    if isinstance(cache, QuantizedCache):
+        total = 0
+        for layer in cache.layers:
+            for t in (layer._quantized_keys, layer._quantized_values):
+                total += sum(x.nbytes for x in _qtensor_parts(t))
+            total += (layer.keys.numel() + layer.values.numel()) * 2  # fp residual, counted at fp16
+        return total, "real quanto tensors; fp residual at fp16"
+    if all(isinstance(layer, KIVILayer) for layer in cache.layers):
+        return sum(layer.analytic_bytes() for layer in cache.layers), "analytic (simulated)"
+    return sum((layer.keys.numel() + layer.values.numel()) * 2 for layer in cache.layers), "fp16"
+
+
+def _qtensor_parts(t):
+    """The plain tensors inside a quanto QTensor (packed codes, scales, shifts)."""
+    out = []
+    for name in ("_data", "_scale", "_shift"):
+        x = getattr(t, name, None)
+        if x is None:
+            continue
+        if isinstance(x, torch.Tensor) and type(x) is torch.Tensor:
+            out.append(x)
+        else:
+            out += _qtensor_parts(x) if hasattr(x, "_data") else [getattr(x, "_data")]
+    return out
+
+
+# --- methods -------------------------------------------------------------------------------------------------------
+def inherited_bases(model, tok, sink: int):
+    """The inherited recipe's basis: 1024 calibration tokens, the attention sink inside the statistics."""
+    text = read_texts([SHARED / "calibration"])[0][1]
+    return calibrate(model, token_windows(tok, text, 1024, 1, where="spread"), sink=sink, progress=False)[0]
+
+
+def methods(model, tok) -> dict:
+    cfg = model.config
+    shape = ModelShape.from_config(cfg)
+    base_inh = inherited_bases(model, tok, sink=0)
+    v_only = CacheCodec.uniform(shape, 16, 8, value_rank=48, sink=0, window=0, compress_keys=False)
+    v_only_sink = CacheCodec.uniform(shape, 16, 8, value_rank=48, sink=1, window=0, compress_keys=False)
+    int8 = CacheCodec.uniform(shape, 8, 8, sink=0, window=0, projection="identity")
+    int4 = CacheCodec.uniform(shape, 4, 4, sink=0, window=0, projection="identity")
+    int4w = CacheCodec(CacheCodec.uniform(shape, 4, 4, sink=0, window=128, projection="identity").layers, flush_block=1)
+    out = {
+        "DynamicCache (fp)": ("real", lambda: DynamicCache(config=cfg)),
+        "inherited: V-only PCA r48 int8 (1024-token basis)": ("real", lambda: CompressedCache(cfg, v_only, base_inh)),
+        "inherited + first token exact": ("real", lambda: CompressedCache(cfg, v_only_sink, base_inh)),
+        "int8 per token K+V": ("real", lambda: CompressedCache(cfg, int8)),
+        "int4 per token": ("real", lambda: CompressedCache(cfg, int4)),
+        "int4 per token, 128 fp window": ("real", lambda: CompressedCache(cfg, int4w)),
+        "QuantizedCache quanto int4": ("real", lambda: QuantizedCache(backend="quanto", config=cfg, nbits=4)),
+        "QuantizedCache quanto int2": ("real", lambda: QuantizedCache(backend="quanto", config=cfg, nbits=2)),
+        "KIVI-4 (simulated)": ("simulated", lambda: kivi_cache(cfg, 4)),
+        "KIVI-2 (simulated)": ("simulated", lambda: kivi_cache(cfg, 2)),
+    }
+    for name, folder in PRESETS.items():
+        if (folder / "kvhub_preset.json").exists():
+            preset = KVPreset.from_pretrained(folder)
+            out[name] = ("real", lambda p=preset: p.build_cache(model))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--windows", type=int, default=3)
+    ap.add_argument("--window-tokens", type=int, default=2048)
+    ap.add_argument("--chunk", type=int, default=128)
+    ap.add_argument("--needle", action="store_true")
+    ap.add_argument("--only", default=None, help="comma-separated row names to run (default: all)")
+    ap.add_argument("--out", default=str(RESULTS / "frontier"))
+    args = ap.parse_args()
+    t0 = time.time()
+    model, tok = load_model("HuggingFaceTB/SmolLM2-135M-Instruct")
+    enable(model)  # kvhub caches decode from their codes; every other cache gets SDPA unchanged
+    texts = read_texts([SHARED / "evaluation"])
+    windows = {name: token_windows(tok, text, args.window_tokens, args.windows) for name, text in texts}
+    rows = {}
+    todo = methods(model, tok)
+    if args.only:
+        todo = {k: v for k, v in todo.items() if k in args.only.split(",") or k == "DynamicCache (fp)"}
+    for name, (kind, make) in todo.items():
+        ppl, last = {}, None
+        for corpus, wins in windows.items():
+            total = PerplexityResult(0.0, 0)
+            for ids in wins:
+                last = make()
+                r = window_nll(model, ids, last, args.chunk)
+                total = PerplexityResult(total.nll_sum + r.nll_sum, total.tokens + r.tokens)
+            ppl[corpus] = total.ppl
+        held, how = held_bytes(last)
+        rows[name] = {"kind": kind, "ppl": ppl, "bytes": held, "bytes_how": how,
+                      "ratio": fp16_bytes(model.config, args.window_tokens) / held}
+        print(f"{name:<52} ratio {rows[name]['ratio']:.2f}  " + " ".join(f"{c} {p:.3f}" for c, p in ppl.items()),
+              flush=True)
+    base = rows["DynamicCache (fp)"]["ppl"]
+    for row in rows.values():
+        row["delta_pct"] = {c: 100 * (row["ppl"][c] / base[c] - 1) for c in base}
+        row["mean_delta_pct"] = sum(row["delta_pct"].values()) / len(base)
+    if args.needle:
+        hay = dict(texts)["austen_persuasion"]
+        for name in NEEDLE_ROWS:
+            if name in rows:
+                grid = needle_grid(model, tok, hay, todo[name][1])
+                rows[name]["needle"] = grid.hits
+                print(f"{name:<52} needle {grid.row_summary()}", flush=True)
+    result = {"protocol": vars(args) | {"corpora": list(windows)}, "hardware": hardware(),
+              "seconds": round(time.time() - t0), "command": "python " + " ".join(sys.argv), "rows": rows}
+    Path(args.out + ".json").write_text(json.dumps(result, indent=2) + "\n")
+    write_table(result, Path(args.out + ".md"))
+    plot(result, Path(args.out + ".png"))
+    print(f"wrote {args.out}.json/.md/.png")
+
+
+def write_table(result: dict, path: Path) -> None:
+    rows = sorted(result["rows"].items(), key=lambda kv: kv[1]["ratio"])
+    corpora = result["protocol"]["corpora"]
+    lines = [
+        "# Compression frontier on SmolLM2-135M-Instruct",
+        "",
+        f"Generated by `{result['command']}` on {result['hardware']} in {result['seconds']} s. "
+        "Perplexity under compression, 3 x 2048-token windows per corpus, 128-token chunks; bytes at 2048 tokens "
+        "vs an fp16 K+V cache.",
+        "",
+        "| method | kind | KV bytes ratio | PPL delta % (mean) | " + " | ".join(corpora) + " | needle 1k/2k/4k |",
+        "|---|---|---|---|" + "---|" * len(corpora) + "---|",
+    ]
+    for name, r in rows:
+        needle = " / ".join(f"{sum(x)}/{len(x)}" for x in r["needle"]) if "needle" in r else "-"
+        lines.append(f"| {name} | {r['kind']} | {r['ratio']:.2f} | {r['mean_delta_pct']:+.2f} | "
+                     + " | ".join(f"{r['delta_pct'][c]:+.2f}" for c in corpora) + f" | {needle} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name, r in result["rows"].items():
+        y = max(r["mean_delta_pct"], 1e-3)
+        kvhub = name.startswith("kvhub")
+        ax.scatter(r["ratio"], y, s=60 if kvhub else 30, c="tab:red" if kvhub else "tab:blue",
+                   marker="o" if r["kind"] == "real" else "x")
+        ax.annotate(name, (r["ratio"], y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.set_yscale("log")
+    ax.set_xlabel("total KV compression vs fp16 (bytes held at 2048 tokens)")
+    ax.set_ylabel("perplexity delta % (mean of 3 corpora, log)")
+    ax.set_title("SmolLM2-135M-Instruct: quality vs KV compression (x = simulated)")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130, metadata={"Software": None})
+
+
+if __name__ == "__main__":
+    main()
