@@ -37,8 +37,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 PRESETS = {"kvhub 0.5% preset": ROOT / "benchmarks" / "presets" / "smollm2-0.5pct",
            "kvhub 1% preset (bundled)": ROOT / "presets" / "HuggingFaceTB--SmolLM2-135M-Instruct",
            "kvhub 3% preset": ROOT / "benchmarks" / "presets" / "smollm2-3pct"}
-NEEDLE_ROWS = ("DynamicCache (fp)", "int4 per token, 128 fp window", "QuantizedCache quanto int4", "KIVI-4 (simulated)",
-               "kvhub 1% preset (bundled)")
+NEEDLE_ROWS = ("DynamicCache (fp)", "QuantizedCache quanto int4", "kvhub 1% preset (bundled)")
 
 
 # --- KIVI, simulated ---------------------------------------------------------------------------------------------

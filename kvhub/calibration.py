@@ -11,11 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache
 from tqdm.auto import tqdm
 
 from .bases import Bases, StreamBasis
 from .codec import STREAMS, ModelShape
+from .passthrough import PassThroughLayer
 
 
 class _Moments:
@@ -43,7 +44,7 @@ class _Moments:
         return StreamBasis(mean.cpu().float(), eigvecs.float(), eigvals.float())
 
 
-class _RecordingLayer(CacheLayerMixin):
+class _RecordingLayer(PassThroughLayer):
     """Accumulates moments and returns the states unchanged (each window is read in one forward pass)."""
 
     def __init__(self, sink: int) -> None:
@@ -51,25 +52,13 @@ class _RecordingLayer(CacheLayerMixin):
         self.sink = sink
         self.moments: dict[str, _Moments] = {}
 
-    def lazy_initialization(self, key_states, value_states) -> None:
-        self.is_initialized = True
-
-    def update(self, key_states, value_states, *args, **kwargs):
+    def process(self, key_states, value_states):
         for name, x in (("keys", key_states), ("values", value_states)):
             x = x[:, :, self.sink :]
             if name not in self.moments:
                 self.moments[name] = _Moments(x.shape[1], x.shape[-1], x.device)
             self.moments[name].add(x)
         return key_states, value_states
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return query_length, 0
-
-    def get_seq_length(self) -> int:
-        return 0
-
-    def get_max_length(self) -> int:
-        return -1
 
 
 @dataclass

@@ -16,7 +16,6 @@ search trusts measured perplexity and uses sensitivity only to order small moves
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,13 +23,14 @@ from typing import Any
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache
 
 from .attention import enable as enable_compressed_attention
 from .bases import Bases, rotate_segments
 from .cache import CompressedCache
 from .codec import STREAMS, CacheCodec, LayerCodec, ModelShape, Segment, StreamCodec
 from .eval.ppl import perplexity
+from .passthrough import PassThroughLayer
 from .stream import CompressedStream
 
 def stream_ladders(head_dim: int) -> dict[str, list[StreamCodec]]:
@@ -54,7 +54,7 @@ LEVELS = [(0, 0), (1, 0), (1, 1), (2, 1), (2, 2), (2, 3), (2, 4), (2, 5), (3, 5)
 
 
 # --- sensitivity ------------------------------------------------------------------------------------------------
-class _DistortingLayer(CacheLayerMixin):
+class _DistortingLayer(PassThroughLayer):
     """Pass-through cache layer that, for one stream, returns its states encoded and decoded by ``codec`` (sink
     positions exact): the real codec's error structure in a single forward pass, without chunking."""
 
@@ -62,10 +62,7 @@ class _DistortingLayer(CacheLayerMixin):
         super().__init__()
         self.stream, self.codec, self.basis, self.sink = stream, codec, basis, sink
 
-    def lazy_initialization(self, key_states, value_states) -> None:
-        self.is_initialized = True
-
-    def update(self, key_states, value_states, *args, **kwargs):
+    def process(self, key_states, value_states):
         if self.stream is None:
             return key_states, value_states
         x = key_states if self.stream == "keys" else value_states
@@ -73,15 +70,6 @@ class _DistortingLayer(CacheLayerMixin):
         coder.append(x[:, :, self.sink :])
         x = torch.cat([x[:, :, : self.sink], coder.decode(x.dtype)], dim=2)
         return (x, value_states) if self.stream == "keys" else (key_states, x)
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return query_length, 0
-
-    def get_seq_length(self) -> int:
-        return 0
-
-    def get_max_length(self) -> int:
-        return -1
 
 
 def probe_layouts(head_dim: int) -> dict[str, StreamCodec]:
