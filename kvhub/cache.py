@@ -119,7 +119,6 @@ class CompressedCache(Cache):
                 total += layer.keys.nbytes + layer.values.nbytes
         return total
 
-    @torch.no_grad()
     def describe(self) -> str:
         n = self.nbytes()
         return (

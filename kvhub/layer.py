@@ -201,9 +201,13 @@ class CompressedLayer(CacheLayerMixin):
             self._move(self.device)
 
     def _move(self, device) -> None:
+        """Move exact tokens and compressed storage, keeping the storage's preallocated capacity."""
         if not self.is_initialized:
             return
-        self._map_batch(lambda t: t.to(device, non_blocking=True))
+        self.sink_keys, self.sink_values = self.sink_keys.to(device), self.sink_values.to(device)
+        self.recent_keys, self.recent_values = self.recent_keys.to(device), self.recent_values.to(device)
+        for stream in self.streams.values():
+            stream.to(device)
 
     def reset(self) -> None:
         self.is_initialized = False
