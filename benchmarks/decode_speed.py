@@ -27,7 +27,7 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, QuantizedCache
 
 from kvhub import KVPreset, load_model
-from kvhub.attention import enable
+from kvhub.attention import compressed_attention
 from kvhub.bases import Bases, StreamBasis
 from kvhub.cache import CompressedCache
 from kvhub.codec import CacheCodec, LayerCodec, ModelShape, Segment, StreamCodec
@@ -122,13 +122,10 @@ def interleaved_step_times(model, caches: dict, batch: int, steps: int, device) 
     times: dict[str, list[float]] = {m: [] for m in caches}
     for _ in range(steps + 1):
         for method, cache in caches.items():
-            if method == "kvhub":
-                enable(model)
-            else:
-                model.set_attn_implementation("sdpa")
             sync(device)
             t0 = time.perf_counter()
-            model(input_ids=tok, cache=cache, use_cache=True)
+            with compressed_attention(model):  # other caches get the model's own kernel (SDPA) unchanged
+                model(input_ids=tok, cache=cache, use_cache=True)
             sync(device)
             times[method].append(time.perf_counter() - t0)
     return {m: statistics.median(t[1:]) for m, t in times.items()}

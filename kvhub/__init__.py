@@ -23,6 +23,7 @@ _LAZY = {
     "KVPreset": "kvhub.preset",
     "load_preset_cache": "kvhub.preset",
     "load_model": "kvhub.models",
+    "compressed_attention": "kvhub.attention",
 }
 _ERRORS = (
     "KVHubError", "CodecError", "ModelLoadError", "PresetError", "PresetFormatError", "PresetFileError",
@@ -34,6 +35,7 @@ for _name in _ERRORS:
 __all__ = ["__version__", *_LAZY]
 
 if TYPE_CHECKING:
+    from .attention import compressed_attention
     from .bases import Bases
     from .cache import CompressedCache
     from .calibration import calibrate

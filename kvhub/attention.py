@@ -6,82 +6,131 @@ data) and values as ``Z_v`` of ``U_v``::
     q . k_t         = (q U_k) . z_t + q . mean_k          (scores: one d x r product per query, not per key)
     sum_t p_t v_t   = (sum_t p_t z_t) U_v^T + (sum_t p_t) mean_v
 
-Per-token scales fold into the score columns and into the weights; grouped-query heads are handled by viewing the
-queries as ``[batch, kv_heads, group * q_len, d]``, so K/V are never repeated. Sink and recent tokens (exact) join
-the same softmax. A compressed layer returns only its exact tokens from ``update`` and tags them with itself; any
-other layer (stock, sliding-window) goes to SDPA unchanged.
+Grouped-query heads are handled by viewing the queries as ``[batch, kv_heads, group * q_len, d]``, so K/V are never
+repeated. Sink and recent tokens (exact) join the same softmax. Long query chunks are tiled so the score matrix stays
+bounded (``SCORE_ELEMENTS``).
+
+The switch is scoped and keeps the user's kernel: ``with compressed_attention(model):`` sets the model's attention
+implementation to ``kvhub_<kernel>`` (``kvhub_sdpa``, ``kvhub_eager``, ``kvhub_flash_attention_2``, ...), whose mask is
+the user's kernel's mask; a call whose cache layer has compressed history runs here, every other call (a prefill with
+nothing stored yet, uncompressed layers, other caches) goes to the user's kernel unchanged. On exit the model gets its
+kernel back.
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, eager_mask
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-ATTN_NAME = "kvhub"
-_registered = False
+from .layer import MASKED
 
-
-def _stock_attention(module, query, key, value, attention_mask, scaling, dropout, **kwargs):
-    """Uncompressed layers: SDPA, or the model's own eager attention for what SDPA cannot do (Gemma-2's softcap)."""
-    if kwargs.get("softcap") is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-    eager = sys.modules[type(module).__module__].eager_attention_forward
-    return eager(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+PREFIX = "kvhub_"
+SCORE_ELEMENTS = 1 << 26  # fp32 scores of one query tile: 256 MB at most, whatever the chunk and context
 
 
-def compressed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    layer = getattr(key, "_kvhub_layer", None)
-    if layer is None:
-        return _stock_attention(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+def is_compressed_attention(name: str | None) -> bool:
+    return bool(name) and name.startswith(PREFIX)
+
+
+def _kernel(name: str, module):
+    """The user's attention function: a registered one, or the model's own eager attention."""
+    if name == "eager":
+        return sys.modules[type(module).__module__].eager_attention_forward
+    return ALL_ATTENTION_FUNCTIONS[name]
+
+
+def _additive(mask: torch.Tensor | None, query_length: int) -> torch.Tensor | None:
+    """The kernel's mask as an additive float ``[B|1, 1, M, kv]`` (bool masks: True attends; 2D padding masks are
+    widened to the query rows; the causal part of a 2D mask is added by :meth:`CompressedLayer.storage_mask` only
+    when the chunk needs one, as flash kernels do themselves)."""
+    if mask is None:
+        return None
+    if mask.dim() == 2:
+        mask = mask.bool()[:, None, None, :].expand(-1, 1, query_length, -1)
+        if query_length > 1:
+            kv = mask.shape[-1]
+            causal = torch.ones(query_length, kv, dtype=torch.bool, device=mask.device).tril_(kv - query_length)
+            mask = mask & causal
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, MASKED)
+    return mask.float()
+
+
+def _attend_compressed(layer, query, key, value, attention_mask, scaling, softcap):
     bsz, q_heads, q_len, dim = query.shape
     kv_heads = key.shape[1]
     group = q_heads // kv_heads
-    scaling = dim**-0.5 if scaling is None else scaling
     n_sink, history = key._kvhub_sink, layer.visible
-    q = query.float().reshape(bsz, kv_heads, group * q_len, dim)
+    total = key.shape[-2] + history
+    scaling = dim**-0.5 if scaling is None else scaling
+    mask = layer.storage_mask(_additive(attention_mask, q_len), q_len, total)
+
+    keys, values = layer.streams["keys"], layer.streams["values"]
+    z_k = keys.coefficients(0, history, slot="zk")
+    z_v = values.coefficients(0, history, slot="zv")
     exact_k, exact_v = key.float(), value.float()
-
-    s_exact = q @ exact_k.transpose(-1, -2)
-    parts = [s_exact[..., :n_sink]]
-    if history:
-        parts.append(layer.streams["keys"].attention_scores(q, history))
-    parts.append(s_exact[..., n_sink:])
-    scores = torch.cat(parts, dim=-1).mul_(scaling)  # in place from here on: at prefill these are [q x T] big
-    softcap = kwargs.get("softcap")
-    if softcap:
-        scores = scores.div_(softcap).tanh_().mul_(softcap)
-    total = scores.shape[-1]
-    scores = scores.view(bsz, kv_heads, group, q_len, total)
-    if attention_mask is not None:
-        scores.add_(attention_mask[..., -total:].unsqueeze(2))
-    elif q_len > 1:
-        causal = torch.ones(q_len, total, dtype=torch.bool, device=scores.device).tril(total - q_len)
-        scores.masked_fill_(~causal, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).view(bsz, kv_heads, group * q_len, total)
-    del scores, parts, s_exact
-
-    out = probs[..., :n_sink] @ exact_v[:, :, :n_sink] + probs[..., n_sink + history :] @ exact_v[:, :, n_sink:]
-    if history:
-        out = out + layer.streams["values"].attention_values(probs[..., n_sink : n_sink + history], history)
-    out = out.view(bsz, kv_heads, group, q_len, dim).reshape(bsz, q_heads, q_len, dim)
+    q = query.float().view(bsz, kv_heads, group, q_len, dim)
+    out = query.new_empty(bsz, kv_heads, group, q_len, dim, dtype=torch.float32)
+    tile = max(1, SCORE_ELEMENTS // (bsz * q_heads * total))
+    for m0 in range(0, q_len, tile):
+        m1 = min(q_len, m0 + tile)
+        q_t = q[:, :, :, m0:m1].reshape(bsz, kv_heads, group * (m1 - m0), dim)
+        s_exact = q_t @ exact_k.transpose(-1, -2)
+        s_hist = keys.scores(*keys.query_projection(q_t), z_k)
+        scores = torch.cat([s_exact[..., :n_sink], s_hist, s_exact[..., n_sink:]], dim=-1).mul_(scaling)
+        del s_exact, s_hist
+        if softcap:
+            scores = scores.div_(softcap).tanh_().mul_(softcap)
+        if mask is not None:
+            scores.view(bsz, kv_heads, group, m1 - m0, total).add_(mask[:, :, None, m0:m1])
+        probs = torch.softmax(scores, dim=-1)
+        del scores
+        o = probs[..., :n_sink] @ exact_v[:, :, :n_sink]
+        o += probs[..., n_sink + history :] @ exact_v[:, :, n_sink:]
+        o += values.values(probs[..., n_sink : n_sink + history], z_v)
+        out[:, :, :, m0:m1] = o.view(bsz, kv_heads, group, m1 - m0, dim)
+    out = out.view(bsz, q_heads, q_len, dim)
     return out.transpose(1, 2).contiguous().to(query.dtype), None
 
 
-def register() -> None:
-    """Make ``attn_implementation="kvhub"`` known to transformers (the attention function and its mask)."""
-    global _registered
-    if not _registered:
-        AttentionInterface.register(ATTN_NAME, compressed_attention)
-        AttentionMaskInterface.register(ATTN_NAME, eager_mask)
-        _registered = True
+def _attention_for(kernel_name: str):
+    def attend(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        layer = getattr(key, "_kvhub_layer", None)
+        if layer is None:
+            return _kernel(kernel_name, module)(
+                module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+            )
+        return _attend_compressed(layer, query, key, value, attention_mask, scaling, kwargs.get("softcap"))
+
+    attend.__name__ = f"{PREFIX}{kernel_name}"
+    return attend
 
 
-def enable(model) -> None:
-    """Switch ``model`` to compressed-space attention; caches built for it then skip rebuilding K/V."""
-    register()
-    if model.config._attn_implementation != ATTN_NAME:
-        model.set_attn_implementation(ATTN_NAME)
+def register(kernel_name: str) -> str:
+    """Make ``attn_implementation="kvhub_<kernel_name>"`` known to transformers (attention and mask functions)."""
+    name = f"{PREFIX}{kernel_name}"
+    if name not in ALL_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(name, _attention_for(kernel_name))
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[kernel_name])
+    return name
+
+
+@contextmanager
+def compressed_attention(model) -> Iterator:
+    """Within the block, attention of layers with compressed history reads the codes; everything else runs the
+    model's own kernel. The model's attention implementation is restored on exit (also on error)."""
+    kernel = model.config._attn_implementation or "eager"
+    if is_compressed_attention(kernel):  # nested: the outer block restores
+        yield model
+        return
+    model.set_attn_implementation(register(kernel))
+    try:
+        yield model
+    finally:
+        model.set_attn_implementation(kernel)

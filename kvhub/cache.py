@@ -7,13 +7,22 @@ from typing import Any
 import torch
 from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, get_layer_types_and_kwargs
 
-from .attention import ATTN_NAME
+from .attention import is_compressed_attention
 from .bases import Bases
 from .codec import CacheCodec, ModelShape
 from .layer import CompressedLayer
 
 COMPRESSIBLE = ("full_attention", "sliding_attention")
 FP16_BYTES = 2
+
+
+def _prepared(bases: Bases, codec: CacheCodec, shape: ModelShape) -> Bases:
+    """``bases`` checked against and cut to ``codec``, once per (bases, codec): every cache built from one preset
+    shares the same tensors (and, through them, the same device copies, see :mod:`kvhub.stream`)."""
+    memo = bases.__dict__.setdefault("_prepared", {})
+    if (codec, shape) not in memo:
+        memo[(codec, shape)] = bases.for_codec(codec, shape)
+    return memo[(codec, shape)]
 
 
 class CompressedCache(Cache):
@@ -33,7 +42,7 @@ class CompressedCache(Cache):
         self.shape = ModelShape.from_config(text_config)
         codec.check(self.shape)
         self.codec = codec
-        self.bases = (bases if bases is not None else Bases()).for_codec(codec, self.shape)
+        self.bases = _prepared(bases if bases is not None else Bases(), codec, self.shape)
         layer_types, layer_kwargs = get_layer_types_and_kwargs(text_config)
         layers = []
         for i, (layer_type, kwargs) in enumerate(zip(layer_types, layer_kwargs)):
@@ -56,7 +65,7 @@ class CompressedCache(Cache):
 
     def _uses_compressed_attention(self) -> bool:
         """Whether the model reads this cache through kvhub.attention (checked per call: the config is shared)."""
-        return self._attn_config._attn_implementation == ATTN_NAME
+        return is_compressed_attention(self._attn_config._attn_implementation)
 
     @property
     def compressed_layers(self) -> list[int]:

@@ -1,33 +1,68 @@
 """``CompressedLayer``: one model layer's cache, holding keys and values compressed for real.
 
-Token positions are laid out as ``[sink | compressed history | recent]``:
+Tokens are held in *storage order* ``[sink | compressed history | recent]``:
 
-* the first ``sink`` tokens of the sequence stay in full precision (attention sinks are unlike every other token
-  and a PCA basis reconstructs them badly, see docs/field.md);
+* ``sink``: the first ``sink`` **real** tokens of each row stay in full precision (attention sinks are unlike every
+  other token and a PCA basis reconstructs them badly, see docs/field-notes.md). In a left-padded batch a row's first
+  real token is not at position 0: the first call reads each row's padding from ``position_ids`` (transformers
+  numbers a row's real tokens from 0, so a row with ``p`` pads ends its first call on position ``n - 1 - p``) and
+  moves the row's sink tokens to the front of its storage (``order``), its pads behind them into the history.
+  Masks and materialized tensors are permuted the same way, so nothing else sees the difference.
 * the most recent ``window`` tokens stay in full precision; once ``flush_block`` more have accumulated beyond the
   window they are compressed together, once, and never re-quantized;
 * a sliding-window layer (Mistral, Gemma-2 local layers) compresses inside its window and forgets tokens that left
-  it, returning exactly the tokens the stock ``DynamicSlidingWindowLayer`` would.
+  it in amortized batches; its mask covers the stock layer's columns, and attention masks the older tokens it still
+  holds.
 
-``update`` returns the full-length keys and values (reconstructed history + exact recent tokens), which any
-attention implementation accepts. When the model runs :mod:`kvhub.attention` (``fast_path()`` is true), it
-returns only the exact tokens, tagged with the layer, and attention reads the compressed history directly.
+``update`` returns, for the stock attention kernels, the full-length keys and values in tensor order (history
+reconstructed). When the model runs :mod:`kvhub.attention` and history exists, it returns only the exact tokens,
+tagged with the layer, and attention reads the compressed history directly; with nothing compressed yet (a prefill)
+it returns the states untouched and the model's own kernel (SDPA, flash) runs.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from transformers.cache_utils import CacheLayerMixin
-
-from collections.abc import Callable
 
 from .bases import StreamBasis
 from .codec import LayerCodec
 from .stream import CompressedStream
 
+MASKED = torch.finfo(torch.float32).min  # additive mask value; -inf would turn a fully masked (pad) row into NaN
+
 
 def _cat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return b if a.shape[-2] == 0 else (a if b.shape[-2] == 0 else torch.cat([a, b], dim=-2))
+    """``a`` then ``b`` along the token axis, in a tensor of its own: a slice of a prefill's states would keep the
+    whole prefill's storage alive."""
+    return b.clone() if a.shape[-2] == 0 else (a if b.shape[-2] == 0 else torch.cat([a, b], dim=-2))
+
+
+def sink_order(position_ids: torch.Tensor | None, batch: int, n: int, sink: int) -> torch.Tensor | None:
+    """``[batch, K]`` storage order of the first ``K`` positions that puts each row's first ``sink`` real tokens
+    first, or None when no row is padded (or the first call does not hold every row's sink tokens)."""
+    if not sink or position_ids is None or position_ids.dim() != 2 or position_ids.shape[-1] != n:
+        return None
+    if position_ids.shape[0] not in (1, batch):
+        return None
+    pads = (n - 1 - position_ids[:, -1]).clamp(0, n).expand(batch).tolist()
+    longest = max(pads)
+    if longest == 0 or longest + sink > n:
+        return None
+    k = longest + sink
+    rows = []
+    for p in pads:
+        rows.append(torch.cat([torch.arange(p, p + sink), torch.arange(0, p), torch.arange(p + sink, k)]))
+    return torch.stack(rows).to(position_ids.device)
+
+
+def _take(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """``x[b, :, order[b]]`` along the token axis for the first ``order.shape[1]`` tokens; the rest unchanged."""
+    k = order.shape[1]
+    index = order[:, None, :, None].expand(x.shape[0], x.shape[1], k, x.shape[3])
+    return torch.cat([x[:, :, :k].gather(2, index), x[:, :, k:]], dim=2)
 
 
 class CompressedLayer(CacheLayerMixin):
@@ -54,6 +89,8 @@ class CompressedLayer(CacheLayerMixin):
         self.sliding_window = sliding_window
         self.is_sliding = sliding_window is not None
         self.cumulative_length = 0
+        self.dropped = 0
+        self.order: torch.Tensor | None = None
 
     # --- transformers' layer protocol -----------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -66,7 +103,8 @@ class CompressedLayer(CacheLayerMixin):
         self.sink_keys, self.sink_values = empty.clone(), value_states[:, :, :0].to(self.exact_dtype)
         self.recent_keys, self.recent_values = empty.clone(), self.sink_values.clone()
         self.streams = {
-            name: CompressedStream(self.codec.stream(name), self.bases[name], self.device, self.exact_dtype) for name in ("keys", "values")
+            name: CompressedStream(self.codec.stream(name), self.bases[name], self.device, self.exact_dtype)
+            for name in ("keys", "values")
         }
         self.is_initialized = True
 
@@ -74,25 +112,29 @@ class CompressedLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         n = key_states.shape[-2]
-        # The tokens of this call attend to themselves exactly; the past is what the cache holds.
-        if self.fast_path is not None and not self.is_sliding and self.fast_path():
+        if self.is_sliding:  # before this call's attention, never after: its queries still see one more token
+            self._forget_outside_window()
+        first = self.cumulative_length == 0
+        if first:
+            position_ids = (kwargs.get("kwargs") or {}).get("position_ids", kwargs.get("position_ids"))
+            self.order = sink_order(position_ids, key_states.shape[0], n, self.codec.sink)
+        history = self.streams["keys"].length
+        if history and self.fast_path is not None and self.fast_path():
             # kvhub.attention reads the compressed history itself: return only the exact tokens, tagged.
-            self.visible = self.streams["keys"].length
+            self.visible = history
             keys = torch.cat([self.sink_keys.to(self.dtype), self.recent_keys.to(self.dtype), key_states], -2)
             values = torch.cat([self.sink_values.to(self.dtype), self.recent_values.to(self.dtype), value_states], -2)
             keys._kvhub_layer, keys._kvhub_sink = self, self.sink_keys.shape[-2]
         else:
-            keys = torch.cat(
-                [self.sink_keys.to(self.dtype), self._history("keys"), self.recent_keys.to(self.dtype), key_states], -2
-            )
-            values = torch.cat(
-                [self.sink_values.to(self.dtype), self._history("values"), self.recent_values.to(self.dtype), value_states], -2
-            )
-        if self.is_sliding:
-            visible = self.sliding_window - 1 + n
-            keys, values = keys[:, :, -visible:], values[:, :, -visible:]
+            keys, values = self._materialized(key_states, value_states)
+        self._store(key_states, value_states, first)
+        return keys, values
 
+    def _store(self, key_states: torch.Tensor, value_states: torch.Tensor, first: bool) -> None:
+        n = key_states.shape[-2]
         key_states, value_states = key_states.to(self.exact_dtype), value_states.to(self.exact_dtype)
+        if first and self.order is not None:
+            key_states, value_states = _take(key_states, self.order), _take(value_states, self.order)
         take = max(0, min(self.codec.sink - self.cumulative_length, n))
         if take:
             self.sink_keys = _cat(self.sink_keys, key_states[:, :, :take])
@@ -101,9 +143,6 @@ class CompressedLayer(CacheLayerMixin):
         self.recent_keys = _cat(self.recent_keys, key_states[:, :, take:])
         self.recent_values = _cat(self.recent_values, value_states[:, :, take:])
         self._flush()
-        if self.is_sliding:
-            self._forget_outside_window()
-        return keys, values
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         if not self.is_sliding:
@@ -120,13 +159,55 @@ class CompressedLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return self.sliding_window if self.is_sliding else -1
 
-    # --- compression ----------------------------------------------------------------------------------------
-    def _history(self, name: str) -> torch.Tensor:
-        stream = self.streams[name]
-        if stream.length == 0:
-            return self.sink_keys[:, :, :0].to(self.dtype)
-        return stream.decode(self.dtype)
+    # --- layout ---------------------------------------------------------------------------------------------
+    def _permuted(self) -> torch.Tensor | None:
+        """The sink order while its tokens are still held (a sliding layer forgets them as one block)."""
+        return self.order if self.dropped == 0 else None
 
+    def _materialized(self, key_states: torch.Tensor, value_states: torch.Tensor):
+        """Held tokens (history rebuilt) then the new ones, in tensor order, cut to what the stock mask covers."""
+        if self.held_tokens() == 0:  # a first prefill: the states themselves, no copy
+            return key_states, value_states
+        out = []
+        for name, new in (("keys", key_states), ("values", value_states)):
+            sink, recent = (self.sink_keys, self.recent_keys) if name == "keys" else (self.sink_values, self.recent_values)
+            stream = self.streams[name]
+            history = stream.decode(self.dtype) if stream.length else sink[:, :, :0].to(self.dtype)
+            held = torch.cat([sink.to(self.dtype), history, recent.to(self.dtype)], -2)
+            order = self._permuted()
+            if order is not None and held.shape[-2] >= order.shape[1]:
+                held = _take(held, order.argsort(-1))
+            out.append(torch.cat([held, new], -2))
+        keys, values = out
+        if self.is_sliding:
+            visible = self.sliding_window - 1 + key_states.shape[-2]
+            keys, values = keys[:, :, -visible:], values[:, :, -visible:]
+        return keys, values
+
+    def storage_mask(self, mask: torch.Tensor | None, query_length: int, total: int) -> torch.Tensor | None:
+        """The additive mask ``[B|1, 1, M, total]`` over held-then-new tokens in storage order, from the model's mask
+        over the columns :meth:`get_mask_sizes` announced (``None``: nothing to mask). Older held tokens a sliding
+        layer has not forgotten yet are masked; a padded row's sink and pad columns are permuted like its tokens."""
+        if mask is not None and mask.shape[-1] > total:  # a 2D padding mask spans every position ever seen
+            mask = mask[..., -total:]
+        columns = mask.shape[-1] if mask is not None else total
+        if mask is None and query_length > 1:
+            mask = torch.zeros(query_length, columns, device=self.device).masked_fill_(
+                torch.ones(query_length, columns, dtype=torch.bool, device=self.device).triu_(columns - query_length + 1), MASKED
+            )[None, None]
+        if columns < total:
+            if mask is None:
+                mask = torch.zeros(1, 1, query_length, columns, device=self.device)
+            hidden = mask.new_full((*mask.shape[:-1], total - columns), MASKED)
+            mask = torch.cat([hidden, mask], -1)
+        order = self._permuted()
+        if mask is not None and order is not None:
+            k = order.shape[1]
+            index = order[:, None, None, :].expand(order.shape[0], 1, mask.shape[2], k)
+            mask = torch.cat([mask[..., :k].expand(order.shape[0], -1, -1, -1).gather(-1, index), mask[..., k:].expand(order.shape[0], -1, -1, -1)], -1)
+        return mask
+
+    # --- compression ----------------------------------------------------------------------------------------
     def _flush(self) -> None:
         excess = self.recent_keys.shape[-2] - self.codec.window
         if excess < self.flush_block:
@@ -140,16 +221,23 @@ class CompressedLayer(CacheLayerMixin):
         return self.sink_keys.shape[-2] + self.streams["keys"].length + self.recent_keys.shape[-2]
 
     def _forget_outside_window(self) -> None:
-        """Drop tokens no future query can see, in amortized batches (not one copy per step)."""
+        """Drop tokens the coming queries cannot see (all but the last ``window - 1``), in amortized batches (not one
+        copy per step). A padded batch's permuted sink block is dropped whole, so storage order stays tensor order
+        for what remains."""
         excess = self.held_tokens() - (self.sliding_window - 1)
         if excess < max(self.flush_block, self.sliding_window // 4):
+            return
+        excess = min(excess, self.sink_keys.shape[-2] + self.streams["keys"].length)
+        order = self._permuted()
+        if order is not None and excess < order.shape[1]:
             return
         drop_sink = min(excess, self.sink_keys.shape[-2])
         if drop_sink:
             self.sink_keys, self.sink_values = self.sink_keys[:, :, drop_sink:], self.sink_values[:, :, drop_sink:]
-        drop = min(excess - drop_sink, self.streams["keys"].length)
+        drop = excess - drop_sink
         for stream in self.streams.values():
             stream.drop_front(drop)
+        self.dropped += excess
 
     # --- housekeeping (beam search, crop, offload) ------------------------------------------------------------
     def _map_batch(self, fn) -> None:
@@ -157,6 +245,8 @@ class CompressedLayer(CacheLayerMixin):
             return
         self.sink_keys, self.sink_values = fn(self.sink_keys), fn(self.sink_values)
         self.recent_keys, self.recent_values = fn(self.recent_keys), fn(self.recent_values)
+        if self.order is not None:
+            self.order = fn(self.order)
         for stream in self.streams.values():
             stream.map_batch(fn)
 
@@ -177,9 +267,11 @@ class CompressedLayer(CacheLayerMixin):
         remove = -tokens_to_remove
         if remove == 0 or not self.is_initialized:
             return
-        if self.is_sliding and self.cumulative_length != self.held_tokens():
+        if self.is_sliding and self.dropped:
             raise RuntimeError("this sliding-window layer already forgot tokens outside its window; it cannot be cropped")
         remove = min(remove, self.cumulative_length)
+        if self.order is not None and self.cumulative_length - remove < self.order.shape[1]:
+            raise RuntimeError("cropping into a padded batch's first tokens is not supported; fix: start a new cache")
         self.cumulative_length -= remove
         from_recent = min(remove, self.recent_keys.shape[-2])
         keep = self.recent_keys.shape[-2] - from_recent
@@ -212,6 +304,8 @@ class CompressedLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.is_initialized = False
         self.cumulative_length = 0
+        self.dropped = 0
+        self.order = None
         for attr in ("sink_keys", "sink_values", "recent_keys", "recent_values", "streams"):
             self.__dict__.pop(attr, None)
 

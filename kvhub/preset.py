@@ -223,16 +223,13 @@ class KVPreset:
                     "fix: use that model's preset, or pass allow_name_mismatch=True if they share weights"
                 )
 
-    def build_cache(self, model: Any, allow_name_mismatch: bool = False, compressed_attention: bool = True):
-        """A fresh :class:`~kvhub.cache.CompressedCache` for ``model`` (one per generation). By default also
-        switches the model to :mod:`kvhub.attention`, so decoding reads the compressed storage directly."""
+    def build_cache(self, model: Any, allow_name_mismatch: bool = False):
+        """A fresh :class:`~kvhub.cache.CompressedCache` for ``model`` (one per generation). The model is not
+        changed: run it inside ``with kvhub.compressed_attention(model):`` to decode from the codes directly;
+        outside that block the cache rebuilds K/V for the model's own kernel (same results, slower)."""
         from .cache import CompressedCache
 
         self.check_model(model.config, getattr(model.config, "_name_or_path", None), allow_name_mismatch)
-        if compressed_attention:
-            from .attention import enable
-
-            enable(model)
         return CompressedCache(model.config, self.codec, self.bases)
 
 

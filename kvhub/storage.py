@@ -1,16 +1,24 @@
-"""A tensor that grows along its token axis with preallocated capacity.
+"""A tensor that grows along its token axis in fixed blocks.
 
-Appending to a cache with ``torch.cat`` copies the whole history every step (O(n) per token). Here capacity grows
-geometrically, so appends are amortized O(1) and history is written once. ``view()`` is the filled part;
-``nbytes()`` counts it, ``reserved_nbytes()`` the allocation."""
+Appending to a cache with ``torch.cat`` copies the whole history every step (O(n) per token). Here the buffer is
+allocated ahead, so an append writes only the new tokens. Capacity grows by whole blocks of
+``max(BLOCK, length / HEADROOM_DIVISOR)`` tokens: what a sequence holds stays within ~3% of what it uses at any
+length past a few blocks (a geometric 1.25x growth left up to 25% of every sequence's buffers empty), and a regrowth
+copy happens once per block, which costs ~1/32 of the history pass a decode step makes anyway. ``view()`` is the
+filled part; ``nbytes()`` counts it, ``reserved_nbytes()`` the allocation."""
 
 from __future__ import annotations
 
 import torch
 
-_GROWTH = 1.25
-_MIN_STEP = 256
+BLOCK = 64
+HEADROOM_DIVISOR = 32
 TOKEN_DIM = 2  # [batch, heads, tokens, ...]
+
+
+def _capacity(needed: int) -> int:
+    step = max(BLOCK, needed // HEADROOM_DIVISOR)
+    return -(-needed // step) * step
 
 
 class GrowableTensor:
@@ -20,33 +28,32 @@ class GrowableTensor:
 
     def append(self, x: torch.Tensor) -> None:
         n = x.shape[TOKEN_DIM]
-        if self.buf is None:
+        if self.buf is None or self.length + n > self.buf.shape[TOKEN_DIM]:
             shape = list(x.shape)
-            shape[TOKEN_DIM] = max(n, _MIN_STEP)
-            self.buf = torch.empty(shape, dtype=x.dtype, device=x.device)
-        elif self.length + n > self.buf.shape[TOKEN_DIM]:
-            cap = max(self.length + n, int(self.buf.shape[TOKEN_DIM] * _GROWTH), self.buf.shape[TOKEN_DIM] + _MIN_STEP)
-            shape = list(self.buf.shape)
-            shape[TOKEN_DIM] = cap
-            grown = torch.empty(shape, dtype=self.buf.dtype, device=self.buf.device)
-            grown.narrow(TOKEN_DIM, 0, self.length).copy_(self.view())
+            shape[TOKEN_DIM] = _capacity(self.length + n)
+            grown = torch.empty(shape, dtype=x.dtype, device=x.device)
+            if self.length:
+                grown.narrow(TOKEN_DIM, 0, self.length).copy_(self.view())
             self.buf = grown
         self.buf.narrow(TOKEN_DIM, self.length, n).copy_(x)
         self.length += n
 
-    def view(self) -> torch.Tensor:
+    def view(self, start: int = 0, length: int | None = None) -> torch.Tensor:
+        """The filled tokens ``[start, start + length)`` (all of them by default), without a copy."""
         assert self.buf is not None
-        return self.buf.narrow(TOKEN_DIM, 0, self.length)
+        return self.buf.narrow(TOKEN_DIM, start, self.length - start if length is None else length)
 
     def truncate(self, length: int) -> None:
         self.length = min(self.length, length)
 
     def drop_front(self, n: int) -> None:
-        """Forget the oldest ``n`` tokens (sliding-window layers)."""
+        """Forget the oldest ``n`` tokens (sliding-window layers), shrinking the allocation with them."""
         if n <= 0 or self.buf is None:
             return
-        keep = self.view().narrow(TOKEN_DIM, n, self.length - n).clone()
-        self.length = 0
+        keep = self.view(n)
+        shape = list(keep.shape)
+        shape[TOKEN_DIM] = _capacity(max(keep.shape[TOKEN_DIM], 1))
+        self.buf = torch.empty(shape, dtype=keep.dtype, device=keep.device)
         self.buf.narrow(TOKEN_DIM, 0, keep.shape[TOKEN_DIM]).copy_(keep)
         self.length = keep.shape[TOKEN_DIM]
 
@@ -63,7 +70,7 @@ class GrowableTensor:
     def nbytes(self) -> int:
         if self.buf is None:
             return 0
-        per_token = self.buf.nbytes // self.buf.shape[TOKEN_DIM]
+        per_token = self.buf.nbytes // max(self.buf.shape[TOKEN_DIM], 1)
         return per_token * self.length
 
     def reserved_nbytes(self) -> int:

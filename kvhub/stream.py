@@ -3,26 +3,28 @@
 from __future__ import annotations
 
 import threading
+from functools import lru_cache
 
 import torch
 
 from .bases import StreamBasis
 from .codec import StreamCodec
-from .quant import CODES_PER_BYTE, GAUSSIAN_STEP, dequantize, half_levels, pack, quantize, unpack
+from .quant import CODES_PER_BYTE, GAUSSIAN_STEP, half_levels, pack, quantize
 from .storage import GrowableTensor
 
 _TINY = 1e-8
-
+FP16_MAX = torch.finfo(torch.float16).max
 
 _SCRATCH = threading.local()  # per thread: two generations in two threads must not share a buffer
 
 
-def _scratch(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A reused buffer for per-step temporaries the size of the whole history. A fresh allocation that large is
-    served by new pages from the OS, and faulting them in cost 3-4x the conversion itself (measured on CPU); the
-    buffer holds one plane of one layer at a time, so it does not grow with the layer count."""
+def _scratch(slot: str, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A reused buffer for per-step temporaries the size of the whole history (one per ``slot``). A fresh
+    allocation that large is served by new pages from the OS, and faulting them in cost 3-4x the conversion itself
+    (measured on CPU). Buffers are per process and thread, never per sequence, and do not grow with the layer
+    count: each holds one layer's temporaries at a time."""
     buffers = _SCRATCH.__dict__.setdefault("buffers", {})
-    key = (dtype, torch.device(device))
+    key = (slot, dtype, torch.device(device))
     n = int(torch.Size(shape).numel())
     buf = buffers.get(key)
     if buf is None or buf.numel() < n:
@@ -30,19 +32,30 @@ def _scratch(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> tor
     return buf[:n].view(shape)
 
 
-def _as_float(codes: torch.Tensor) -> torch.Tensor:
-    return _scratch(codes.shape, torch.float32, codes.device).copy_(codes)
+@lru_cache(maxsize=None)
+def _level_table(bits: int, step: float, device: torch.device) -> torch.Tensor:
+    """``[256, codes per byte]``: every byte value unpacked into its centred levels times ``step``.
 
-
-def _planes(data: torch.Tensor, bits: int, a: int, b: int):
+    Decoding a segment is then one integer conversion and one row gather (``index_select``), instead of a shift, a
+    mask, a float conversion and a centring per code position: at short contexts the step time is made of such
+    small ops, not of arithmetic."""
     per = CODES_PER_BYTE[bits]
-    for j in range(per):
-        plane = data
-        if j:
-            plane = torch.bitwise_right_shift(data, bits * j, out=_scratch(data.shape, torch.uint8, data.device))
-        if j < per - 1:  # the top plane needs no mask
-            plane = torch.bitwise_and(plane, (1 << bits) - 1, out=_scratch(data.shape, torch.uint8, data.device))
-        yield slice(a + j, b, per), slice(j, None, per), _as_float(plane)
+    byte = torch.arange(256, dtype=torch.int64)
+    levels = torch.stack([(byte >> (bits * j)) & ((1 << bits) - 1) for j in range(per)], dim=-1)
+    return ((levels.double() - half_levels(bits)) * step).float().to(device)
+
+
+def _device_basis(basis: StreamBasis, rank: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """``(mean, U, sigma)`` on ``device`` in float32, made once per basis and device and shared by every cache built
+    from the same preset (a 7B preset's bases are ~100 MB: a copy per generation is not affordable)."""
+    memo = basis.__dict__.setdefault("_on_device", {})
+    key = (torch.device(device), rank)
+    if key not in memo:
+        mean = basis.mean.to(device, torch.float32)
+        u = basis.basis[..., :rank].to(device, torch.float32).contiguous()
+        sigma = basis.variance[..., :rank].float().clamp_min(0).sqrt().to(device)
+        memo[key] = (mean, u, sigma.clamp_min(sigma.amax(-1, keepdim=True) * 1e-6 + _TINY))
+    return memo[key]
 
 
 class CompressedStream:
@@ -64,16 +77,20 @@ class CompressedStream:
             start += s.size
         if codec.projection == "pca":
             assert basis is not None
-            self.mean = basis.mean.to(device, torch.float32)
-            self.basis = basis.basis[..., : codec.rank].to(device, torch.float32)
-            sigma = basis.variance[..., : codec.rank].clamp_min(0).sqrt().to(device, torch.float32)
-            self.sigma = sigma.clamp_min(sigma.amax(-1, keepdim=True) * 1e-6 + _TINY)  # [H, r]
+            self.mean, self.basis, self.sigma = _device_basis(basis, codec.rank, device)
         else:
-            self.mean = self.basis = None
-            self.sigma = None
+            self.mean = self.basis = self.sigma = None
         self.codes = [GrowableTensor() for _ in self.segments]
         self.n_scaled = sum(1 for s in self.segments if s.bits < 16) if codec.scale != "channel" else 0
         self.scales = GrowableTensor()
+        self._tables = [
+            None if s.bits == 16 else _level_table(s.bits, self._unit_step(s.bits), torch.device(device))
+            for s in self.segments
+        ]
+
+    def _unit_step(self, bits: int) -> float:
+        """The step for a stored scale of 1 (``token``: absmax; ``rms`` and ``channel``: one standard deviation)."""
+        return 1.0 / half_levels(bits) if self.codec.scale == "token" else GAUSSIAN_STEP[bits]
 
     # --- writing -------------------------------------------------------------------------------------------
     def project(self, x: torch.Tensor) -> torch.Tensor:
@@ -83,19 +100,12 @@ class CompressedStream:
             return x
         return torch.einsum("bhnd,hdr->bhnr", x - self.mean[:, None, :], self.basis)
 
-    def _sigma(self, a: int, b: int) -> torch.Tensor | None:
-        return None if self.sigma is None else self.sigma[:, None, a:b]  # [H, 1, size]
-
     def _token_scale(self, zs: torch.Tensor) -> torch.Tensor:
-        """Per-token statistic stored for a segment: its absmax (``token``) or its RMS (``rms``)."""
-        if self.codec.scale == "token":
-            return zs.abs().amax(-1, keepdim=True)
-        return zs.pow(2).mean(-1, keepdim=True).sqrt()
-
-    def _step(self, scale: torch.Tensor, bits: int) -> torch.Tensor:
-        if self.codec.scale == "token":
-            return scale.float() / half_levels(bits)
-        return scale.float() * GAUSSIAN_STEP[bits]
+        """Per-token statistic stored for a segment, as fp16: its absmax (``token``) or its RMS (``rms``).
+        Clamped to fp16's range: an outlier token of a 16-bit model can exceed 65504, and an infinite scale would
+        turn the whole token into NaN; clamped, its largest components saturate instead."""
+        stat = zs.abs().amax(-1, keepdim=True) if self.codec.scale == "token" else zs.pow(2).mean(-1, keepdim=True).sqrt()
+        return stat.clamp(_TINY, FP16_MAX).half()
 
     def append(self, x: torch.Tensor) -> None:
         z = self.project(x)
@@ -105,13 +115,13 @@ class CompressedStream:
             if seg.bits == 16:
                 store.append(zs.to(self.passthrough_dtype))
                 continue
-            if self.codec.scale in ("token", "rms"):
-                scale = self._token_scale(zs).clamp_min(_TINY).half()
-                scales.append(scale)
-                q = quantize(zs, self._step(scale, seg.bits), seg.bits)
+            if self.codec.scale == "channel":
+                step = GAUSSIAN_STEP[seg.bits] * self.sigma[:, None, a:b]
             else:
-                q = quantize(zs, GAUSSIAN_STEP[seg.bits] * self._sigma(a, b), seg.bits)
-            store.append(pack(q, seg.bits))
+                scale = self._token_scale(zs)
+                scales.append(scale)
+                step = scale.float() * self._unit_step(seg.bits)
+            store.append(pack(quantize(zs, step, seg.bits), seg.bits))
         if scales:
             self.scales.append(torch.cat(scales, dim=-1))
 
@@ -120,95 +130,62 @@ class CompressedStream:
     def length(self) -> int:
         return self.codes[0].length
 
-    def coefficients(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Dequantized coefficients [B, H, T, r] (whitening undone)."""
-        parts = []
+    def coefficients(self, start: int = 0, length: int | None = None, slot: str = "z") -> torch.Tensor:
+        """Dequantized coefficients [B, H, T, r] in float32 of stored tokens ``[start, start + length)``.
+
+        The result lives in a reused per-thread buffer named ``slot``: it is valid until the next call with the same
+        slot. Per segment: one integer conversion, one table gather, one multiply by the per-token scales (or the
+        static per-component steps) written straight into the output."""
+        length = self.length - start if length is None else length
+        data0 = self.codes[0].view(start, length)
+        batch, heads = data0.shape[:2]
+        device = data0.device
+        z = _scratch(slot, (batch, heads, length, self.codec.rank), torch.float32, device)
+        scales = self.scales.view(start, length) if self.n_scaled else None
         scale_idx = 0
-        scales = self.scales.view() if self.n_scaled else None
-        for seg, (a, b), store in zip(self.segments, self.bounds, self.codes):
-            data = store.view()
-            if seg.bits == 16:
-                parts.append(data.to(dtype))
+        for seg, (a, b), store, table in zip(self.segments, self.bounds, self.codes, self._tables):
+            data = store.view(start, length)
+            if table is None:
+                z[..., a:b].copy_(data)
                 continue
-            q = unpack(data, seg.bits)
-            if self.codec.scale in ("token", "rms"):
-                step = self._step(scales[..., scale_idx : scale_idx + 1], seg.bits)
-                scale_idx += 1
+            idx = _scratch("idx", data.shape, torch.int32, device).copy_(data)
+            levels = torch.index_select(table, 0, idx.view(-1), out=_scratch("lv", (idx.numel(), table.shape[1]), torch.float32, device))
+            levels = levels.view(batch, heads, length, seg.size)
+            if self.codec.scale == "channel":
+                torch.mul(levels, self.sigma[:, None, a:b], out=z[..., a:b])
             else:
-                step = GAUSSIAN_STEP[seg.bits] * self._sigma(a, b)
-            parts.append(dequantize(q, step, seg.bits, torch.float32).to(dtype))
-        return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
+                torch.mul(levels, scales[..., scale_idx : scale_idx + 1], out=z[..., a:b])
+                scale_idx += 1
+        return z
 
     # --- attention in the coefficient space (kvhub.attention) ---------------------------------------------------
-    def _segment_planes(self, length: int):
-        """Yield ``(offset, step, planes)`` per segment over the first ``length`` tokens; ``planes`` yields
-        ``(cols, rel, levels)``, one *plane* per code position in a byte (``rel``: its columns within the segment): plane ``j`` of a 4-bit segment holds components
-        ``a+j, a+j+2, ...`` as float levels [B, H, T, n] (in a reused scratch buffer: consume each before the next).
-
-        Decoding cost is dominated by passes over the history, not by arithmetic, so: planes need one shift or mask
-        each and no interleaving copy (a broadcast unpack measured 1.8x slower at 4k tokens); levels stay uncentred
-        (``offset`` is subtracted in the small query-side or weight-side product); per-token steps are applied once
-        per segment. ``step`` is [B, H, T, 1] (per-token scales), [H, 1, n] (static per-component steps) or None
-        (16-bit passthrough)."""
-        scales = self.scales.view().narrow(2, 0, length) if self.n_scaled else None
-        scale_idx = 0
-        for seg, (a, b), store in zip(self.segments, self.bounds, self.codes):
-            data = store.view().narrow(2, 0, length)
-            if seg.bits == 16:
-                yield 0.0, None, iter([(slice(a, b), slice(None), _as_float(data))])
-                continue
-            if self.codec.scale == "channel":
-                step = GAUSSIAN_STEP[seg.bits] * self._sigma(a, b)
-            else:
-                step = self._step(scales[..., scale_idx : scale_idx + 1], seg.bits)
-                scale_idx += 1
-            yield half_levels(seg.bits), step, _planes(data, seg.bits, a, b)
-
-    def attention_scores(self, q: torch.Tensor, length: int) -> torch.Tensor:
-        """``q @ K_hat^T`` for queries q [B, H, M, d] (float32) against the first ``length`` stored keys, computed as
-        ``(q U) Z^T + q . mean``: keys are never rebuilt, and no per-step d x r projection of the history is done."""
-        qu = q if self.basis is None else torch.einsum("bhmd,hdr->bhmr", q, self.basis)
-        out = None
-        for offset, step, planes in self._segment_planes(length):
-            static = step is not None and step.dim() == 3
-            seg_scores = None
-            for cols, rel, levels in planes:
-                qa = qu[..., cols]
-                if static:  # a static per-component step folds into the query
-                    qa = qa * step[..., rel]
-                part = qa @ levels.transpose(-1, -2)
-                if offset:
-                    part -= offset * qa.sum(-1, keepdim=True)
-                seg_scores = part if seg_scores is None else seg_scores.add_(part)
-            if step is not None and not static:  # a per-token step scales each key's column, once per segment
-                seg_scores *= step.transpose(-1, -2)
-            out = seg_scores if out is None else out.add_(seg_scores)
-        if self.mean is not None:
-            out += q @ self.mean.unsqueeze(-1)  # [B, H, M, 1]: the mean's score, the same for every key
-        return out
-
-    def attention_values(self, p: torch.Tensor, length: int) -> torch.Tensor:
-        """``p @ V_hat`` for attention weights p [B, H, M, T] over the first ``length`` stored values, computed as
-        ``(p Z) U^T + sum(p) mean``, with per-token scales folded into the weights."""
-        z = p.new_empty(*p.shape[:-1], self.codec.rank)
-        for offset, step, planes in self._segment_planes(length):
-            static = step is not None and step.dim() == 3
-            w = p * step.transpose(-1, -2) if step is not None and not static else p
-            w_sum = w.sum(-1, keepdim=True) if offset else None
-            for cols, rel, levels in planes:
-                part = w @ levels
-                if offset:
-                    part -= offset * w_sum
-                z[..., cols] = part * step[..., rel] if static else part
+    def query_projection(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(q U, q . mean)`` for queries q [B, H, M, d]: what a score against a stored key needs, computed once per
+        step instead of rebuilding keys (``q . k = (q U) . z + q . mean``)."""
         if self.basis is None:
-            return z
-        return torch.einsum("bhmr,hdr->bhmd", z, self.basis) + p.sum(-1, keepdim=True) * self.mean[:, None, :]
+            return q, None
+        return torch.einsum("bhmd,hdr->bhmr", q, self.basis), q @ self.mean.unsqueeze(-1)
 
-    def decode(self, dtype: torch.dtype) -> torch.Tensor:
-        """Reconstructed vectors [B, H, T, d]."""
-        z = self.coefficients(torch.float32)
+    @staticmethod
+    def scores(qu: torch.Tensor, qm: torch.Tensor | None, z: torch.Tensor) -> torch.Tensor:
+        """``q . k_t`` [B, H, M, T] from :meth:`query_projection`'s output and stored keys' coefficients ``z``."""
+        out = qu @ z.transpose(-1, -2)
+        return out if qm is None else out.add_(qm)
+
+    def values(self, p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """``sum_t p_t v_t`` [B, H, M, d] for weights p [B, H, M, T] over stored values with coefficients ``z``,
+        computed as ``(p Z) U^T + sum(p) mean``: values are never rebuilt."""
+        pz = p @ z
         if self.basis is None:
-            return z.to(dtype)
+            return pz
+        out = torch.einsum("bhmr,hdr->bhmd", pz, self.basis)
+        return out.add_(p.sum(-1, keepdim=True) * self.mean[:, None, :])
+
+    def decode(self, dtype: torch.dtype, start: int = 0, length: int | None = None) -> torch.Tensor:
+        """Reconstructed vectors [B, H, T, d] (a fresh tensor)."""
+        z = self.coefficients(start, length)
+        if self.basis is None:
+            return z.to(dtype, copy=True)
         x = torch.einsum("bhtr,hdr->bhtd", z, self.basis) + self.mean[:, None, :]
         return x.to(dtype)
 

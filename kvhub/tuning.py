@@ -25,7 +25,6 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import Cache
 
-from .attention import enable as enable_compressed_attention
 from .bases import Bases, rotate_segments
 from .cache import CompressedCache
 from .codec import STREAMS, CacheCodec, LayerCodec, ModelShape, Segment, StreamCodec
@@ -290,7 +289,6 @@ def tune(cfg: TuneConfig, out: str | None = None, log: Callable[[str], None] = p
 
     t0 = time.time()
     model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
-    enable_compressed_attention(model)  # every measurement decodes the way users will: from the codes
     shape = ModelShape.from_config(model.config)
     fit, held = split_calibration(tokenizer, cfg.calib_files, cfg)
     log(f"calibrating on {sum(w.shape[-1] for w in fit)} tokens ({len(fit)} windows of {cfg.calib_seq_len})")

@@ -29,6 +29,7 @@ def demo(preset: str | None, prompt: str, max_new_tokens: int) -> None:
     import torch
     from transformers import DynamicCache
 
+    from ..attention import compressed_attention
     from ..models import load_model
     from ..preset import KVPreset
 
@@ -40,7 +41,7 @@ def demo(preset: str | None, prompt: str, max_new_tokens: int) -> None:
     runs = {}
     for name, cache in (("fp32 DynamicCache", DynamicCache(config=model.config)), ("kvhub CompressedCache", p.build_cache(model))):
         t0 = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), compressed_attention(model):
             out = model.generate(ids, attention_mask=torch.ones_like(ids), cache=cache, max_new_tokens=max_new_tokens,
                                  do_sample=False)
         runs[name] = (out[0, ids.shape[1]:], cache, time.perf_counter() - t0)

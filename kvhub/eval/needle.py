@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import Cache
 
+from ..attention import compressed_attention
+
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "What is the pass key? Answer with the 5-digit number only."
 ANSWER_PREFIX = "The pass key is"
@@ -65,10 +67,11 @@ def build_prompt(tokenizer, haystack_ids: torch.Tensor, context: int, depth: flo
 def ask(model, tokenizer, ids: torch.Tensor, cache: Cache, prefill_chunk: int = 512, max_new_tokens: int = 8) -> str:
     device = next(model.parameters()).device
     ids = ids.to(device)
-    for start in range(0, ids.shape[1] - 1, prefill_chunk):  # all but the last token go through the cache
-        model(input_ids=ids[:, start : min(start + prefill_chunk, ids.shape[1] - 1)], cache=cache, use_cache=True)
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), cache=cache, max_new_tokens=max_new_tokens,
-                         do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    with compressed_attention(model):
+        for start in range(0, ids.shape[1] - 1, prefill_chunk):  # all but the last token go through the cache
+            model(input_ids=ids[:, start : min(start + prefill_chunk, ids.shape[1] - 1)], cache=cache, use_cache=True)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), cache=cache, max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 

@@ -1,4 +1,4 @@
-"""Perplexity under compression (protocol of docs/field.md).
+"""Perplexity under compression (protocol of docs/field-notes.md).
 
 Each window is fed through a fresh cache in chunks, so every token attends to a *compressed* past and to its own
 chunk exactly: a single prefill pass would never exercise what a decode-time cache stores."""
@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache
+
+from ..attention import compressed_attention
 
 
 @dataclass
@@ -32,7 +34,8 @@ def window_nll(model, ids: torch.Tensor, cache: Cache, chunk: int = 128) -> Perp
     nll, count, prev_last = 0.0, 0, None
     for start in range(0, ids.shape[-1], chunk):
         piece = ids[:, start : start + chunk]
-        logits = model(input_ids=piece, cache=cache, use_cache=True).logits.float()
+        with compressed_attention(model):
+            logits = model(input_ids=piece, cache=cache, use_cache=True).logits.float()
         if prev_last is not None:  # the previous chunk's last position predicts this chunk's first token
             nll += F.cross_entropy(prev_last, piece[:, 0], reduction="sum").item()
             count += 1
