@@ -21,7 +21,7 @@ import yaml
 
 from kvhub.card import model_card
 from kvhub.cli import main
-from kvhub.hub import download_preset
+from kvhub.hub_presets import download_preset
 from kvhub.preset import BASES_NAME, CONFIG_NAME, KVPreset
 from kvhub.recipe import Recipe
 from kvhub.registry import RegistryIndex

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import click
 
 if TYPE_CHECKING:
-    from ..hub import PresetDownload
+    from ..hub_presets import PresetDownload
     from ..registry import Metrics, RegistryEntry
 
 CLAIM_MARK = "*"
@@ -50,7 +50,7 @@ def _report(d: PresetDownload, name: str, revision: str | None) -> str:
     """What `kvhub pull` fetched: where from, which files, what was checked, the metrics, how to use it."""
     from ..preset import CONFIG_NAME
 
-    origin = f"{d.repo_id} @ {d.commit}" if d.repo_id else "local folder"
+    origin = f"{d.repo_id} @ {d.commit}" if d.repo_id else ("packaged with kvhub" if d.packaged else "local folder")
     model = d.config["base_model"]["id"]
     resolved = f"registry entry {d.entry.model} ({d.registry})" if d.entry else f"not resolved through the registry ({d.registry})"
     checked = f"the registry and {CONFIG_NAME}" if d.registry_verified else CONFIG_NAME
@@ -82,7 +82,7 @@ def pull(model: str, revision: str | None, force: bool) -> None:
     """Download and verify the preset for MODEL: a model id or alias (see `kvhub list`) or a preset repo id.
 
     Files go to the Hugging Face cache (HF_HOME / HF_HUB_CACHE); with HF_HUB_OFFLINE=1 only the cache is used."""
-    from ..hub import download_preset
+    from ..hub_presets import download_preset
 
     click.echo(_report(download_preset(model, revision, force_download=force), model, revision))
 
@@ -133,7 +133,7 @@ def push(folder: Path, repo_id: str, revision: str | None, create_pr: bool, priv
     """Validate the preset in FOLDER and publish it, with a model card generated from its config.
 
     Needs a token with write access (HF_TOKEN or `hf auth login`)."""
-    from ..hub import push_preset
+    from ..hub_presets import push_preset
 
     info = push_preset(folder, repo_id, revision=revision, create_pr=create_pr, private=private,
                        commit_message=commit_message)
