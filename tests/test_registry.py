@@ -242,6 +242,24 @@ def test_plot_shows_validated_entries_only():
     assert "a" * 12 in text and "measured by | pytest" in text
 
 
+def test_zoo_links_only_commits_on_the_public_hub():
+    """Validated and published are two facts: a commit is linked as a huggingface.co commit only when the index says
+    it was made there; a rehearsal commit is named, never linked; an unpublished preset has no commit at all."""
+    document = index_document()
+    smol = document["entries"][0]
+    assert smol["status"] == "validated" and smol["preset"]["revision"] is None  # the committed index
+    assert "huggingface.co/" + smol["preset"]["repo_id"] not in render_zoo(document)
+    for endpoint, linked in (("https://huggingface.co", True), ("http://127.0.0.1:8080", False), (None, False)):
+        copy = json.loads(json.dumps(document))
+        copy["entries"][0]["preset"]["revision"] = "c" * 40
+        if endpoint:
+            copy["entries"][0]["preset"]["endpoint"] = endpoint
+        text = render_zoo(copy)
+        link = f"(https://huggingface.co/{smol['preset']['repo_id']}/tree/{'c' * 40})"
+        assert (link in text) == linked, endpoint
+        assert ("c" * 12) in text
+
+
 # --- verify ---------------------------------------------------------------------------------------------------
 
 def test_verify_passes_when_the_claims_match(preset_copy, model_dir, eval_text, tmp_path, capsys):

@@ -103,20 +103,28 @@ def _summary(entry: RegistryEntry) -> tuple[str, str, str]:
     return "-", "-", "-"
 
 
+def _published(entry: RegistryEntry) -> str:
+    """yes: a Hub commit holds the validated files; no: validated, served by the copy packaged with kvhub."""
+    if entry.status != "validated":
+        return "-"
+    return "yes" if entry.published else "no"
+
+
 @click.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print the registry index as JSON.")
 @click.option("--revision", help="Branch, tag or commit of the registry repo to read (default: main).")
 def list_cmd(as_json: bool, revision: str | None) -> None:
-    """Show the registry: each model, its preset repo, compression, perplexity delta, needle accuracy, status."""
+    """Show the registry: each model, its preset repo, compression, perplexity delta, needle accuracy, status, and
+    whether the validated preset is published on the Hub (else kvhub uses the copy it ships, when it has one)."""
     from ..registry import load_index
 
     index = load_index(revision)
     if as_json:
         click.echo(json.dumps({"source": index.source, "fallback": index.fallback, **index.document}, indent=2))
         return
-    rows = [(e.model, e.repo_id or "-", *_summary(e), e.status) for e in index.entries]
+    rows = [(e.model, e.repo_id or "-", *_summary(e), e.status, _published(e)) for e in index.entries]
     click.echo(f"registry: {index.source}\n")
-    click.echo(_table(("model", "preset repo", "compression", "ppl delta", "needle", "status"), rows))
+    click.echo(_table(("model", "preset repo", "compression", "ppl delta", "needle", "status", "published"), rows))
     if any(e.metrics is None and e.claimed for e in index.entries):
         click.echo(f"\n{CLAIM_MARK} claimed by the inherited catalogue, never measured by kvhub; V: the V cache alone")
 
