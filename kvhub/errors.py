@@ -64,6 +64,14 @@ class HubOfflineError(HubError):
     """Offline (``HF_HUB_OFFLINE=1`` or ``local_files_only``) and what was asked for is not in the local cache."""
 
 
+class HubRepoIdError(HubError, ValueError):
+    """A repo id the Hub would refuse (not ``org/name``, ``--`` or ``..``, over 96 characters ...)."""
+
+
+class HubUnsafePathError(HubError):
+    """A registry entry or repo naming a file outside the preset's own folder (``../x``, ``/etc/x``, a link out)."""
+
+
 class HubChecksumError(HubError):
     """A downloaded file whose sha256 or size differs from the registry entry or the preset config."""
 
@@ -86,3 +94,7 @@ class UnknownModelError(RegistryError):
 
 class NoPresetError(RegistryError):
     """A model the registry knows but for which no validated preset is published (pending or failed)."""
+
+
+class PullRequestError(RegistryError):
+    """A pull request whose changes cannot be verified as preset data (code, links, oversize or unknown files)."""

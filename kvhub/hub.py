@@ -1,219 +1,137 @@
-"""Presets on the Hugging Face Hub: resolve a name, download into the Hub's own cache, verify, publish.
+"""The Hub transport: download a snapshot or a file, verify files against sha256s, upload files as one commit.
 
-A preset is a Hub model repo (config, bases, model card), as a PEFT adapter is. Everything goes through
-``huggingface_hub``, so ``HF_ENDPOINT``, ``HF_HOME`` / ``HF_HUB_CACHE``, ``HF_HUB_OFFLINE`` and ``HF_TOKEN`` work
-as they do for models and the files live in the Hub cache, shared with every other tool: kvhub keeps no cache
-of its own. Verification only reads that cache; on a mismatch nothing is deleted, the error says what to do.
-Every failure of the client becomes one :class:`~kvhub.errors.HubError` subclass with a one-line fix.
+This module knows nothing about presets or the registry (they call it: :mod:`kvhub.hub_presets`,
+:mod:`kvhub.registry`). Everything goes through ``huggingface_hub``, so ``HF_ENDPOINT``, ``HF_HOME`` /
+``HF_HUB_CACHE``, ``HF_HUB_OFFLINE`` and ``HF_TOKEN`` work as they do for models, and files live in the Hub cache
+shared with every other tool. Verification only reads that cache; on a mismatch nothing is deleted.
+
+Two things the client does not do for us:
+
+- it retries an unreachable endpoint for ~25 s per file (printing a line per retry) before falling back to the
+  cache. kvhub asks once, with a short timeout (:data:`PROBE_TIMEOUT_S`), whether the endpoint answers at all; when
+  it does not, the cache is used at once (one log line says so) or the call fails with :class:`HubNetworkError`;
+- it raises ``HFValidationError``, ``ValueError`` and ``OSError`` for bad repo ids, unsafe file names and short
+  bodies. Every client failure becomes one :class:`~kvhub.errors.HubError` subclass with a one-line fix.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 from typing import Any
 
 from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, constants, get_token, hf_hub_download, snapshot_download
 from huggingface_hub.errors import (
     HfHubHTTPError,
+    HFValidationError,
     LocalEntryNotFoundError,
     OfflineModeIsEnabled,
     RemoteEntryNotFoundError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
-from huggingface_hub.utils import httpx
+from huggingface_hub.utils import get_session, httpx, validate_repo_id
 
-from . import __version__
-from .card import model_card
 from .errors import (
     HubAuthError,
     HubChecksumError,
     HubError,
-    HubModelMismatchError,
     HubNetworkError,
     HubNotFoundError,
     HubOfflineError,
+    HubRepoIdError,
     HubRevisionNotFoundError,
-    PresetFileError,
+    HubUnsafePathError,
 )
-from .preset import CONFIG_NAME, _read_config, sha256_file
-from .registry import FileRecord, Metrics, RegistryEntry, RegistryIndex, load_index
 
-CARD_NAME = "README.md"
-PRESET_PATTERNS = [CONFIG_NAME, CARD_NAME, "*.safetensors"]
-_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
+PUBLIC_ENDPOINT = "https://huggingface.co"
+PROBE_TIMEOUT_S = 3.0
 _CLIENT_ERRORS = (HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled, httpx.TransportError)
+# A file of a repo as kvhub stores and verifies it: a plain name in the repo's top folder, never hidden, no separator.
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+_CONSISTENCY = "Consistency check failed"
 
+logger = logging.getLogger(__name__)
+
+
+# --- file records and verification ------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class PresetDownload:
-    """A preset folder that passed verification, and where it came from.
+class FileRecord:
+    """One file: its name in the repo (a plain file name), its size and its sha256."""
 
-    ``registry_verified`` is True when the folder is the commit the registry pins and every file matched the
-    registry's sha256s (not only the config's). ``registry`` says which index resolved the name.
-    """
+    name: str
+    size: int
+    sha256: str
 
-    folder: Path
-    repo_id: str | None
-    commit: str | None
-    files: tuple[FileRecord, ...]
-    entry: RegistryEntry | None
-    config: dict[str, Any]
-    registry: str | None = None
-    registry_verified: bool = False
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "FileRecord":
+        return cls(data["name"], data["size"], data["sha256"])
 
-    @property
-    def metrics(self) -> Metrics | None:
-        """The registry's validated numbers for the pinned commit, else the config's own (None if unmeasured)."""
-        if self.registry_verified and self.entry is not None and self.entry.metrics is not None:
-            return self.entry.metrics
-        measured = self.config.get("metrics")
-        return Metrics.from_preset(measured) if measured else None
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "size": self.size, "sha256": self.sha256}
 
 
-def download_preset(
-    name_or_repo_id: str | os.PathLike,
-    revision: str | None = None,
-    *,
-    cache_dir: str | os.PathLike | None = None,
-    token: str | bool | None = None,
-    endpoint: str | None = None,
-    local_files_only: bool = False,
-    force_download: bool = False,
-) -> PresetDownload:
-    """Resolve ``name_or_repo_id`` to a verified preset folder in the Hub cache (or a local folder, as is).
-
-    Resolution order: an existing folder (``revision`` does not apply); a registry model id or alias (so
-    ``Qwen/Qwen2.5-7B`` finds its preset, not a repo of that name), at the commit the registry pins unless
-    ``revision`` names another; else a Hub repo id at ``revision``. ``force_download`` fetches every file again:
-    the fix for a corrupted cache.
-    """
-    name = str(name_or_repo_id)
-    folder = Path(name).expanduser()
-    if folder.is_dir():
-        files, config = _verify(folder, None, "re-save or re-download the preset")
-        return PresetDownload(folder, None, None, files, None, config)
-    if _looks_like_path(name):
-        raise PresetFileError(f"{name}: no such preset folder; fix: check the path, or pass a model name or repo id")
-    if force_download and (local_files_only or constants.is_offline_mode()):
-        raise HubOfflineError(f"{name}: cannot download again while offline; fix: unset HF_HUB_OFFLINE and retry")
-    index = load_index(endpoint=endpoint, token=token, cache_dir=cache_dir, local_files_only=local_files_only)
-    repo_id, revision, entry = _resolve(index, name, revision)
-    call = _Call(repo_id, revision, _endpoint(endpoint), token, cache_dir, local_files_only)
-    with _hub_errors(call):
-        snapshot = Path(snapshot_download(
-            repo_id, revision=revision, cache_dir=cache_dir, token=token, endpoint=call.endpoint,
-            local_files_only=local_files_only, force_download=force_download, allow_patterns=PRESET_PATTERNS,
-        ))
-    commit = snapshot.name  # the cache names snapshot folders by commit
-    if not (snapshot / CONFIG_NAME).is_file():
-        raise HubNotFoundError(f"{repo_id}@{commit[:12]}: has no {CONFIG_NAME}, so it is not a kvhub preset; fix: check the repo id")
-    pinned_entry = entry if entry is not None and commit == entry.revision else None
-    rev = f" --revision {revision}" if revision and pinned_entry is None else ""
-    fix = f"download it again with `kvhub pull {name}{rev} --force`; if that does not help, the repo differs from what was published"
-    files, config = _verify(snapshot, pinned_entry, fix)
-    if entry is not None:
-        _check_base_model(entry, config, f"{repo_id}@{commit[:12]}")
-    return PresetDownload(snapshot, repo_id, commit, files, entry, config, index.source, pinned_entry is not None)
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
-def _resolve(index: RegistryIndex, name: str, revision: str | None) -> tuple[str, str | None, RegistryEntry | None]:
-    """Repo id, revision and registry entry for ``name``: the registry first, then a repo id, else close names."""
-    entry = index.find(name)
-    if entry is not None:
-        repo_id, pinned = entry.pinned()
-        return repo_id, revision or pinned, entry
-    if _REPO_ID.fullmatch(name):
-        return name, revision, None
-    raise index.unknown(name)
+# Hashes already taken in this process, keyed by what changes when a file does (so a download verified against the
+# registry and then loaded is hashed once, not twice).
+_HASHED: dict[tuple[str, int, int, int], str] = {}
 
 
-def push_preset(
-    folder: str | os.PathLike,
-    repo_id: str,
-    *,
-    revision: str | None = None,
-    create_pr: bool = False,
-    token: str | bool | None = None,
-    endpoint: str | None = None,
-    private: bool = False,
-    commit_message: str | None = None,
-) -> CommitInfo:
-    """Validate the preset in ``folder`` and publish it as one commit of ``repo_id`` (created if missing).
-
-    Validation is a full load (schema, checksums, tensors, codec), so a broken preset never reaches the Hub. The
-    commit holds the config, the tensor files it lists and a model card regenerated from the config, so the card
-    cannot disagree with it. ``revision`` is the branch to commit to (created from main if missing);
-    ``create_pr`` opens a pull request against it instead.
-    """
-    from .preset import KVPreset
-
-    folder = Path(folder)
-    config = KVPreset.load_folder(folder).config
-    operations = [
-        CommitOperationAdd(CONFIG_NAME, str(folder / CONFIG_NAME)),
-        *(CommitOperationAdd(f["name"], str(folder / f["name"])) for f in config["files"]),
-        CommitOperationAdd(CARD_NAME, model_card(config).encode("utf-8")),
-    ]
-    call = _Call(repo_id, revision, _endpoint(endpoint), token, write=True)
-    api = HfApi(endpoint=call.endpoint, token=token)
-    message = commit_message or f"kvhub {__version__}: preset for {config['base_model']['id']}"
-    with _hub_errors(call):
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        if revision not in (None, "main") and not revision.startswith("refs/"):
-            api.create_branch(repo_id, branch=revision, exist_ok=True)
-        return api.create_commit(repo_id, operations, commit_message=message, revision=revision, create_pr=create_pr)
+def _hash(path: Path) -> FileRecord | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _HASHED:
+        _HASHED[key] = sha256_file(path)
+    return FileRecord(path.name, st.st_size, _HASHED[key])
 
 
-def fetch_file(
-    repo_id: str,
-    filename: str,
-    revision: str | None = None,
-    *,
-    endpoint: str | None = None,
-    token: str | bool | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    local_files_only: bool = False,
-) -> Path:
-    """One file of a Hub repo through the Hub cache (cached copies serve offline), client errors translated."""
-    call = _Call(repo_id, revision, _endpoint(endpoint), token, cache_dir, local_files_only)
-    with _hub_errors(call):
-        return Path(hf_hub_download(repo_id, filename, revision=revision, endpoint=call.endpoint, token=token,
-                                    cache_dir=cache_dir, local_files_only=local_files_only))
+def check_file_name(name: str, where: str) -> str:
+    """``name`` if it is a plain file name (no folder, no ``..``, not hidden), else :class:`HubUnsafePathError`."""
+    if not isinstance(name, str) or not _PLAIN_NAME.fullmatch(name):
+        raise HubUnsafePathError(
+            f"{where}: lists the file {name!r}, which is not a plain file name of the repo's top folder; "
+            "fix: use a trusted registry or repo (names must match [A-Za-z0-9_][A-Za-z0-9._-]*)"
+        )
+    return name
 
 
-# --- verification -------------------------------------------------------------------------------------------
+def file_path(folder: Path, name: str, where: str, root: Path | None = None) -> Path:
+    """``folder/name`` after checking the name, and that the path (links followed) stays inside ``root``.
 
-def _verify(folder: Path, entry: RegistryEntry | None, fix: str) -> tuple[tuple[FileRecord, ...], dict[str, Any]]:
-    """Check the files against the registry pin (when given), then the config's list; return them and the config.
-
-    The registry is checked first because it also covers the config file itself.
-    """
-    record = cache(lambda name: _record(folder / name, name))
-    if entry is not None:
-        _compare(folder, entry.files, record, f"the registry entry for {entry.model}", fix)
-    config = _read_config(folder)
-    listed = [FileRecord.from_json(f) for f in config["files"]]
-    _compare(folder, listed, record, CONFIG_NAME, fix)
-    pinned = entry.files if entry is not None else ()
-    names = dict.fromkeys([CONFIG_NAME, CARD_NAME, *(f.name for f in listed), *(f.name for f in pinned)])
-    return tuple(r for r in map(record, names) if r is not None), config
+    ``root`` defaults to ``folder``; a Hub cache snapshot links into its repo's ``blobs/``, so its root is the repo's
+    cache folder (two levels up)."""
+    path = folder / check_file_name(name, where)
+    inside = (root or folder).resolve()
+    if path.exists() and not path.resolve().is_relative_to(inside):
+        raise HubUnsafePathError(f"{path}: links outside {inside}; fix: remove the link and download again")
+    return path
 
 
-def _record(path: Path, name: str) -> FileRecord | None:
-    return FileRecord(name, path.stat().st_size, sha256_file(path)) if path.is_file() else None
-
-
-def _compare(folder: Path, expected: Iterable[FileRecord], record: Callable[[str], FileRecord | None],
-             against: str, fix: str) -> None:
+def verify_files(folder: Path, expected: Iterable[FileRecord], *, against: str, fix: str,
+                 root: Path | None = None) -> tuple[FileRecord, ...]:
+    """Check every expected file of ``folder`` (size and sha256); return what was found. Raises
+    :class:`HubChecksumError` naming the file, what ``against`` says and ``fix``. Each file is hashed once per
+    process and version of the file."""
+    found = []
     for want in expected:
-        got = record(want.name)
+        got = _hash(file_path(folder, want.name, against, root))
         if got is None:
             raise HubChecksumError(f"{folder / want.name}: missing, but {against} lists it; fix: {fix}")
         if (got.sha256, got.size) != (want.sha256, want.size):
@@ -221,47 +139,53 @@ def _compare(folder: Path, expected: Iterable[FileRecord], record: Callable[[str
                 f"{folder / want.name}: sha256 {got.sha256[:12]}... ({got.size} bytes) does not match {against} "
                 f"({want.sha256[:12]}..., {want.size} bytes); fix: {fix}"
             )
+        found.append(got)
+    return tuple(found)
 
 
-def _check_base_model(entry: RegistryEntry, config: dict[str, Any], where: str) -> None:
-    """Refuse a preset whose config disagrees with the registry about the model (or model revision) it is for."""
-    base = config["base_model"]
-    if base["id"].lower() != entry.model.lower():
-        raise HubModelMismatchError(
-            f"{where}: {CONFIG_NAME} is for {base['id']} but the registry serves it for {entry.model}; "
-            "fix: pass the preset repo id instead of the model name to load it anyway"
-        )
-    made_for, expected = base.get("revision"), entry.model_revision
-    if made_for and expected and made_for != expected:
-        raise HubModelMismatchError(
-            f"{where}: made for {entry.model} at revision {made_for[:12]}, but the registry serves revision "
-            f"{expected[:12]}; fix: omit --revision to get the preset the registry pins, or pass the preset repo id"
-        )
+def records(folder: Path, names: Iterable[str], where: str, root: Path | None = None) -> tuple[FileRecord, ...]:
+    """The records of the named files that exist in ``folder`` (names checked as in :func:`file_path`)."""
+    paths = (file_path(folder, name, where, root) for name in dict.fromkeys(names))
+    return tuple(r for r in map(_hash, paths) if r is not None)
 
 
-# --- names and client errors --------------------------------------------------------------------------------
+# --- calls ------------------------------------------------------------------------------------------------------
 
-def _looks_like_path(name: str) -> bool:
-    """Folder-like names (``./x``, ``~/x``, ``/x``, ``a/b/c``) are never registry names or repo ids."""
-    return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1
-
-
-def _endpoint(endpoint: str | None) -> str:
+def endpoint_url(endpoint: str | None = None) -> str:
     """The explicit endpoint, else ``HF_ENDPOINT`` as ``huggingface_hub`` read it (passed on explicitly)."""
     return (endpoint or constants.ENDPOINT).rstrip("/")
 
 
+def check_repo_id(repo_id: str) -> str:
+    """``repo_id`` if the Hub would accept it (``org/name``), else :class:`HubRepoIdError` with the rule broken."""
+    try:
+        if repo_id.count("/") != 1:
+            raise HFValidationError("a repo id is exactly one 'org/name'")
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        reason = str(exc).splitlines()[0][:200]
+        raise HubRepoIdError(
+            f"{repo_id[:120]!r}: not a valid Hub repo id ({reason}); fix: use org/name with letters, digits, '-', "
+            "'_' and '.', no '--' or '..', not starting or ending with '-' or '.', at most 96 characters"
+        ) from exc
+    return repo_id
+
+
 @dataclass(frozen=True)
-class _Call:
-    """What a Hub call was about: enough to word its failure."""
+class Call:
+    """What a Hub call is about: enough to word its failure."""
 
     repo_id: str
-    revision: str | None
-    endpoint: str
-    token: str | bool | None
+    revision: str | None = None
+    endpoint: str | None = None
+    token: str | bool | None = None
     cache_dir: str | os.PathLike | None = None
     local_files_only: bool = False
     write: bool = False
+
+    @property
+    def url(self) -> str:
+        return endpoint_url(self.endpoint)
 
     @property
     def where(self) -> str:
@@ -274,20 +198,158 @@ class _Call:
         return "local_files_only=True" if self.local_files_only else None
 
 
+_REACHABLE: set[str] = set()
+
+
+def unreachable(endpoint: str) -> str | None:
+    """None when ``endpoint`` answers an HTTP request within :data:`PROBE_TIMEOUT_S`, else why not (a few words).
+
+    Any HTTP answer counts (even an error status): only the connection matters. Successes are remembered for the
+    process; failures are not, so a Hub that comes back is used again."""
+    if endpoint in _REACHABLE:
+        return None
+    try:
+        get_session().head(endpoint, timeout=PROBE_TIMEOUT_S, follow_redirects=False)
+    except httpx.TransportError as exc:
+        return f"{endpoint} is unreachable ({type(exc).__name__})"
+    _REACHABLE.add(endpoint)
+    return None
+
+
 @contextmanager
-def _hub_errors(call: _Call) -> Iterator[None]:
+def hub_errors(call: Call) -> Iterator[None]:
+    """Translate every client failure inside the block into a :class:`HubError`."""
     try:
         yield
+    except HFValidationError as exc:
+        check_repo_id(call.repo_id)  # raises the typed error when the repo id is the problem
+        raise HubUnsafePathError(f"{call.where}: the Hub client refused a name ({str(exc).splitlines()[0][:200]}); "
+                                 "fix: check the repo id and revision") from exc
     except _CLIENT_ERRORS as exc:
-        raise _translate(exc, call) from exc
+        raise translate(exc, call) from exc
+    except ValueError as exc:  # the client's own check of a file name the repo lists (e.g. '../x')
+        raise HubUnsafePathError(
+            f"{call.where}: the repo lists a file the client refuses to store ({str(exc).splitlines()[0][:200]}); "
+            "fix: this repo is not a usable kvhub repo: check the repo id"
+        ) from exc
+    except OSError as exc:
+        if not str(exc).startswith(_CONSISTENCY):
+            raise
+        raise HubNetworkError(
+            f"{call.where}: a download from {call.url} was cut short (fewer bytes than announced); fix: retry, and "
+            "if it persists check your connection or proxy"
+        ) from exc
 
 
-def _translate(exc: Exception, call: _Call) -> HubError:
+def _fast_fail(call: Call) -> str | None:
+    """Why the network must not be tried for ``call`` (unreachable endpoint), or None."""
+    if call.offline_reason:
+        return None
+    return unreachable(call.url)
+
+
+def download_snapshot(
+    repo_id: str,
+    revision: str | None,
+    patterns: list[str],
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    token: str | bool | None = None,
+    endpoint: str | None = None,
+    local_files_only: bool = False,
+    force_download: bool = False,
+) -> Path:
+    """The files of ``repo_id@revision`` matching ``patterns``, in the Hub cache; returns the snapshot folder (named
+    by commit). With the endpoint unreachable, a cached snapshot is used (one log line), else HubNetworkError."""
+    check_repo_id(repo_id)
+    call = Call(repo_id, revision, endpoint, token, cache_dir, local_files_only)
+    kwargs = dict(revision=revision, cache_dir=cache_dir, token=token, endpoint=call.url,
+                  allow_patterns=patterns, force_download=force_download)
+    why = _fast_fail(call)
+    with hub_errors(call):
+        if why is None:
+            return Path(snapshot_download(repo_id, local_files_only=local_files_only, **kwargs))
+        if force_download:
+            raise HubNetworkError(f"{call.where}: cannot download again: {why}; fix: check your connection (and "
+                                  "HF_ENDPOINT), then retry")
+        folder = _cached(call, why, lambda: snapshot_download(repo_id, local_files_only=True, **kwargs))
+    return Path(folder)
+
+
+def fetch_file(
+    repo_id: str,
+    filename: str,
+    revision: str | None = None,
+    *,
+    endpoint: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False,
+) -> Path:
+    """One file of a Hub repo through the Hub cache (cached copies serve offline or when the Hub is unreachable)."""
+    check_repo_id(repo_id)
+    call = Call(repo_id, revision, endpoint, token, cache_dir, local_files_only)
+    kwargs = dict(revision=revision, endpoint=call.url, token=token, cache_dir=cache_dir)
+    why = _fast_fail(call)
+    with hub_errors(call):
+        if why is None:
+            return Path(hf_hub_download(repo_id, filename, local_files_only=local_files_only, **kwargs))
+        return Path(_cached(call, why, lambda: hf_hub_download(repo_id, filename, local_files_only=True, **kwargs)))
+
+
+def _cached(call: Call, why: str, read):
+    """``read()`` from the cache only; HubNetworkError saying ``why`` when the cache does not have it."""
+    try:
+        found = read()
+    except LocalEntryNotFoundError as exc:
+        raise HubNetworkError(f"{call.where}: {why} and not in the Hub cache; fix: check your connection (and "
+                              "HF_ENDPOINT), or set HF_HUB_OFFLINE=1 to work from the cache") from exc
+    logger.warning("%s; using the cached copy of %s", why, call.where)
+    return found
+
+
+def upload_files(
+    repo_id: str,
+    files: Mapping[str, Path | bytes],
+    *,
+    message: str,
+    revision: str | None = None,
+    create_pr: bool = False,
+    token: str | bool | None = None,
+    endpoint: str | None = None,
+    private: bool = False,
+) -> CommitInfo:
+    """``files`` (repo name -> local path or bytes) as one commit of ``repo_id`` (created if missing). ``revision``
+    is the branch (created from main if missing); ``create_pr`` opens a pull request against it instead."""
+    check_repo_id(repo_id)
+    operations = [CommitOperationAdd(check_file_name(name, repo_id), data if isinstance(data, bytes) else str(data))
+                  for name, data in files.items()]
+    call = Call(repo_id, revision, endpoint, token, write=True)
+    if not call.offline_reason and (why := unreachable(call.url)):
+        raise HubNetworkError(f"{repo_id}: cannot publish: {why}; fix: check your connection (and HF_ENDPOINT)")
+    api = HfApi(endpoint=call.url, token=token)
+    with hub_errors(call):
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        if revision not in (None, "main") and not revision.startswith("refs/"):
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        return api.create_commit(repo_id, operations, commit_message=message, revision=revision, create_pr=create_pr)
+
+
+def check_commit(repo_id: str, commit: str, *, endpoint: str | None = None, token: str | bool | None = None) -> None:
+    """Raise a HubError unless the endpoint serves ``repo_id`` at ``commit``."""
+    call = Call(check_repo_id(repo_id), commit, endpoint, token)
+    with hub_errors(call):
+        HfApi(endpoint=call.url, token=token).model_info(repo_id, revision=commit)
+
+
+# --- client errors ----------------------------------------------------------------------------------------------
+
+def translate(exc: Exception, call: Call) -> HubError:
     """The HubError for a client exception: what failed, and the one thing to do about it."""
     status = getattr(getattr(exc, "response", None), "status_code", None)
     if isinstance(exc, RevisionNotFoundError):
         return HubRevisionNotFoundError(
-            f"{call.repo_id}: no branch, tag or commit '{call.revision}' on {call.endpoint}; "
+            f"{call.repo_id}: no branch, tag or commit '{call.revision}' on {call.url}; "
             "fix: pass an existing revision, or none for the default"
         )
     if isinstance(exc, RepositoryNotFoundError):
@@ -296,7 +358,7 @@ def _translate(exc: Exception, call: _Call) -> HubError:
                 f"{call.repo_id}: not found, or private and no token was sent; "
                 "fix: check the repo id, or log in (`hf auth login` or HF_TOKEN) if it is private"
             )
-        return HubNotFoundError(f"{call.repo_id}: no such repo on {call.endpoint}; fix: check the repo id (`kvhub list` shows the presets)")
+        return HubNotFoundError(f"{call.repo_id}: no such repo on {call.url}; fix: check the repo id (`kvhub list` shows the presets)")
     if isinstance(exc, RemoteEntryNotFoundError):
         return HubNotFoundError(f"{call.where}: {exc.server_message or 'file not found'}; fix: check the repo id")
     if status in (401, 403):
@@ -315,7 +377,7 @@ def _translate(exc: Exception, call: _Call) -> HubError:
         )
     cause = exc.__cause__ if isinstance(exc, LocalEntryNotFoundError) and exc.__cause__ else exc
     return HubNetworkError(
-        f"{call.where}: the request to {call.endpoint} failed ({_describe(cause)}); "
+        f"{call.where}: the request to {call.url} failed ({_describe(cause)}); "
         "fix: check your connection (and HF_ENDPOINT), then retry"
     )
 

@@ -142,7 +142,7 @@ class KVPreset:
         """Load a preset from a local folder, a Hub repo id, or a base-model name known to the registry."""
         folder = Path(path_or_repo_id)
         if not folder.exists():
-            from .hub import download_preset
+            from .hub_presets import download_preset
 
             folder = download_preset(
                 str(path_or_repo_id), revision=revision, cache_dir=cache_dir, token=token, endpoint=endpoint,
@@ -200,6 +200,23 @@ class KVPreset:
             shutil.rmtree(staging, ignore_errors=True)
         self.path = folder
         return folder
+
+    def push_to_hub(self, repo_id: str, *, commit_message: str | None = None, private: bool = False,
+                    token: str | None = None, branch: str | None = None, create_pr: bool = False,
+                    endpoint: str | None = None):
+        """Publish this preset as one commit of ``repo_id`` (created if missing), as ``ModelHubMixin.push_to_hub``
+        does: saved into a temporary folder, loaded back (a broken preset never leaves), uploaded with the model
+        card generated from the config. Returns the ``CommitInfo``."""
+        from .hub_presets import push_preset
+
+        path = self.path
+        with tempfile.TemporaryDirectory(prefix="kvhub-push-") as tmp:
+            try:
+                folder = self.save_pretrained(Path(tmp) / "preset")
+            finally:
+                self.path = path
+            return push_preset(folder, repo_id, revision=branch, create_pr=create_pr, token=token, endpoint=endpoint,
+                               private=private, commit_message=commit_message)
 
     # --- use ------------------------------------------------------------------------------------------------
     def check_model(self, model_config: Any, model_name: str | None = None, allow_name_mismatch: bool = False) -> None:

@@ -5,8 +5,12 @@ versioned, cached and mirrored exactly like the presets it points to, and can be
 inside the package so a machine that has never been online still knows the model names; falling back to it is
 always announced (``RegistryIndex.fallback`` and a log warning), because it may be older than the Hub's.
 
-This module is the index model only: load, validate, resolve a name, suggest close names. Downloading presets
-lives in :mod:`kvhub.hub`.
+This module is the index model only: load, validate, resolve a name, suggest close names. It reads the index
+through the transport (:mod:`kvhub.hub`); downloading presets lives in :mod:`kvhub.hub_presets`.
+
+Two facts per entry, never mixed: ``status`` says whether kvhub measured the preset (``validated``), and
+``preset.revision`` says whether it is published (the commit on the Hub holding those files, with the ``endpoint``
+it was made on); a validated preset may be unpublished, and then only the copy packaged with kvhub serves it.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from .errors import (
     RegistryFormatError,
     UnknownModelError,
 )
+from .hub import PUBLIC_ENDPOINT, FileRecord, fetch_file
 from .schema import validate_config
 
 DEFAULT_REGISTRY_REPO = "kvhub/registry"
@@ -38,21 +43,9 @@ REGISTRY_REPO_ENV = "KVHUB_REGISTRY_REPO"
 REGISTRY_REVISION_ENV = "KVHUB_REGISTRY_REVISION"
 INDEX_NAME = "index.json"
 PACKAGED_SOURCE = f"packaged copy of kvhub {__version__}"
+MAX_INDEX_BYTES = 4 << 20  # ~100x today's index; bounded before parsing
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class FileRecord:
-    """One file of a preset, as the registry pins it and as a download reports it."""
-
-    name: str
-    size: int
-    sha256: str
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "FileRecord":
-        return cls(data["name"], data["size"], data["sha256"])
 
 
 @dataclass(frozen=True)
@@ -99,6 +92,7 @@ class RegistryEntry:
     provenance: dict[str, str] | None = None
     notes: str | None = None
     claimed: dict[str, Any] | None = None
+    endpoint: str | None = None
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "RegistryEntry":
@@ -116,18 +110,34 @@ class RegistryEntry:
             provenance=data.get("provenance"),
             notes=data.get("notes"),
             claimed=data.get("claimed"),
+            endpoint=preset.get("endpoint"),
         )
 
     @property
     def names(self) -> tuple[str, ...]:
         return (self.model, *self.aliases)
 
+    @property
+    def published(self) -> bool:
+        """A commit holding the validated files exists on a Hub (:attr:`endpoint`, when recorded)."""
+        return self.status == "validated" and self.revision is not None
+
+    @property
+    def on_public_hub(self) -> bool:
+        """Published on huggingface.co itself (so a link to the commit there works)."""
+        return self.published and self.endpoint == PUBLIC_ENDPOINT
+
     def pinned(self) -> tuple[str, str]:
-        """The preset repo and commit to download; :class:`NoPresetError` while none is validated."""
-        if self.status == "validated":
-            assert self.repo_id and self.revision  # the schema requires both for validated entries
+        """The preset repo and commit to download; :class:`NoPresetError` while none is validated and published."""
+        if self.published:
+            assert self.repo_id and self.revision  # the schema requires a repo id for validated entries
             return self.repo_id, self.revision
-        why = f"; {self.notes}" if self.notes else ""
+        if self.status == "validated":
+            raise NoPresetError(
+                f"{self.model}: validated but not published on the Hub yet; fix: use the preset packaged with kvhub "
+                "(kvhub falls back to it when it ships one), or pass a preset folder"
+            )
+        why = f"; {self.notes[:300]}" if self.notes else ""
         raise NoPresetError(
             f"{self.model}: no validated preset is published yet (registry status '{self.status}'{why}); "
             "fix: make one with `kvhub tune`, or pass a preset repo id or folder instead"
@@ -195,8 +205,8 @@ def registry_repo() -> str:
 
 def packaged_index(fallback: str | None = None) -> RegistryIndex:
     """The copy shipped inside the package (kvhub/data/index.json)."""
-    text = resources.files("kvhub").joinpath("data", INDEX_NAME).read_text(encoding="utf-8")
-    return RegistryIndex.parse(json.loads(text), PACKAGED_SOURCE, fallback)
+    path = Path(str(resources.files("kvhub").joinpath("data", INDEX_NAME)))
+    return RegistryIndex.parse(read_index_json(path, PACKAGED_SOURCE), PACKAGED_SOURCE, fallback)
 
 
 def load_index(
@@ -207,15 +217,15 @@ def load_index(
     token: str | bool | None = None,
     cache_dir: str | os.PathLike | None = None,
     local_files_only: bool = False,
+    announce: bool = True,
 ) -> RegistryIndex:
     """The index from the registry Hub repo at ``revision`` (default ``$KVHUB_REGISTRY_REVISION`` or main).
 
     The file goes through the Hub cache like any other, so offline a cached copy is used. When neither the Hub
     nor the cache has it, the packaged copy is returned with ``fallback`` saying why, unless a revision was asked
-    for: the packaged copy is not that revision, so the error is raised instead.
+    for: the packaged copy is not that revision, so the error is raised instead. ``announce=False`` leaves the
+    one-line warning to the caller (which may add what it used instead).
     """
-    from .hub import fetch_file  # kvhub.hub imports this module
-
     repo_id = repo_id or registry_repo()
     revision = revision or os.environ.get(REGISTRY_REVISION_ENV) or None
     try:
@@ -225,10 +235,11 @@ def load_index(
         if revision is not None:
             raise
         fallback = f"registry {repo_id} {_unavailable(exc)}; using the {PACKAGED_SOURCE}, which may be out of date"
-        logger.warning(fallback)
+        if announce:
+            logger.warning(fallback)
         return packaged_index(fallback)
     source = f"{repo_id}@{path.parent.name[:12]}"  # the file sits in snapshots/<commit>/
-    return RegistryIndex.parse(_read_json(path, source), source)
+    return RegistryIndex.parse(read_index_json(path, source), source)
 
 
 def _unavailable(exc: HubError) -> str:
@@ -242,10 +253,21 @@ def _unavailable(exc: HubError) -> str:
     return f"could not be read ({exc})"
 
 
-def _read_json(path: Path, source: str) -> Any:
+def read_index_json(path: Path, source: str) -> Any:
+    """The parsed JSON of an index file, its size bounded before it is read (:data:`MAX_INDEX_BYTES`).
+
+    The one place an index is read from disk: switch it to :mod:`kvhub.safe_json` (depth, numbers, duplicate keys)
+    when that lands."""
+    fix = "fix: republish index.json, or pin a good revision"
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RegistryFormatError(
-            f"registry index ({source}): not valid JSON ({exc}); fix: republish index.json, or pin a good revision"
-        ) from exc
+        with open(path, "rb") as f:
+            data = f.read(MAX_INDEX_BYTES + 1)
+    except OSError as exc:
+        raise RegistryFormatError(f"registry index ({source}): cannot be read ({exc.strerror}); {fix}") from exc
+    if len(data) > MAX_INDEX_BYTES:
+        raise RegistryFormatError(f"registry index ({source}): larger than {MAX_INDEX_BYTES >> 20} MB; {fix}")
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError) as exc:
+        reason = str(exc).splitlines()[0][:200] if not isinstance(exc, RecursionError) else "nested too deeply"
+        raise RegistryFormatError(f"registry index ({source}): not valid JSON ({reason}); {fix}") from exc

@@ -262,6 +262,7 @@ class TuneConfig:
     device: str | None = None
     dtype: str = "float32"
     progress: bool = True
+    model_id: str | None = None  # the Hub id the preset is for, when ``model`` is a local folder of those weights
 
 
 def split_calibration(tokenizer, calib_files: list[str], cfg: TuneConfig):
@@ -314,7 +315,7 @@ def tune(cfg: TuneConfig, out: str | None = None, log: Callable[[str], None] = p
         "tuning": {"target_ppl_delta": cfg.target_ppl_delta, **tuning_summary(result),
                    "total_seconds": round(time.time() - t0, 1)},
     }
-    model_id = cfg.model
+    model_id = cfg.model_id or cfg.model
     provenance = None
     if is_benchmark_model(cfg.model):
         from .models import BENCHMARK_MODEL_ID

@@ -251,6 +251,7 @@ class LocalHub:
         self._repos = self._load_repos()
         self._lock = threading.Lock()
         self._faults: list[_Fault] = []
+        self._truncations: list[_Fault] = []
         self._port = 0
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -299,6 +300,25 @@ class LocalHub:
         with self._lock:
             self._faults.append(_Fault(n, status, method, path))
 
+    def truncate_next(self, n: int = 1, *, path: str | None = None) -> None:
+        """Make the next `n` file downloads (GET /resolve, `path` a substring of the URL path) send only the first
+        half of the file, with a Content-Length that matches what is sent: a body cut short by a proxy. HEAD still
+        announces the full size, so the client notices the difference."""
+        with self._lock:
+            self._truncations.append(_Fault(n, None, "GET", path))
+
+    def commit_unchecked(self, repo_id: str, files: Mapping[str, bytes], message: str = "unchecked") -> str:
+        """Commit `files` to main without the path checks of the upload route (names like `../x` included): what a
+        hostile or broken server could list. Returns the commit oid."""
+        with self._lock:
+            repo = self._repos[repo_id]
+            head = repo.refs["refs/heads/main"]
+            tree = {**repo.tree(head), **{path: self._blobs.put(data) for path, data in files.items()}}
+            oid = repo.add_commit(head, tree, message, message, DEFAULT_USER)
+            repo.refs["refs/heads/main"] = oid
+            self._save(repo_id)
+            return oid
+
     def _injected_fault(self, req: Request) -> _Fault | None:
         fault = next((fault for fault in self._faults if fault.matches(req)), None)
         if fault is not None:
@@ -317,6 +337,10 @@ class LocalHub:
                 response = None
             else:
                 response = self._error(HubError(fault.status, "Injected failure (LocalHub.fail_next)"))
+            truncation = next((t for t in self._truncations if t.matches(req)), None)
+            if truncation is not None and response is not None and "/resolve/" in req.path and response.status == 200:
+                truncation.remaining -= 1
+                response = Response(200, response.body[: len(response.body) // 2], response.headers)
             self.requests.append(RequestRecord(req.method, req.path, response and response.status))
             return response
 

@@ -33,7 +33,7 @@ from kvhub.errors import (
     RegistryFormatError,
     UnknownModelError,
 )
-from kvhub.hub import download_preset, push_preset
+from kvhub.hub_presets import download_preset, push_preset
 from kvhub.preset import BASES_NAME, CONFIG_NAME, KVPreset
 from kvhub.registry import (
     INDEX_NAME,
@@ -303,7 +303,7 @@ def test_concurrent_pulls_in_threads_leave_a_consistent_cache(registry):
 
 
 def test_concurrent_pulls_in_processes_leave_a_consistent_cache(registry):
-    code = f"from kvhub.hub import download_preset; print(download_preset({ALIAS!r}).commit)"
+    code = f"from kvhub.hub_presets import download_preset; print(download_preset({ALIAS!r}).commit)"
     workers = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                for _ in range(2)]
     outputs = [worker.communicate(timeout=120) for worker in workers]
@@ -386,8 +386,10 @@ def test_packaged_index_lists_the_planned_models():
     assert (smol.model, smol.repo_id) == ("HuggingFaceTB/SmolLM2-135M-Instruct", "kvhub/SmolLM2-135M-Instruct-kvhub")
     assert index.find("Qwen/Qwen2.5-7B") is index.find("QWEN2.5-7B")
     assert index.find("Qwen/Qwen2.5-7B").claimed["compression"] == {"values": 2.67, "total": 1.45}
-    # Only what kvhub measured is validated (the bundled model); every other model waits for a GPU run.
-    assert smol.status == "validated" and smol.revision and smol.metrics is not None
+    # Only what kvhub measured is validated (the bundled model); every other model waits for a GPU run. Validated
+    # is not published: no Hub commit holds the bundled preset yet, so none is pinned (the packaged copy serves it).
+    assert smol.status == "validated" and smol.metrics is not None
+    assert smol.revision is None and not smol.published and not smol.on_public_hub
     others = [e for e in index.entries if e is not smol]
     assert all(e.status == "pending" and e.revision is None and e.metrics is None for e in others)
     assert all(e.claimed["verified"] is False for e in index.entries if e.claimed)
@@ -464,9 +466,209 @@ def test_cli_push_pull_list(api, tiny_preset, capsys, monkeypatch):
     code, out, _ = cli(capsys, "list")
     assert code == 0 and f"registry: {REGISTRY}@" in out
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith("test/")}
-    assert rows[TINY_MODEL_ID] == [TINY_MODEL_ID, PRESET_REPO, "3.10x", "+0.80%", "1.00", "/", "1.00", "validated"]
-    assert rows["test/pending-model"] == ["test/pending-model", "-", "V", "2.50x*", "+1.50%*", "-", "pending"]
+    assert rows[TINY_MODEL_ID] == [TINY_MODEL_ID, PRESET_REPO, "3.10x", "+0.80%", "1.00", "/", "1.00", "validated", "yes"]
+    assert rows["test/pending-model"] == ["test/pending-model", "-", "V", "2.50x*", "+1.50%*", "-", "pending", "-"]
 
     code, out, _ = cli(capsys, "list", "--json")
     document = json.loads(out)
     assert code == 0 and document["fallback"] is None and document["entries"][0]["model"] == TINY_MODEL_ID
+
+
+# --- validated vs published, the packaged fallback, an unreachable Hub (issue 11) ----------------------------
+
+SMOL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+PACKAGED_SMOL = Path(__file__).resolve().parents[1] / "presets" / "HuggingFaceTB--SmolLM2-135M-Instruct"
+
+
+def closed_port_endpoint() -> str:
+    """An endpoint on 127.0.0.1 where nothing listens: every connection is refused, as with the Hub unreachable."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def run_cli_timed(*args: str, env: dict[str, str]) -> tuple[subprocess.CompletedProcess, float]:
+    import os
+    import time
+
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "kvhub.cli", *args], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, **env}, cwd=Path(env["HF_HOME"]))
+    return result, time.monotonic() - start
+
+
+def test_validated_but_unpublished_falls_back_to_the_packaged_preset(api, registry, caplog, tmp_path, monkeypatch):
+    """The registry on the Hub knows SmolLM2 as validated but pins no commit: pull and from_pretrained use the copy
+    packaged with kvhub, checked against the packaged index, with one line saying so; from any folder."""
+    packaged = packaged_index().find(SMOL)
+    entry = json.loads(json.dumps(packaged_index().document["entries"][0]))
+    assert entry["model"] == SMOL and entry["preset"]["revision"] is None
+    publish_index(api, [entry])
+    monkeypatch.chdir(tmp_path)  # the README's example must not depend on the working folder
+    d = download_preset("smollm2")
+    assert d.packaged and d.repo_id is None and d.registry_verified and d.registry == PACKAGED_SOURCE
+    assert {f.name: f.sha256 for f in d.files} == {f.name: f.sha256 for f in packaged.files}
+    assert (d.folder / CONFIG_NAME).read_bytes() == (PACKAGED_SMOL / CONFIG_NAME).read_bytes()
+    notices = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(notices) == 1 and "no published copy" in notices[0] and "packaged with kvhub" in notices[0]
+    assert KVPreset.from_pretrained(SMOL).base_model["id"] == SMOL
+    # Asked for a revision, kvhub never substitutes the packaged copy: that is not the revision asked for.
+    with pytest.raises(NoPresetError, match="not published"):
+        download_preset("smollm2", "main")
+
+
+def test_packaged_fallback_refuses_a_changed_packaged_file(api, monkeypatch, tmp_path):
+    """The packaged copy is checked against the packaged index: a preset folder edited in place is refused."""
+    import kvhub.hub_presets as hub_presets
+
+    copy = tmp_path / "packaged"
+    shutil.copytree(PACKAGED_SMOL, copy)
+    corrupt(copy / BASES_NAME)
+    monkeypatch.setattr(hub_presets, "packaged_preset_folder", lambda model_id: copy)
+    publish_index(api, [packaged_index().document["entries"][0]])
+    with pytest.raises(HubChecksumError, match="reinstall kvhub"):
+        download_preset("smollm2")
+
+
+def test_unreachable_hub_costs_seconds_and_one_line(tmp_path):
+    """`kvhub list` and `kvhub pull smollm2` with the endpoint on a closed port: one short attempt, one line saying
+    what happened and what kvhub used instead, an answer in under 5 s (the client alone retries for ~25 s)."""
+    env = {"HF_ENDPOINT": closed_port_endpoint(), "HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "0",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    result, seconds = run_cli_timed("list", env=env)
+    assert result.returncode == 0, result.stderr
+    assert seconds < 5, f"kvhub list took {seconds:.1f} s with the Hub unreachable"
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "unreachable" in lines[0] and PACKAGED_SOURCE in lines[0], result.stderr
+    assert SMOL in result.stdout
+
+    smol_row = next(line.split() for line in result.stdout.splitlines() if line.startswith(SMOL))
+    assert smol_row[-2:] == ["validated", "no"]  # measured, not published: the packaged copy serves it
+
+    result, seconds = run_cli_timed("pull", "smollm2", env=env)
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "unreachable" in lines[0] and "packaged with kvhub" in lines[0], result.stderr
+    assert "packaged with kvhub" in result.stdout and "validated by the registry" in result.stdout
+    assert seconds < 15, f"kvhub pull took {seconds:.1f} s with the Hub unreachable"
+
+    # Offline with an empty cache, as HF_HUB_OFFLINE=1 users run it: the same packaged preset, one line.
+    result, _ = run_cli_timed("pull", "smollm2", env={**env, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0 and "packaged with kvhub" in result.stdout, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "offline" in result.stderr
+
+
+def test_unreachable_hub_uses_the_cached_registry_at_once(local_hub, registry, caplog, monkeypatch):
+    first = download_preset(ALIAS)
+    local_hub.stop()
+    import kvhub.hub as transport
+
+    monkeypatch.setattr(transport, "_REACHABLE", set())  # a new process: nothing known about the endpoint
+    caplog.clear()
+    again = download_preset(ALIAS)
+    assert again.folder == first.folder and again.registry_verified
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings and all("unreachable" in w and "cached copy" in w for w in warnings)
+    assert not any("Retrying" in r.getMessage() for r in caplog.records)
+
+
+# --- hostile names and bodies (issue 12 items 3 and 5) --------------------------------------------------------
+
+@pytest.mark.parametrize("repo_id", ["a--b/c", "a..b/c", "org/name.", "org/" + "n" * 97])
+def test_invalid_repo_ids_are_typed_errors(local_hub, repo_id, capsys, tiny_preset):
+    from kvhub.errors import HubRepoIdError
+
+    with pytest.raises(HubRepoIdError, match="not a valid Hub repo id.*fix:"):
+        download_preset(repo_id)
+    for bad in (repo_id, "org/a/b", "-org/name"):
+        with pytest.raises(HubRepoIdError):
+            push_preset(tiny_preset, bad, token=DEFAULT_TOKEN)
+    assert "not a valid Hub repo id" in cli_error(capsys, "pull", repo_id)
+    assert "not a valid Hub repo id" in cli_error(capsys, "push", str(tiny_preset), "--repo-id", repo_id)
+    assert not [r for r in local_hub.requests if repo_id in r.path]  # refused before any request for it
+
+
+def test_a_body_cut_short_is_a_network_error_with_a_fix(local_hub, published, capsys):
+    local_hub.truncate_next(1, path=BASES_NAME)
+    with pytest.raises(HubNetworkError, match="cut short.*fix: retry"):
+        download_preset(PRESET_REPO)
+    assert download_preset(PRESET_REPO).commit == published  # the retry the message suggests works
+    local_hub.truncate_next(1, path=BASES_NAME)
+    assert "cut short" in cli_error(capsys, "pull", PRESET_REPO, "--force")
+
+
+def test_a_repo_listing_a_file_outside_itself_is_refused(local_hub, published, tmp_path, capsys):
+    from kvhub.errors import HubUnsafePathError
+
+    local_hub.commit_unchecked(PRESET_REPO, {"../x.safetensors": b"outside"})
+    with pytest.raises(HubUnsafePathError, match="fix:"):
+        download_preset(PRESET_REPO)
+    assert "../x" in cli_error(capsys, "pull", PRESET_REPO)
+    assert not list(Path(hub_cache()).parent.rglob("x.safetensors"))
+
+
+@pytest.mark.parametrize("name", ["/etc/hostname", "../../../../etc/hostname", "sub/bases.safetensors",
+                                  ".hidden.safetensors", "notes.txt"])
+def test_registry_file_names_are_plain_preset_files(published, tiny_preset, name):
+    entry = validated_entry(published, tiny_preset)
+    entry["preset"]["files"].append({"name": name, "sha256": "0" * 64, "size": 1})
+    with pytest.raises(RegistryFormatError, match="files"):
+        RegistryIndex.parse({"schema_version": "1.0", "entries": [entry]}, "test")
+
+
+def test_a_link_out_of_the_snapshot_is_refused_without_leaking_the_target(registry, tmp_path):
+    """Even past the schema (an older index, a tampered cache), no path outside the snapshot is read: a snapshot
+    file that links outside the repo's cache is refused, and the error quotes neither its hash nor its size."""
+    from kvhub.errors import HubUnsafePathError
+
+    d = download_preset(ALIAS)
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(b"a private file outside the cache\n" * 3)
+    card = d.folder / "README.md"
+    card.unlink()
+    card.symlink_to(secret)
+    with pytest.raises(HubUnsafePathError) as caught:
+        download_preset(ALIAS)
+    message = str(caught.value)
+    assert "links outside" in message
+    assert hashlib.sha256(secret.read_bytes()).hexdigest()[:12] not in message
+    assert str(secret.stat().st_size) not in message
+
+
+def test_an_oversize_index_is_refused_before_parsing(api, monkeypatch):
+    import kvhub.registry as registry_module
+
+    monkeypatch.setattr(registry_module, "MAX_INDEX_BYTES", 1000)
+    publish_index(api, [], raw=b'{"schema_version": "1.0", "entries": []' + b" " * 2000 + b"}")
+    with pytest.raises(RegistryFormatError, match="larger than"):
+        load_index()
+    publish_index(api, [], raw=b"[" * 100_000 + b"]" * 100_000)
+    monkeypatch.setattr(registry_module, "MAX_INDEX_BYTES", 4 << 20)
+    with pytest.raises(RegistryFormatError, match="not valid JSON"):
+        load_index()
+
+
+def test_index_schema_bounds_counts_and_lengths():
+    many = [{**PENDING, "model": f"test/m{i}", "aliases": []} for i in range(10_001)]
+    with pytest.raises(RegistryFormatError, match="entries"):
+        RegistryIndex.parse({"schema_version": "1.0", "entries": many}, "test")
+    with pytest.raises(RegistryFormatError, match="notes"):
+        RegistryIndex.parse({"schema_version": "1.0", "entries": [{**PENDING, "notes": "x" * 5000}]}, "test")
+
+
+# --- KVPreset.push_to_hub -------------------------------------------------------------------------------------
+
+def test_push_to_hub_from_the_python_api(local_hub, api, tiny_preset):
+    preset = KVPreset.load_folder(tiny_preset)
+    info = preset.push_to_hub(PRESET_REPO, token=DEFAULT_TOKEN, commit_message="from python")
+    assert preset.path == tiny_preset  # saving into a temporary folder does not move the object
+    assert api.model_info(PRESET_REPO).sha == info.oid
+    assert api.list_repo_commits(PRESET_REPO)[0].title == "from python"
+    pulled = KVPreset.from_pretrained(PRESET_REPO)
+    assert pulled.config["codec"] == preset.config["codec"] and pulled.base_model == preset.base_model
+    original, received = preset.bases.to_tensors(), pulled.bases.to_tensors()
+    assert original.keys() == received.keys() and all(torch.equal(original[k], received[k]) for k in original)
+    pr = KVPreset.from_pretrained(PRESET_REPO).push_to_hub(PRESET_REPO, token=DEFAULT_TOKEN, create_pr=True)
+    assert pr.pr_revision == "refs/pr/1"

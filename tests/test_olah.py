@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from kvhub.errors import HubAuthError
-from kvhub.hub import download_preset
+from kvhub.hub_presets import download_preset
 from kvhub.preset import KVPreset
 from tests.conftest import use_endpoint
 from tests.hub_server import isolate_hf_env

@@ -1,5 +1,5 @@
 """The registry pipeline: `kvhub registry build/check/verify/publish/push-index`, MODEL_ZOO.md, the recipes of
-the pending models, and the GitHub workflows that run these commands.
+the pending models. The GitHub workflows that run these commands are tested in tests/test_workflows.py.
 
 Verification and publication run on a tiny random-weight Llama saved to disk with a word-level tokenizer trained
 here on a few hundred words, evaluated on one 64-token window: mechanics only, never quality. Publication goes
@@ -10,18 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from kvhub.card import model_card
 from kvhub.cli import main
-from kvhub.hub import download_preset
+from kvhub.hub_presets import download_preset
 from kvhub.preset import BASES_NAME, CONFIG_NAME, KVPreset
 from kvhub.recipe import Recipe
 from kvhub.registry import RegistryIndex
@@ -34,7 +30,6 @@ from tests.hub_server import DEFAULT_TOKEN
 from tests.tiny_models import tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
-WORKFLOWS = REPO / ".github" / "workflows"
 PRESET_REPO = "kvhub-test/tiny-llama-kvhub"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # The tiny protocol: one window of 64 tokens fed 16 at a time; a needle grid of one 96-token context.
@@ -245,6 +240,24 @@ def test_plot_shows_validated_entries_only():
     text = render_zoo(validated)
     assert f"| [{entry['model']}]" in text and "| validated | 3.00x | 2.50x / 3.50x | +0.80% | 0.80 / 0.87 |" in text
     assert "a" * 12 in text and "measured by | pytest" in text
+
+
+def test_zoo_links_only_commits_on_the_public_hub():
+    """Validated and published are two facts: a commit is linked as a huggingface.co commit only when the index says
+    it was made there; a rehearsal commit is named, never linked; an unpublished preset has no commit at all."""
+    document = index_document()
+    smol = document["entries"][0]
+    assert smol["status"] == "validated" and smol["preset"]["revision"] is None  # the committed index
+    assert "huggingface.co/" + smol["preset"]["repo_id"] not in render_zoo(document)
+    for endpoint, linked in (("https://huggingface.co", True), ("http://127.0.0.1:8080", False), (None, False)):
+        copy = json.loads(json.dumps(document))
+        copy["entries"][0]["preset"]["revision"] = "c" * 40
+        if endpoint:
+            copy["entries"][0]["preset"]["endpoint"] = endpoint
+        text = render_zoo(copy)
+        link = f"(https://huggingface.co/{smol['preset']['repo_id']}/tree/{'c' * 40})"
+        assert (link in text) == linked, endpoint
+        assert ("c" * 12) in text
 
 
 # --- verify ---------------------------------------------------------------------------------------------------
@@ -496,58 +509,3 @@ def test_publish_refuses_a_taken_alias_before_measuring(measured_preset, tmp_pat
     error = cli_error(capsys, "registry", "publish", measured_preset, "--repo-id", PRESET_REPO, "--root", root,
                       "--alias", "smollm2", "--ppl", str(tmp_path))
     assert "'smollm2' names both" in error
-
-
-# --- the workflows --------------------------------------------------------------------------------------------
-
-def workflow(name: str) -> dict:
-    document = yaml.safe_load((WORKFLOWS / name).read_text())
-    document["on"] = document.pop(True, document.get("on"))  # YAML 1.1 reads the key `on` as true
-    return document
-
-
-def test_workflows_pass_actionlint():
-    binary = Path(sys.executable).with_name("actionlint")
-    assert binary.is_file() or shutil.which("actionlint"), "actionlint is missing: install the dev extra (.[dev])"
-    files = sorted(str(p) for p in WORKFLOWS.glob("*.yml"))
-    assert len(files) >= 3
-    result = subprocess.run([str(binary) if binary.is_file() else "actionlint", "-no-color", *files], cwd=REPO,
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stdout + result.stderr
-
-
-def test_workflow_conventions():
-    ci = workflow("ci.yml")
-    assert set(ci["on"]) == {"push", "pull_request"}
-    assert "bash scripts/test.sh" in [s.get("run") for s in ci["jobs"]["test"]["steps"]]
-
-    validate = workflow("validate-preset.yml")
-    assert validate["on"] == {"pull_request": {"paths": ["presets/**"]}}
-    job = validate["jobs"]["verify"]
-    assert job["if"] == "github.event.pull_request.head.repo.full_name == github.repository"
-    assert job["runs-on"] == ["self-hosted", "linux", "gpu"]
-    assert validate["permissions"] == {"contents": "read"} and "secrets." not in (WORKFLOWS / "validate-preset.yml").read_text()
-    assert any("--device cuda" in s.get("run", "") and "--report-dir" in s.get("run", "") for s in job["steps"])
-
-    publish = workflow("publish.yml")
-    assert publish["on"]["push"]["branches"] == ["main"] and "presets/**" in publish["on"]["push"]["paths"]
-    assert "workflow_dispatch" in publish["on"]
-    job = publish["jobs"]["publish"]
-    assert job["environment"] == "hub-publish" and job["runs-on"] == ["self-hosted", "linux", "gpu"]
-    uses_token = [s for s in job["steps"] if "HF_TOKEN" in s.get("env", {})]
-    assert uses_token and all(s["env"]["HF_TOKEN"] == "${{ secrets.HF_TOKEN }}" for s in uses_token)
-    opens_pr = next(s for s in job["steps"] if s.get("uses", "").startswith("peter-evans/create-pull-request"))
-    assert {"kvhub/data/index.json", "MODEL_ZOO.md"} <= set(opens_pr["with"]["add-paths"].split())
-
-
-def test_every_kvhub_command_the_workflows_run_is_tested():
-    called = set()
-    for path in WORKFLOWS.glob("*.yml"):
-        runs = [step.get("run", "") for job in workflow(path.name)["jobs"].values() for step in job["steps"]]
-        for words in re.findall(r"(?:^|[\s/])kvhub ([a-z-]+)(?: ([a-z-]+))?", "\n".join(runs)):
-            assert words[0] == "registry", f"{path.name} runs `kvhub {words[0]}`: test it here or add it to this list"
-            called.add(words[1])
-    assert called == {"verify", "publish", "check", "push-index"}
-    source = Path(__file__).read_text()
-    for command in called:
-        assert f'"registry", "{command}"' in source, f"`kvhub registry {command}` is never run by the tests"

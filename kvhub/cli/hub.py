@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import click
 
 if TYPE_CHECKING:
-    from ..hub import PresetDownload
+    from ..hub_presets import PresetDownload
     from ..registry import Metrics, RegistryEntry
 
 CLAIM_MARK = "*"
@@ -50,7 +50,7 @@ def _report(d: PresetDownload, name: str, revision: str | None) -> str:
     """What `kvhub pull` fetched: where from, which files, what was checked, the metrics, how to use it."""
     from ..preset import CONFIG_NAME
 
-    origin = f"{d.repo_id} @ {d.commit}" if d.repo_id else "local folder"
+    origin = f"{d.repo_id} @ {d.commit}" if d.repo_id else ("packaged with kvhub" if d.packaged else "local folder")
     model = d.config["base_model"]["id"]
     resolved = f"registry entry {d.entry.model} ({d.registry})" if d.entry else f"not resolved through the registry ({d.registry})"
     checked = f"the registry and {CONFIG_NAME}" if d.registry_verified else CONFIG_NAME
@@ -82,7 +82,7 @@ def pull(model: str, revision: str | None, force: bool) -> None:
     """Download and verify the preset for MODEL: a model id or alias (see `kvhub list`) or a preset repo id.
 
     Files go to the Hugging Face cache (HF_HOME / HF_HUB_CACHE); with HF_HUB_OFFLINE=1 only the cache is used."""
-    from ..hub import download_preset
+    from ..hub_presets import download_preset
 
     click.echo(_report(download_preset(model, revision, force_download=force), model, revision))
 
@@ -103,20 +103,28 @@ def _summary(entry: RegistryEntry) -> tuple[str, str, str]:
     return "-", "-", "-"
 
 
+def _published(entry: RegistryEntry) -> str:
+    """yes: a Hub commit holds the validated files; no: validated, served by the copy packaged with kvhub."""
+    if entry.status != "validated":
+        return "-"
+    return "yes" if entry.published else "no"
+
+
 @click.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print the registry index as JSON.")
 @click.option("--revision", help="Branch, tag or commit of the registry repo to read (default: main).")
 def list_cmd(as_json: bool, revision: str | None) -> None:
-    """Show the registry: each model, its preset repo, compression, perplexity delta, needle accuracy, status."""
+    """Show the registry: each model, its preset repo, compression, perplexity delta, needle accuracy, status, and
+    whether the validated preset is published on the Hub (else kvhub uses the copy it ships, when it has one)."""
     from ..registry import load_index
 
     index = load_index(revision)
     if as_json:
         click.echo(json.dumps({"source": index.source, "fallback": index.fallback, **index.document}, indent=2))
         return
-    rows = [(e.model, e.repo_id or "-", *_summary(e), e.status) for e in index.entries]
+    rows = [(e.model, e.repo_id or "-", *_summary(e), e.status, _published(e)) for e in index.entries]
     click.echo(f"registry: {index.source}\n")
-    click.echo(_table(("model", "preset repo", "compression", "ppl delta", "needle", "status"), rows))
+    click.echo(_table(("model", "preset repo", "compression", "ppl delta", "needle", "status", "published"), rows))
     if any(e.metrics is None and e.claimed for e in index.entries):
         click.echo(f"\n{CLAIM_MARK} claimed by the inherited catalogue, never measured by kvhub; V: the V cache alone")
 
@@ -133,7 +141,7 @@ def push(folder: Path, repo_id: str, revision: str | None, create_pr: bool, priv
     """Validate the preset in FOLDER and publish it, with a model card generated from its config.
 
     Needs a token with write access (HF_TOKEN or `hf auth login`)."""
-    from ..hub import push_preset
+    from ..hub_presets import push_preset
 
     info = push_preset(folder, repo_id, revision=revision, create_pr=create_pr, private=private,
                        commit_message=commit_message)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-DEFAULT_EVAL = "../shared/corpora/evaluation"
+DEFAULT_EVAL = "corpora/evaluation"
 EVAL_ENV = "KVHUB_EVAL_CORPUS"
 
 
@@ -169,6 +169,28 @@ def publish(preset_dir: Path, repo_id, model_name, ppl_files, haystack, device, 
         click.echo(f"wrote    {path}")
     if dry_run:
         click.echo(f"dry run: {root} was not changed; compare with `diff -r {out} {root}`")
+
+
+@registry.command("extract-pr")
+@click.option("--base", required=True, help="The pull request's base commit (or ref).")
+@click.option("--head", required=True, help="The pull request's head commit (or ref), fetched but not checked out.")
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="New folder to write presets/<org>--<name>/ into (must not exist).")
+@click.option("--repo", type=click.Path(file_okay=False, path_type=Path), default=Path("."), show_default=True,
+              help="The git repository holding both commits.")
+def extract_pr(base: str, head: str, out: Path, repo: Path) -> None:
+    """Copy the preset folders that BASE...HEAD changes out of git, as data, for `kvhub registry verify`.
+
+    Refuses (exit 1, nothing written) a pull request that changes anything outside presets/<org>--<name>/, or
+    brings links, submodules, unknown file types, oversize files or too many files. Prints one folder per line."""
+    from ..registry_tools.extract_pr import extract_pr as extract
+
+    result = extract(repo, base, head, out)
+    for folder in result.folders:
+        click.echo(f"extracted {out / 'presets' / folder}")
+    for folder in result.removed:
+        click.echo(f"removed   presets/{folder} (nothing to verify)")
+    click.echo(f"ok: {len(result.folders)} preset folder(s), {result.files} file(s), {result.bytes} bytes")
 
 
 @registry.command("push-index")

@@ -4,42 +4,74 @@ from __future__ import annotations
 
 import shlex
 import sys
-
 from pathlib import Path
 
 import click
 
-DEFAULT_CALIB = "../shared/corpora/calibration"
+DEFAULT_CALIB = "corpora/calibration"
+
+
+def _from_recipe(path: Path, model: str | None, target: float | None, out: str | None):
+    """(model to load, model id, target, out folder) from a pending model's recipe, the options overriding it."""
+    from ..errors import PresetFormatError
+    from ..recipe import Recipe
+
+    if not path.is_file():
+        raise click.UsageError(f"--recipe {path}: no such file; pass presets/<org>--<name>/recipe.json")
+    recipe = Recipe.load(path)
+    target = target if target is not None else recipe.target_ppl_delta
+    if target is None:
+        raise PresetFormatError(f"{path}: fixes the codec (no target_ppl_delta), so there is nothing to tune; fix: "
+                                "set target_ppl_delta in the recipe, or pass --target-ppl-delta")
+    return model or recipe.model, recipe.model, target, out or str(path.parent)
 
 
 @click.command()
-@click.option("--model", required=True, help="Local folder, Hub id, or 'HuggingFaceTB/SmolLM2-135M-Instruct' (bundled).")
+@click.option("--model", default=None,
+              help="Local model folder or Hub id (with --recipe: a local folder of the recipe's model, to work "
+                   "without the Hub). 'HuggingFaceTB/SmolLM2-135M-Instruct' is bundled.")
+@click.option("--recipe", "recipe_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Start from a pending model's recipe, presets/<org>--<name>/recipe.json: its model and perplexity "
+                   "budget, and its folder as --out.")
 @click.option("--calib", "calib_files", multiple=True, type=click.Path(exists=True),
               help=f"Calibration text files or folders (repeatable; never the evaluation text). Default: {DEFAULT_CALIB}.")
-@click.option("--target-ppl-delta", type=float, default=0.01, show_default=True,
-              help="Perplexity budget as a fraction: 0.01 = +1%.")
-@click.option("--out", type=click.Path(), default=None, help="Preset folder to write (default: presets/<org>--<name>).")
+@click.option("--target-ppl-delta", type=float, default=None,
+              help="Perplexity budget as a fraction: 0.01 = +1% (default: the recipe's, else 0.01).")
+@click.option("--out", type=click.Path(), default=None,
+              help="Preset folder to write (default: the recipe's folder, else presets/<org>--<name>).")
 @click.option("--eval", "eval_files", multiple=True, type=click.Path(exists=True),
               help="Evaluation text to measure the winner on (repeatable).")
 @click.option("--needle/--no-needle", default=True, help="Run the needle grid in the final evaluation.")
 @click.option("--windows", default="0,32", show_default=True, help="Recent-window sizes to try.")
 @click.option("--calib-windows-per-file", default=8, show_default=True)
+@click.option("--calib-seq-len", default=1024, show_default=True, help="Tokens per calibration window.")
+@click.option("--tune-window-tokens", default=2048, show_default=True,
+              help="Tokens per held-out window the search measures perplexity on.")
 @click.option("--device", default=None, help="cpu, cuda, auto ...")
 @click.option("--dtype", default="float32", show_default=True)
-def tune(model, calib_files, target_ppl_delta, out, eval_files, needle, windows, calib_windows_per_file, device, dtype):
+def tune(model, recipe_path, calib_files, target_ppl_delta, out, eval_files, needle, windows, calib_windows_per_file,
+         calib_seq_len, tune_window_tokens, device, dtype):
     """Search ranks, bits and windows per layer for the most compression within --target-ppl-delta."""
     from ..tuning import TuneConfig, tune as run_tune
 
+    model_id = None
+    if recipe_path is not None:
+        model, model_id, target_ppl_delta, out = _from_recipe(recipe_path, model, target_ppl_delta, out)
+    elif model is None:
+        raise click.UsageError("pass --model (a local folder or Hub id) or --recipe presets/<org>--<name>/recipe.json")
+    target_ppl_delta = 0.01 if target_ppl_delta is None else target_ppl_delta
     if not calib_files:
         if not Path(DEFAULT_CALIB).is_dir():
-            raise click.UsageError(f"--calib is required ({DEFAULT_CALIB} does not exist): point it at calibration text")
+            raise click.UsageError(f"--calib is required ({DEFAULT_CALIB} does not exist here): run from the "
+                                   "repository root, or point --calib at calibration text")
         calib_files = (DEFAULT_CALIB,)
         click.echo(f"calibrating on {DEFAULT_CALIB} (pass --calib to choose)")
     if not 0 < target_ppl_delta < 1:
         raise click.UsageError(f"--target-ppl-delta {target_ppl_delta} must be a fraction in (0, 1), e.g. 0.01 for +1%")
     cfg = TuneConfig(model, list(calib_files), target_ppl_delta, list(eval_files) or None, needle,
-                     calib_windows_per_file, windows=tuple(int(w) for w in windows.split(",")), device=device, dtype=dtype)
-    out = out or f"presets/{model.replace('/', '--')}"
+                     calib_windows_per_file, calib_seq_len=calib_seq_len, tune_window_tokens=tune_window_tokens,
+                     windows=tuple(int(w) for w in windows.split(",")), device=device, dtype=dtype, model_id=model_id)
+    out = out or f"presets/{(model_id or model).replace('/', '--')}"
     run_tune(cfg, out, log=click.echo, command="kvhub " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import RegistryFormatError
-from ..registry import RegistryIndex
+from ..registry import RegistryIndex, read_index_json
 
 INDEX_PATH = "registry/index.json"  # a link to kvhub/data/index.json, the copy shipped in the package
 ZOO_PATH = "MODEL_ZOO.md"
@@ -42,10 +42,7 @@ class RepoLayout:
             raise RegistryFormatError(
                 f"{path}: no registry index here; fix: run from the root of the kvhub repository or pass --root"
             )
-        try:
-            document = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise RegistryFormatError(f"{path}: malformed JSON at line {exc.lineno}: {exc.msg}; fix: correct the JSON") from exc
+        document = read_index_json(path, str(path))
         return document, RegistryIndex.parse(document, str(path))
 
 

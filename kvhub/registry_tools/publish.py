@@ -2,7 +2,7 @@
 registry entry, and from the committed index to the registry Hub repo.
 
 publish = verify (the same checks and re-measurement as ``kvhub registry verify``; nothing is pushed unless every
-check passes) -> push the preset to the Hub (:func:`kvhub.hub.push_preset`) -> download that commit back into an
+check passes) -> push the preset to the Hub (:func:`kvhub.hub_presets.push_preset`) -> download that commit back into an
 empty cache and take the sha256 of every file the client downloads (so the index pins exactly what users get) ->
 record repo id, commit, files, the re-measured metrics and their provenance, status ``validated`` -> write the
 index and regenerate ``MODEL_ZOO.md`` and the plot.
@@ -18,18 +18,18 @@ import copy
 import os
 import re
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .. import __version__
 from ..errors import HubError, RegistryError
+from ..hub import PUBLIC_ENDPOINT, check_commit, endpoint_url, upload_files
 from ..registry import INDEX_NAME, RegistryIndex, registry_repo
 from .layout import RepoLayout, index_text, write_atomic
 from .verify import Tolerances, VerificationError, VerifyReport, verify_preset
 from .zoo import render_plot, render_zoo
 
-PUBLIC_ENDPOINT = "https://huggingface.co"
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 _ALIAS = re.compile(r"[a-z0-9][a-z0-9._-]*")
 _PLACEHOLDER_COMMIT = "0" * 40
@@ -72,13 +72,15 @@ def record_entry(
     *,
     repo_id: str,
     commit: str,
+    endpoint: str,
     files: list[dict[str, Any]],
     metrics: dict[str, Any],
     provenance: dict[str, str],
     aliases: tuple[str, ...] = (),
     date: str,
 ) -> tuple[dict[str, Any], dict[str, Any], bool]:
-    """A copy of the index ``document`` in which the preset's model is ``validated`` at ``commit``.
+    """A copy of the index ``document`` in which the preset's model is ``validated`` and published at ``commit`` of
+    ``endpoint`` (recorded, so the zoo links a commit only when it is on the public Hub).
 
     The model's entry is updated in place (its ``notes``, which describe why it was pending, are dropped; its
     inherited ``claimed`` numbers are kept, still labelled as claims), or appended with the model name as alias.
@@ -101,7 +103,7 @@ def record_entry(
     if base.get("revision") and _COMMIT.fullmatch(base["revision"]):
         entry["model_revision"] = base["revision"]
     entry["status"] = "validated"
-    entry["preset"] = {"repo_id": repo_id, "revision": commit, "files": files}
+    entry["preset"] = {"repo_id": repo_id, "revision": commit, "endpoint": endpoint, "files": files}
     entry["metrics"] = registry_metrics(metrics)
     entry["provenance"] = provenance
     entry.pop("notes", None)
@@ -112,13 +114,13 @@ def record_entry(
 def published_files(repo_id: str, commit: str, endpoint: str | None, token: str | bool | None) -> list[dict[str, Any]]:
     """Name, size and sha256 of every file a client downloads from ``repo_id@commit``, read back from the Hub into
     an empty cache (so they are the bytes the Hub serves, checked against the config by the download)."""
-    from ..hub import download_preset
+    from ..hub_presets import download_preset
 
     with tempfile.TemporaryDirectory(prefix="kvhub-publish-") as cache:
         download = download_preset(repo_id, commit, endpoint=endpoint, token=token, cache_dir=cache)
     if download.commit != commit:
         raise RegistryError(f"{repo_id}: asked for commit {commit} but the Hub served {download.commit}; fix: retry")
-    return [asdict(f) for f in download.files]
+    return [f.to_json() for f in download.files]
 
 
 def publish_preset(
@@ -144,7 +146,7 @@ def publish_preset(
     """Verify, push, record and regenerate (see the module docstring). ``root`` is the repository holding the
     index; a dry run (``dry_run=True``) writes under ``out`` instead and needs an ``endpoint`` other than the
     public Hub. ``provenance_source`` overrides :func:`measured_by`."""
-    from ..hub import _endpoint, push_preset
+    from ..hub_presets import push_preset
     from ..preset import _read_config
 
     folder = Path(folder)
@@ -153,7 +155,7 @@ def publish_preset(
     if dry_run:
         if out is None:
             raise RegistryError("--dry-run writes the index and the zoo under --out; fix: pass --out DIR")
-        if _endpoint(endpoint) == PUBLIC_ENDPOINT:
+        if endpoint_url(endpoint) == PUBLIC_ENDPOINT:
             raise RegistryError(
                 f"--dry-run pushes the preset for real, so it refuses the public Hub ({PUBLIC_ENDPOINT}); fix: pass "
                 "--endpoint of a local or staging hub (or HF_ENDPOINT)"
@@ -167,7 +169,8 @@ def publish_preset(
     placeholder = {"context_length": 1, "compression": {"total": 1, "keys": 1, "values": 1},
                    "perplexity": {"mean_delta_pct": 0}}
     draft, _, _ = record_entry(document, config, repo_id=repo_id, commit=_PLACEHOLDER_COMMIT,
-                               files=[{"name": "x", "sha256": "0" * 64, "size": 0}], metrics=placeholder,
+                               endpoint=endpoint_url(endpoint),
+                               files=[{"name": "kvhub_preset.json", "sha256": "0" * 64, "size": 0}], metrics=placeholder,
                                provenance={"measured_by": "-", "hardware": "-", "kvhub_version": "-", "date": "-"},
                                aliases=aliases, date="2000-01-01")
     RegistryIndex.parse(draft, str(source.index))
@@ -187,7 +190,8 @@ def publish_preset(
     measured = report.measured
     provenance = {"measured_by": provenance_source or measured_by(command), "hardware": measured["hardware"],
                   "kvhub_version": measured["kvhub_version"], "date": measured["date"]}
-    updated, entry_doc, new = record_entry(document, config, repo_id=repo_id, commit=info.oid, files=files,
+    updated, entry_doc, new = record_entry(document, config, repo_id=repo_id, commit=info.oid,
+                                           endpoint=endpoint_url(endpoint), files=files,
                                            metrics=measured, provenance=provenance, aliases=aliases,
                                            date=measured["date"])
     RegistryIndex.parse(updated, str(source.index))
@@ -204,27 +208,19 @@ def push_index(layout: RepoLayout, *, repo_id: str | None = None, endpoint: str 
                token: str | bool | None = None, message: str | None = None):
     """Upload the index under ``layout`` as ``index.json`` of the registry Hub repo (created if missing), after
     checking that the Hub has every commit it pins; returns the commit info."""
-    from huggingface_hub import HfApi
-
-    from ..hub import _Call, _endpoint, _hub_errors
-
     _, index = layout.read_index()
     repo_id = repo_id or registry_repo()
-    url = _endpoint(endpoint)
-    api = HfApi(endpoint=url, token=token)
+    url = endpoint_url(endpoint)
     for entry in index.entries:
-        if entry.status != "validated":
+        if not entry.published:
             continue
         preset_repo, commit = entry.pinned()
         try:
-            with _hub_errors(_Call(preset_repo, commit, url, token)):
-                api.model_info(preset_repo, revision=commit)
+            check_commit(preset_repo, commit, endpoint=url, token=token)
         except HubError as exc:
             raise RegistryError(
                 f"{layout.index}: {entry.model} pins {preset_repo}@{commit[:12]}, which {url} cannot serve ({exc}); "
                 "fix: publish the preset to this endpoint first (kvhub registry publish), or correct the entry"
             ) from exc
-    with _hub_errors(_Call(repo_id, None, url, token, write=True)):
-        api.create_repo(repo_id, exist_ok=True)
-        return api.upload_file(path_or_fileobj=layout.index.read_bytes(), path_in_repo=INDEX_NAME,
-                               repo_id=repo_id, commit_message=message or f"kvhub {__version__}: registry index")
+    return upload_files(repo_id, {INDEX_NAME: layout.index.read_bytes()}, endpoint=url, token=token,
+                        message=message or f"kvhub {__version__}: registry index")

@@ -40,9 +40,22 @@ def _needle(m: Metrics) -> str:
 
 
 def _preset_link(e: RegistryEntry) -> str:
-    if e.status == "validated" and e.repo_id and e.revision:
+    """A link to the commit only when it is on the public Hub; a commit made elsewhere is named, never linked."""
+    if e.on_public_hub:
         return f"[{e.repo_id}@{e.revision[:12]}]({HUB_URL}/{e.repo_id}/tree/{e.revision})"
+    if e.published:
+        return f"`{e.repo_id}@{e.revision[:12]}` (on {_cell(e.endpoint or 'an unrecorded endpoint')}, not the public Hub)"
+    if e.status == "validated":
+        return f"`{e.repo_id}` (not published yet)"
     return f"`{e.repo_id}` (planned)" if e.repo_id else "-"
+
+
+def _published(e: RegistryEntry) -> str:
+    if e.on_public_hub:
+        return "yes, on the Hugging Face Hub"
+    if e.published:
+        return f"on {_cell(e.endpoint or 'an unrecorded endpoint')} only (not the public Hub)"
+    return "no"
 
 
 def _anchor(model: str) -> str:
@@ -100,6 +113,7 @@ def _details(e: RegistryEntry) -> list[str]:
         "| | |",
         "|---|---|",
         f"| status | {e.status} |",
+        f"| published | {_published(e)} |",
         f"| aliases | {', '.join(f'`{a}`' for a in e.aliases) or '-'} |",
         f"| preset repo | {_preset_link(e)} |",
     ]
@@ -152,12 +166,15 @@ def render_zoo(document: dict[str, Any], source: str = INDEX_PATH) -> str:
         + (f", updated {document['updated']}" if document.get("updated") else "")
         + f"): {counts['validated']} validated, {counts['pending']} pending, {counts['failed']} failed.",
         "",
-        "Only `validated` entries carry numbers: kvhub measured them on the preset commit the index pins "
-        "(provenance below each model), and `kvhub registry verify` re-measures them. Compression is fp16 bytes "
+        "Only `validated` entries carry numbers: kvhub measured them on the preset files whose sha256s are listed "
+        "(provenance below each model), and `kvhub registry verify` re-measures them. Validated and published are "
+        "two facts: a preset is published once a Hub commit holds those files, and only commits on the public Hub "
+        "are linked. Compression is fp16 bytes "
         "divided by the bytes the compressed cache really held, keys and values together; PPL delta is the mean "
         "perplexity change over the evaluation corpora; the needle columns are passkey-retrieval accuracy with the "
-        "compressed cache and with the uncompressed baseline. `kvhub pull <model>` downloads a validated preset at "
-        "its pinned commit and checks every sha256 listed here. Adding a model: [CONTRIBUTING.md](CONTRIBUTING.md).",
+        "compressed cache and with the uncompressed baseline. `kvhub pull <model>` downloads a published preset at "
+        "its pinned commit, or uses the copy packaged with kvhub when there is none, and checks every sha256 "
+        "listed here. Adding a model: [CONTRIBUTING.md](CONTRIBUTING.md).",
         "",
         "## Summary",
         "",
