@@ -27,7 +27,7 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, QuantizedCache
 
 from kvhub import KVPreset, load_model
-from kvhub.attention import compressed_attention
+from kvhub.attention import compressed_attention, enable
 from kvhub.bases import Bases, StreamBasis
 from kvhub.cache import CompressedCache
 from kvhub.codec import CacheCodec, LayerCodec, ModelShape, Segment, StreamCodec

@@ -121,16 +121,31 @@ def register(kernel_name: str) -> str:
     return name
 
 
+def enable(model) -> str:
+    """Switch ``model`` to compressed attention until :func:`disable`, for scripts that run one model through many
+    caches (benchmarks). Returns the user's kernel name. Prefer ``with compressed_attention(model):``."""
+    kernel = model.config._attn_implementation or "eager"
+    if not is_compressed_attention(kernel):
+        model.set_attn_implementation(register(kernel))
+    return kernel.removeprefix(PREFIX)
+
+
+def disable(model) -> None:
+    """Give ``model`` its own kernel back after :func:`enable`."""
+    kernel = model.config._attn_implementation
+    if is_compressed_attention(kernel):
+        model.set_attn_implementation(kernel.removeprefix(PREFIX))
+
+
 @contextmanager
 def compressed_attention(model) -> Iterator:
     """Within the block, attention of layers with compressed history reads the codes; everything else runs the
     model's own kernel. The model's attention implementation is restored on exit (also on error)."""
-    kernel = model.config._attn_implementation or "eager"
-    if is_compressed_attention(kernel):  # nested: the outer block restores
+    if is_compressed_attention(model.config._attn_implementation):  # nested: the outer block restores
         yield model
         return
-    model.set_attn_implementation(register(kernel))
+    enable(model)
     try:
         yield model
     finally:
-        model.set_attn_implementation(kernel)
+        disable(model)
