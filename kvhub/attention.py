@@ -29,6 +29,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .layer import MASKED
+from .stream import _scratch
 
 PREFIX = "kvhub_"
 SCORE_ELEMENTS = 1 << 26  # fp32 scores of one query tile: 256 MB at most, whatever the chunk and context
@@ -62,6 +63,35 @@ def _additive(mask: torch.Tensor | None, query_length: int) -> torch.Tensor | No
     return mask.float()
 
 
+def _augmented(stream) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[U | mean]`` [H, d, r+1] and ``[U^T ; mean]`` [H, r+1, d] for a stream, made once per basis and shared.
+
+    With the coefficients augmented by a column of ones, ``q . k_t = [q U, q . mean] . [z_t, 1]`` and
+    ``sum_t p_t v_t = [sum_t p_t z_t, sum_t p_t] [U^T ; mean]``: one matmul each side instead of a projection,
+    a product, a sum and an add (at short contexts the step time is made of such small ops). Kept on the shared
+    basis tensor, so every cache of a preset uses the same pair."""
+    key = stream.basis if stream.basis is not None else stream.codes[0].buf
+    if getattr(key, "_kvhub_augmented", None) is None:
+        if stream.basis is None:  # identity projection: the coefficients are the vectors themselves
+            heads, dim = stream.codes[0].buf.shape[1], stream.codec.rank
+            u = torch.eye(dim, device=key.device).expand(heads, dim, dim)
+            mean = torch.zeros(heads, dim, device=key.device)
+        else:
+            u, mean = stream.basis, stream.mean
+        key._kvhub_augmented = (torch.cat([u, mean[..., None]], -1).contiguous(),
+                                torch.cat([u.transpose(-1, -2), mean[:, None, :]], -2).contiguous())
+    return key._kvhub_augmented
+
+
+def _coefficients(stream, history: int, slot: str) -> torch.Tensor:
+    """``[z_t, 1]`` [B, H, history, r+1] in a reused per-thread buffer (valid until the next layer's call)."""
+    z = stream.codes[0].view(0, history)
+    out = _scratch(slot, (z.shape[0], z.shape[1], history, stream.codec.rank + 1), torch.float32, z.device)
+    stream.coefficients(0, history, out=out[..., :-1])
+    out[..., -1].fill_(1.0)
+    return out
+
+
 def _attend_compressed(layer, query, key, value, attention_mask, scaling, softcap):
     bsz, q_heads, q_len, dim = query.shape
     kv_heads = key.shape[1]
@@ -72,17 +102,18 @@ def _attend_compressed(layer, query, key, value, attention_mask, scaling, softca
     mask = layer.storage_mask(_additive(attention_mask, q_len), q_len, total)
 
     keys, values = layer.streams["keys"], layer.streams["values"]
-    z_k = keys.coefficients(0, history, slot="zk")
-    z_v = values.coefficients(0, history, slot="zv")
+    u_k, _ = _augmented(keys)
+    _, w_v = _augmented(values)
+    z_k, z_v = _coefficients(keys, history, "zk"), _coefficients(values, history, "zv")
     exact_k, exact_v = key.float(), value.float()
     q = query.float().view(bsz, kv_heads, group, q_len, dim)
-    out = query.new_empty(bsz, kv_heads, group, q_len, dim, dtype=torch.float32)
     tile = max(1, SCORE_ELEMENTS // (bsz * q_heads * total))
+    tiles = []
     for m0 in range(0, q_len, tile):
         m1 = min(q_len, m0 + tile)
         q_t = q[:, :, :, m0:m1].reshape(bsz, kv_heads, group * (m1 - m0), dim)
         s_exact = q_t @ exact_k.transpose(-1, -2)
-        s_hist = keys.scores(*keys.query_projection(q_t), z_k)
+        s_hist = (q_t @ u_k) @ z_k.transpose(-1, -2)
         scores = torch.cat([s_exact[..., :n_sink], s_hist, s_exact[..., n_sink:]], dim=-1).mul_(scaling)
         del s_exact, s_hist
         if softcap:
@@ -91,12 +122,13 @@ def _attend_compressed(layer, query, key, value, attention_mask, scaling, softca
             scores.view(bsz, kv_heads, group, m1 - m0, total).add_(mask[:, :, None, m0:m1])
         probs = torch.softmax(scores, dim=-1)
         del scores
-        o = probs[..., :n_sink] @ exact_v[:, :, :n_sink]
+        o = (probs[..., n_sink : n_sink + history] @ z_v) @ w_v
         o += probs[..., n_sink + history :] @ exact_v[:, :, n_sink:]
-        o += values.values(probs[..., n_sink : n_sink + history], z_v)
-        out[:, :, :, m0:m1] = o.view(bsz, kv_heads, group, m1 - m0, dim)
-    out = out.view(bsz, q_heads, q_len, dim)
-    return out.transpose(1, 2).contiguous().to(query.dtype), None
+        if n_sink:
+            o += probs[..., :n_sink] @ exact_v[:, :, :n_sink]
+        tiles.append(o.view(bsz, kv_heads, group, m1 - m0, dim))
+    out = tiles[0] if len(tiles) == 1 else torch.cat(tiles, dim=3)
+    return out.view(bsz, q_heads, q_len, dim).transpose(1, 2).contiguous().to(query.dtype), None
 
 
 def _attention_for(kernel_name: str):

@@ -122,8 +122,9 @@ class CompressedLayer(CacheLayerMixin):
         if history and self.fast_path is not None and self.fast_path():
             # kvhub.attention reads the compressed history itself: return only the exact tokens, tagged.
             self.visible = history
-            keys = torch.cat([self.sink_keys.to(self.dtype), self.recent_keys.to(self.dtype), key_states], -2)
-            values = torch.cat([self.sink_values.to(self.dtype), self.recent_values.to(self.dtype), value_states], -2)
+            # (cat promotes the 16-bit exact tokens to the model's dtype in the same pass)
+            keys = torch.cat([self.sink_keys, self.recent_keys, key_states], -2)
+            values = torch.cat([self.sink_values, self.recent_values, value_states], -2)
             keys._kvhub_layer, keys._kvhub_sink = self, self.sink_keys.shape[-2]
         else:
             keys, values = self._materialized(key_states, value_states)
