@@ -38,6 +38,7 @@ import torch  # noqa: E402  (torch does not import triton; the interpreter must 
 
 if __name__ == "__main__" and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("KVHUB_KERNELS", "triton")  # so --tiny takes the kernel path wherever a GPU would
 
 import json  # noqa: E402
 import platform  # noqa: E402
@@ -45,6 +46,7 @@ import statistics  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
+from unittest import mock  # noqa: E402
 
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
 from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: E402
@@ -145,29 +147,38 @@ def count_kernel_calls():
 
 @torch.no_grad()
 def model_step(model, preset, shape, context, batch, run, device, clock, calls) -> dict:
+    """DynamicCache + SDPA, then kvhub as attention.py runs it (``KVHUB_KERNELS`` as set); when that step called
+    the fused kernel, the same kvhub cache once more with ``KVHUB_KERNELS=torch``, the PyTorch path."""
     dtype = next(model.parameters()).dtype
     tok = torch.randint(0, model.config.vocab_size, (batch, 1), device=device)
     row = {"context": context, "batch": batch}
-    for method in ("dynamic_sdpa", "kvhub"):
-        floor = reset_peak(device)
-        if method == "kvhub":
-            cache = preset.build_cache(model, allow_name_mismatch=True)  # switches to attn_implementation="kvhub"
-        else:
-            model.set_attn_implementation("sdpa")
-            cache = DynamicCache(config=model.config)
-        fill(cache, shape, batch, context, run["fill_chunk"], dtype, device)
+
+    def timed_steps(cache, floor) -> dict:
         step = lambda: model(input_ids=tok, cache=cache, use_cache=True)  # noqa: E731
         for _ in range(run["warmup"]):
             step()
         calls[0] = 0
         times = [clock(step) for _ in range(run["steps"])]
-        row[method] = {"step_ms": statistics.median(times), "steps": len(times), "peak_gib_above_weights": peak_gib(device, floor)}
-        if method == "kvhub":
-            row[method]["cache_bytes"] = cache.nbytes()["total"]
-            row[method]["fused_kernel_calls_per_step"] = calls[0] / len(times)
-        else:
-            row[method]["cache_bytes"] = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
-        del cache, step
+        return {"step_ms": statistics.median(times), "steps": len(times), "peak_gib_above_weights": peak_gib(device, floor),
+                "fused_kernel_calls_per_step": calls[0] / len(times)}
+
+    floor = reset_peak(device)
+    model.set_attn_implementation("sdpa")
+    cache = DynamicCache(config=model.config)
+    fill(cache, shape, batch, context, run["fill_chunk"], dtype, device)
+    row["dynamic_sdpa"] = timed_steps(cache, floor)
+    row["dynamic_sdpa"]["cache_bytes"] = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+    del cache
+
+    floor = reset_peak(device)
+    cache = preset.build_cache(model, allow_name_mismatch=True)  # also switches to attn_implementation="kvhub"
+    fill(cache, shape, batch, context, run["fill_chunk"], dtype, device)
+    row["kvhub"] = timed_steps(cache, floor)
+    row["kvhub"]["cache_bytes"] = cache.nbytes()["total"]
+    if row["kvhub"]["fused_kernel_calls_per_step"]:
+        with mock.patch.dict(os.environ, {kernels.ENV: "torch"}):
+            row["kvhub_torch_path"] = timed_steps(cache, floor)
+    del cache
     row["kvhub_over_dynamic_step"] = row["kvhub"]["step_ms"] / row["dynamic_sdpa"]["step_ms"]
     return row
 
