@@ -119,6 +119,16 @@ def test_kernel_matches_reference(case, dtype, length, padded, softcap, split):
     assert err <= TOL[dtype], f"relative error {err:.2e}"
 
 
+def test_fully_masked_query_gets_zeros_not_nan():
+    args = list(inputs("identity-gqa8", torch.float16, 77, True, None))
+    args[6][1], args[7][1] = float("-inf"), float("-inf")  # sequence 1 sees nothing (a padding query)
+    got = decode_attention(*args, block_tokens=32, split_tokens=32)
+    ref = reference(*args)
+    assert torch.equal(got[1], torch.zeros_like(got[1]))
+    err = (got[0].double() - ref[0]).abs().max().item() / ref[0].abs().max().item()
+    assert err <= TOL[torch.float16]
+
+
 def test_backend_choice(monkeypatch):
     monkeypatch.setenv("KVHUB_KERNELS", "torch")
     assert backend(DEVICE) == "torch"

@@ -46,9 +46,9 @@ def decode_attention(query, keys, values, length, exact_k, exact_v, history_mask
     ``values`` streams (:class:`~kvhub.stream.CompressedStream`, [B, Hkv, T, ...]) and the exact tokens ``exact_k``,
     ``exact_v`` [B, Hkv, Te, d], in one softmax. ``history_mask`` [B, M, length] and ``exact_mask`` [B, M, Te] are
     additive (``-inf`` hides a position) or None; ``softcap`` applies ``c * tanh(s / c)`` to the scaled scores before
-    the masks. Query head ``i`` reads KV head ``i // (Hq // Hkv)``. Returns [B, Hq, M, d] in ``query.dtype``;
-    accumulation is fp32. ``tuning``: ``block_tokens``, ``split_tokens``, ``num_warps``, ``num_stages`` (launch choices, not results).
-    """
+    the masks. Query head ``i`` reads KV head ``i // (Hq // Hkv)``. Returns [B, Hq, M, d] in ``query.dtype`` (zeros
+    for a query every position of which is masked); accumulation is fp32. ``tuning``: ``block_tokens``, ``split_tokens``, ``num_warps``, ``num_stages`` (launch
+    choices; they change the speed, not the result beyond rounding)."""
     from .triton_decode import decode_attention as run
 
     return run(query, keys, values, length, exact_k, exact_v, history_mask, exact_mask, scaling, softcap, **tuning)

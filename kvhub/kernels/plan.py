@@ -100,7 +100,8 @@ def stream_matrices(stream, head_dim: int, heads: int, device: torch.device) -> 
         basis, mean = stream.basis.to(device, torch.float32), stream.mean.to(device, torch.float32)
     basis = basis.index_select(-1, order)
     if stream.codec.scale == "channel":
-        steps = torch.cat([GAUSSIAN_STEP[s.bits] * stream.sigma[:, a:b] if s.bits < 16 else torch.ones_like(stream.sigma[:, a:b])
+        sigma = stream.sigma
+        steps = torch.cat([GAUSSIAN_STEP[s.bits] * sigma[:, a:b] if s.bits < 16 else torch.ones_like(sigma[:, a:b])
                            for s, (a, b) in zip(stream.segments, stream.bounds)], dim=-1)
         basis = basis * steps.to(device, torch.float32).index_select(-1, order)[:, None, :]
     basis = basis.contiguous()
