@@ -43,7 +43,12 @@ class _TargetOnlyDriver:
 def main() -> None:
     assert os.environ.get("TRITON_INTERPRET") != "1", "run without TRITON_INTERPRET"
     os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
-    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="kvhub-triton-")  # compile for real, not from a cache
+    with tempfile.TemporaryDirectory(prefix="kvhub-triton-") as cache:
+        os.environ["TRITON_CACHE_DIR"] = cache  # compile for real, not from an earlier run's cache
+        compile_all()
+
+
+def compile_all() -> None:
     triton.runtime.driver.set_active(_TargetOnlyDriver())
     launch = JITFunction.run
 
