@@ -2,6 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
+import torch
+
+# Without a GPU, the Triton kernel tests (tests/test_kernels.py) run the kernels in Triton's CPU interpreter. The
+# choice is made when triton is imported, and the imports below already import it (through torch._dynamo), so it
+# is made here, first. Only code that runs Triton kernels is affected.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from collections.abc import Iterator
 from pathlib import Path
 
