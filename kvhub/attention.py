@@ -8,7 +8,8 @@ data) and values as ``Z_v`` of ``U_v``::
 
 Grouped-query heads are handled by viewing the queries as ``[batch, kv_heads, group * q_len, d]``, so K/V are never
 repeated. Sink and recent tokens (exact) join the same softmax. Long query chunks are tiled so the score matrix stays
-bounded (``SCORE_ELEMENTS``).
+bounded (``SCORE_ELEMENTS``). On CUDA with Triton, decode steps (up to ``kernels.MAX_QUERY_TOKENS`` queries) run the
+fused kernels of :mod:`kvhub.kernels` instead (``KVHUB_KERNELS`` forces either path).
 
 The switch is scoped and keeps the user's kernel: ``with compressed_attention(model):`` sets the model's attention
 implementation to ``kvhub_<kernel>`` (``kvhub_sdpa``, ``kvhub_eager``, ``kvhub_flash_attention_2``, ...), whose mask is
@@ -28,6 +29,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from . import kernels
 from .layer import MASKED
 from .stream import _scratch
 
@@ -102,6 +104,14 @@ def _attend_compressed(layer, query, key, value, attention_mask, scaling, softca
     mask = layer.storage_mask(_additive(attention_mask, q_len), q_len, total)
 
     keys, values = layer.streams["keys"], layer.streams["values"]
+    if q_len <= kernels.MAX_QUERY_TOKENS and kernels.backend(query.device) == "triton":
+        history_mask = exact_mask = None
+        if mask is not None:  # storage order: sink | history | recent and new
+            mask = mask[:, 0].expand(bsz, q_len, total)
+            history_mask = mask[..., n_sink : n_sink + history]
+            exact_mask = torch.cat([mask[..., :n_sink], mask[..., n_sink + history :]], -1)
+        out = kernels.decode_attention(query, keys, values, history, key, value, history_mask, exact_mask, scaling, softcap)
+        return out.transpose(1, 2).contiguous(), None
     u_k, _ = _augmented(keys)
     _, w_v = _augmented(values)
     z_k, z_v = _coefficients(keys, history, "zk"), _coefficients(values, history, "zv")
