@@ -18,11 +18,11 @@ from transformers import DynamicCache
 
 from kvhub import CacheCodec, CompressedCache, KVPreset, ModelShape, calibrate, load_model
 from kvhub.attention import enable
+from kvhub.corpora import CORPORA
 from kvhub.eval import hardware
 from kvhub.text import read_texts, token_windows
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "corpora"
 NEW_TOKENS = 32
 
 
@@ -38,7 +38,7 @@ def main() -> None:
     model, tok = load_model("HuggingFaceTB/SmolLM2-135M-Instruct")
     enable(model)
     shape = ModelShape.from_config(model.config)
-    calib_text = read_texts([SHARED / "calibration"])[0][1]
+    calib_text = read_texts([CORPORA / "calibration"])[0][1]
     inherited = calibrate(model, token_windows(tok, calib_text, 1024, 1, where="spread"), sink=0, progress=False)[0]
     preset = KVPreset.from_pretrained(ROOT / "presets" / "HuggingFaceTB--SmolLM2-135M-Instruct")
     setups = {
@@ -50,7 +50,7 @@ def main() -> None:
     rows = {}
     for name, make in setups.items():
         rows[name] = {}
-        for corpus, text in read_texts([SHARED / "evaluation"]):
+        for corpus, text in read_texts([CORPORA / "evaluation"]):
             ids = token_windows(tok, text, 2048 - NEW_TOKENS, 1)[0]
             ref = continue_greedy(model, ids, DynamicCache(config=model.config))
             cache = make()

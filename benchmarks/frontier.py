@@ -26,13 +26,13 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from kvhub import CacheCodec, CompressedCache, KVPreset, ModelShape, calibrate, load_model
 from kvhub.attention import enable
+from kvhub.corpora import CORPORA
 from kvhub.eval import hardware
 from kvhub.eval.needle import needle_grid
 from kvhub.eval.ppl import PerplexityResult, window_nll
 from kvhub.text import read_texts, token_windows
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "corpora"
 RESULTS = ROOT / "benchmarks" / "results"
 PRESETS = {"kvhub 0.5% preset": ROOT / "benchmarks" / "presets" / "smollm2-0.5pct",
            "kvhub 1% preset (bundled)": ROOT / "presets" / "HuggingFaceTB--SmolLM2-135M-Instruct",
@@ -123,7 +123,7 @@ def _qtensor_parts(t):
 # --- methods -------------------------------------------------------------------------------------------------------
 def inherited_bases(model, tok, sink: int):
     """The inherited recipe's basis: 1024 calibration tokens, the attention sink inside the statistics."""
-    text = read_texts([SHARED / "calibration"])[0][1]
+    text = read_texts([CORPORA / "calibration"])[0][1]
     return calibrate(model, token_windows(tok, text, 1024, 1, where="spread"), sink=sink, progress=False)[0]
 
 
@@ -167,7 +167,7 @@ def main() -> None:
     t0 = time.time()
     model, tok = load_model("HuggingFaceTB/SmolLM2-135M-Instruct")
     enable(model)  # kvhub caches decode from their codes; every other cache gets SDPA unchanged
-    texts = read_texts([SHARED / "evaluation"])
+    texts = read_texts([CORPORA / "evaluation"])
     windows = {name: token_windows(tok, text, args.window_tokens, args.windows) for name, text in texts}
     rows = {}
     todo = methods(model, tok)

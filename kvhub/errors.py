@@ -86,3 +86,7 @@ class UnknownModelError(RegistryError):
 
 class NoPresetError(RegistryError):
     """A model the registry knows but for which no validated preset is published (pending or failed)."""
+
+
+class CorpusNotFoundError(KVHubError, FileNotFoundError):
+    """A default calibration or evaluation corpus is not where kvhub looks (e.g. kvhub installed from a wheel)."""

@@ -31,6 +31,7 @@ from kvhub.registry_tools.verify import compare_needle
 from kvhub.registry_tools.zoo import CLAIMS_HEADING, render_plot
 from tests.conftest import TINY_MODEL_ID
 from tests.hub_server import DEFAULT_TOKEN
+from tests.paths import EVALUATION
 from tests.tiny_models import tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -331,7 +332,7 @@ def test_benchmark_preset_verifies_on_cpu(tmp_path, capsys):
     """The SmolLM2 preset re-measured on CPU with its full recorded protocol (3 corpora x 3 windows of 2048 tokens,
     the needle grid): what validate-preset.yml does on a GPU for every contributed preset. Minutes, not seconds."""
     folder = REPO / "presets" / "HuggingFaceTB--SmolLM2-135M-Instruct"
-    corpus = REPO.parent / "shared" / "corpora" / "evaluation"
+    corpus = EVALUATION
     code, out, err = cli(capsys, "registry", "verify", folder, "--device", "cpu", "--ppl", corpus,
                          "--report-dir", tmp_path)
     assert code == 0, out + err
@@ -519,7 +520,8 @@ def test_workflows_pass_actionlint():
 def test_workflow_conventions():
     ci = workflow("ci.yml")
     assert set(ci["on"]) == {"push", "pull_request"}
-    assert "bash scripts/test.sh" in [s.get("run") for s in ci["jobs"]["test"]["steps"]]
+    runs = {name: [s.get("run") for s in job["steps"]] for name, job in ci["jobs"].items()}
+    assert 'bash scripts/test.sh -m "not slow"' in runs["test"] and "bash scripts/test.sh -m slow" in runs["slow"]
 
     validate = workflow("validate-preset.yml")
     assert validate["on"] == {"pull_request": {"paths": ["presets/**"]}}

@@ -5,17 +5,16 @@ from __future__ import annotations
 import shlex
 import sys
 
-from pathlib import Path
-
 import click
 
-DEFAULT_CALIB = "../shared/corpora/calibration"
+from ..corpora import CORPORA, default_corpus
 
 
 @click.command()
 @click.option("--model", required=True, help="Local folder, Hub id, or 'HuggingFaceTB/SmolLM2-135M-Instruct' (bundled).")
 @click.option("--calib", "calib_files", multiple=True, type=click.Path(exists=True),
-              help=f"Calibration text files or folders (repeatable; never the evaluation text). Default: {DEFAULT_CALIB}.")
+              help=f"Calibration text files or folders (repeatable; never the evaluation text). "
+                   f"Default: {CORPORA / 'calibration'} (the checkout's corpora/calibration).")
 @click.option("--target-ppl-delta", type=float, default=0.01, show_default=True,
               help="Perplexity budget as a fraction: 0.01 = +1%.")
 @click.option("--out", type=click.Path(), default=None, help="Preset folder to write (default: presets/<org>--<name>).")
@@ -31,10 +30,8 @@ def tune(model, calib_files, target_ppl_delta, out, eval_files, needle, windows,
     from ..tuning import TuneConfig, tune as run_tune
 
     if not calib_files:
-        if not Path(DEFAULT_CALIB).is_dir():
-            raise click.UsageError(f"--calib is required ({DEFAULT_CALIB} does not exist): point it at calibration text")
-        calib_files = (DEFAULT_CALIB,)
-        click.echo(f"calibrating on {DEFAULT_CALIB} (pass --calib to choose)")
+        calib_files = (str(default_corpus("calibration")),)
+        click.echo(f"calibrating on {calib_files[0]} (pass --calib to choose)")
     if not 0 < target_ppl_delta < 1:
         raise click.UsageError(f"--target-ppl-delta {target_ppl_delta} must be a fraction in (0, 1), e.g. 0.01 for +1%")
     cfg = TuneConfig(model, list(calib_files), target_ppl_delta, list(eval_files) or None, needle,
