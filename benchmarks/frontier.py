@@ -10,6 +10,7 @@ transformers implementation with its per-channel key blocks).
 
     python benchmarks/frontier.py                 # writes benchmarks/results/frontier.{json,md,png}
     python benchmarks/frontier.py --needle        # adds the needle grid for the rows listed in NEEDLE_ROWS
+    python benchmarks/frontier.py --render        # rewrites frontier.{md,png} from frontier.json, measuring nothing
 """
 
 from __future__ import annotations
@@ -34,8 +35,7 @@ from kvhub.text import read_texts, token_windows
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-PRESETS = {"kvhub 0.5% preset": ROOT / "benchmarks" / "presets" / "smollm2-0.5pct",
-           "kvhub 1% preset (bundled)": ROOT / "presets" / "HuggingFaceTB--SmolLM2-135M-Instruct",
+PRESETS = {"kvhub 1% preset (bundled)": ROOT / "presets" / "HuggingFaceTB--SmolLM2-135M-Instruct",
            "kvhub 3% preset": ROOT / "benchmarks" / "presets" / "smollm2-3pct"}
 NEEDLE_ROWS = ("DynamicCache (fp)", "QuantizedCache quanto int4", "kvhub 1% preset (bundled)")
 
@@ -163,7 +163,15 @@ def main() -> None:
     ap.add_argument("--needle", action="store_true")
     ap.add_argument("--only", default=None, help="comma-separated row names to run (default: all)")
     ap.add_argument("--out", default=str(RESULTS / "frontier"))
+    ap.add_argument("--render", action="store_true",
+                    help="measure nothing: rewrite OUT.md and OUT.png from OUT.json (after editing the rows by hand)")
     args = ap.parse_args()
+    if args.render:
+        result = json.loads(Path(args.out + ".json").read_text())
+        write_table(result, Path(args.out + ".md"))
+        plot(result, Path(args.out + ".png"))
+        print(f"wrote {args.out}.md/.png from {args.out}.json")
+        return
     t0 = time.time()
     model, tok = load_model("HuggingFaceTB/SmolLM2-135M-Instruct")
     enable(model)  # kvhub caches decode from their codes; every other cache gets SDPA unchanged
