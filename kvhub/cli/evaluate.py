@@ -45,8 +45,10 @@ def eval_cmd(preset, model_name, ppl_files, windows, window_tokens, chunk, needl
         click.echo(f"{name:<28} PPL {row['base']:.3f} -> {row['compressed']:.3f}  ({row['delta_pct']:+.3f}%)")
     click.echo(f"{'mean delta':<28} {result.mean_delta_pct:+.3f}%")
     c = result.compression
-    click.echo(f"compression at {window_tokens} tokens: total {c['total']:.2f}x (keys {c['keys']:.2f}x, values {c['values']:.2f}x), "
-               f"{result.bytes['total']} bytes held")
+    click.echo(f"compression per sequence at {window_tokens} tokens: total {c['total']:.2f}x "
+               f"(keys {c['keys']:.2f}x, values {c['values']:.2f}x)")
+    if result.footprint is not None:
+        click.echo("\n".join(result.footprint.lines()))
     if result.needle:
         for ctx, comp, base in zip(contexts, result.needle.hits, result.needle_baseline.hits):
             click.echo(f"needle {ctx:>5}: {''.join('x' if h else '.' for h in comp)} ({sum(comp)}/{len(comp)})  "
