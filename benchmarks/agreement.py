@@ -13,32 +13,22 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-from transformers import DynamicCache
-
 from kvhub import CacheCodec, CompressedCache, KVPreset, ModelShape, calibrate, load_model
 from kvhub.attention import enable
+from kvhub.corpora import CORPORA
 from kvhub.eval import hardware
+from kvhub.eval.agreement import greedy_agreement
 from kvhub.text import read_texts, token_windows
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "corpora"
 NEW_TOKENS = 32
-
-
-@torch.no_grad()
-def continue_greedy(model, ids, cache, chunk=128):
-    for start in range(0, ids.shape[1] - 1, chunk):
-        model(input_ids=ids[:, start : min(start + chunk, ids.shape[1] - 1)], cache=cache, use_cache=True)
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), cache=cache, max_new_tokens=NEW_TOKENS, do_sample=False)
-    return out[0, ids.shape[1]:]
 
 
 def main() -> None:
     model, tok = load_model("HuggingFaceTB/SmolLM2-135M-Instruct")
     enable(model)
     shape = ModelShape.from_config(model.config)
-    calib_text = read_texts([SHARED / "calibration"])[0][1]
+    calib_text = read_texts([CORPORA / "calibration"])[0][1]
     inherited = calibrate(model, token_windows(tok, calib_text, 1024, 1, where="spread"), sink=0, progress=False)[0]
     preset = KVPreset.from_pretrained(ROOT / "presets" / "HuggingFaceTB--SmolLM2-135M-Instruct")
     setups = {
@@ -50,16 +40,14 @@ def main() -> None:
     rows = {}
     for name, make in setups.items():
         rows[name] = {}
-        for corpus, text in read_texts([SHARED / "evaluation"]):
+        for corpus, text in read_texts([CORPORA / "evaluation"]):
             ids = token_windows(tok, text, 2048 - NEW_TOKENS, 1)[0]
-            ref = continue_greedy(model, ids, DynamicCache(config=model.config))
             cache = make()
-            out = continue_greedy(model, ids, cache)
-            n = min(len(ref), len(out))
+            agreed = greedy_agreement(model, ids, cache, NEW_TOKENS)
             rows[name][corpus] = {
-                "leading_equal": int((ref[:n] == out[:n]).cumprod(0).sum()),
-                "positions_equal": int((ref[:n] == out[:n]).sum()),
-                "generated": n,
+                "leading_equal": agreed.leading_equal,
+                "positions_equal": agreed.positions_equal,
+                "generated": agreed.generated,
                 "compression": round(cache.compression_ratio(), 3),
                 "tokens_held": cache.get_seq_length(),
             }

@@ -10,6 +10,7 @@ transformers implementation with its per-channel key blocks).
 
     python benchmarks/frontier.py                 # writes benchmarks/results/frontier.{json,md,png}
     python benchmarks/frontier.py --needle        # adds the needle grid for the rows listed in NEEDLE_ROWS
+    python benchmarks/frontier.py --render        # rewrites frontier.{md,png} from frontier.json, measuring nothing
 """
 
 from __future__ import annotations
@@ -26,16 +27,15 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from kvhub import CacheCodec, CompressedCache, KVPreset, ModelShape, calibrate, load_model
 from kvhub.attention import enable
+from kvhub.corpora import CORPORA
 from kvhub.eval import hardware
 from kvhub.eval.needle import needle_grid
 from kvhub.eval.ppl import PerplexityResult, window_nll
 from kvhub.text import read_texts, token_windows
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "corpora"
 RESULTS = ROOT / "benchmarks" / "results"
-PRESETS = {"kvhub 0.5% preset": ROOT / "benchmarks" / "presets" / "smollm2-0.5pct",
-           "kvhub 1% preset (bundled)": ROOT / "presets" / "HuggingFaceTB--SmolLM2-135M-Instruct",
+PRESETS = {"kvhub 1% preset (bundled)": ROOT / "presets" / "HuggingFaceTB--SmolLM2-135M-Instruct",
            "kvhub 3% preset": ROOT / "benchmarks" / "presets" / "smollm2-3pct"}
 NEEDLE_ROWS = ("DynamicCache (fp)", "QuantizedCache quanto int4", "kvhub 1% preset (bundled)")
 
@@ -123,7 +123,7 @@ def _qtensor_parts(t):
 # --- methods -------------------------------------------------------------------------------------------------------
 def inherited_bases(model, tok, sink: int):
     """The inherited recipe's basis: 1024 calibration tokens, the attention sink inside the statistics."""
-    text = read_texts([SHARED / "calibration"])[0][1]
+    text = read_texts([CORPORA / "calibration"])[0][1]
     return calibrate(model, token_windows(tok, text, 1024, 1, where="spread"), sink=sink, progress=False)[0]
 
 
@@ -163,11 +163,19 @@ def main() -> None:
     ap.add_argument("--needle", action="store_true")
     ap.add_argument("--only", default=None, help="comma-separated row names to run (default: all)")
     ap.add_argument("--out", default=str(RESULTS / "frontier"))
+    ap.add_argument("--render", action="store_true",
+                    help="measure nothing: rewrite OUT.md and OUT.png from OUT.json (after editing the rows by hand)")
     args = ap.parse_args()
+    if args.render:
+        result = json.loads(Path(args.out + ".json").read_text())
+        write_table(result, Path(args.out + ".md"))
+        plot(result, Path(args.out + ".png"))
+        print(f"wrote {args.out}.md/.png from {args.out}.json")
+        return
     t0 = time.time()
     model, tok = load_model("HuggingFaceTB/SmolLM2-135M-Instruct")
     enable(model)  # kvhub caches decode from their codes; every other cache gets SDPA unchanged
-    texts = read_texts([SHARED / "evaluation"])
+    texts = read_texts([CORPORA / "evaluation"])
     windows = {name: token_windows(tok, text, args.window_tokens, args.windows) for name, text in texts}
     rows = {}
     todo = methods(model, tok)

@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from kvhub.eval.needle import ANSWER_PREFIX, CONTEXTS, DEPTHS, NEEDLE, QUESTION, passkey  # noqa: E402
+from kvhub.corpora import CORPORA  # noqa: E402
 from kvhub.models import benchmark_model_dir  # noqa: E402
 
 from kvpress import ExpectedAttentionPress, SnapKVPress  # noqa: E402
@@ -42,7 +43,7 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tok, device="cpu")
-    hay_text = (ROOT.parent / "shared" / "corpora" / "evaluation" / "austen_persuasion.txt").read_text()
+    hay_text = (CORPORA / "evaluation" / "austen_persuasion.txt").read_text()
     hay = tok.encode(hay_text, add_special_tokens=False)
     overhead = len(tok.apply_chat_template([{"role": "user", "content": "\n\n" + QUESTION}], add_generation_prompt=True,
                                            tokenize=True)) + len(tok.encode(ANSWER_PREFIX, add_special_tokens=False))

@@ -98,3 +98,7 @@ class NoPresetError(RegistryError):
 
 class PullRequestError(RegistryError):
     """A pull request whose changes cannot be verified as preset data (code, links, oversize or unknown files)."""
+
+
+class CorpusNotFoundError(KVHubError, FileNotFoundError):
+    """A default calibration or evaluation corpus is not where kvhub looks (e.g. kvhub installed from a wheel)."""

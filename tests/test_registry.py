@@ -27,6 +27,7 @@ from kvhub.registry_tools.verify import compare_needle
 from kvhub.registry_tools.zoo import CLAIMS_HEADING, render_plot
 from tests.conftest import TINY_MODEL_ID
 from tests.hub_server import DEFAULT_TOKEN
+from tests.paths import EVALUATION
 from tests.tiny_models import tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -262,6 +263,31 @@ def test_zoo_links_only_commits_on_the_public_hub():
 
 # --- verify ---------------------------------------------------------------------------------------------------
 
+def safetensors_data_bytes(path: Path) -> int:
+    """Bytes of tensor data in a .safetensors file: the file less its 8-byte length prefix and JSON header."""
+    raw = path.read_bytes()
+    return len(raw) - 8 - int.from_bytes(raw[:8], "little")
+
+
+def test_eval_and_show_report_per_sequence_shared_and_allocated_bytes(tiny_preset, model_dir, eval_text, tmp_path,
+                                                                      capsys):
+    folder = tmp_path / "preset"
+    shutil.copytree(tiny_preset, folder)
+    code, out, err = cli(capsys, "eval", folder, "--model", model_dir, "--ppl", eval_text, *EVAL_ARGS,
+                         "--write-metrics")
+    assert code == 0, err
+    held = KVPreset.load_folder(folder).config["metrics"]["bytes"]
+    assert held["bases"] == safetensors_data_bytes(folder / BASES_NAME)  # the fp32 bases, counted from the file
+    assert 0 < held["total"] <= held["allocated"]
+    assert held["fp16"] == 64 * 2 * 2 * tiny_model("llama").config.num_hidden_layers * 2 * 16  # tokens*K,V*fp16*L*H*d
+    for words in ("per sequence", "shared bases", "allocated", "amortized over batch 1", "64 tokens, batch 1"):
+        assert words in out, out
+    code, shown, err = cli(capsys, "show", folder)
+    assert code == 0, err
+    assert f"{held['bases']:,}" in shown and f"{held['allocated']:,}" in shown
+    assert f"amortized over batch 1: {held['fp16'] / (held['total'] + held['bases']):.2f}x" in shown
+
+
 def test_verify_passes_when_the_claims_match(preset_copy, model_dir, eval_text, tmp_path, capsys):
     code, out, err = verify(capsys, preset_copy, model_dir, eval_text, tmp_path / "report")
     assert code == 0, err
@@ -344,7 +370,7 @@ def test_benchmark_preset_verifies_on_cpu(tmp_path, capsys):
     """The SmolLM2 preset re-measured on CPU with its full recorded protocol (3 corpora x 3 windows of 2048 tokens,
     the needle grid): what validate-preset.yml does on a GPU for every contributed preset. Minutes, not seconds."""
     folder = REPO / "presets" / "HuggingFaceTB--SmolLM2-135M-Instruct"
-    corpus = REPO.parent / "shared" / "corpora" / "evaluation"
+    corpus = EVALUATION
     code, out, err = cli(capsys, "registry", "verify", folder, "--device", "cpu", "--ppl", corpus,
                          "--report-dir", tmp_path)
     assert code == 0, out + err

@@ -8,12 +8,15 @@ import sys
 
 import click
 
+from ..corpora import CORPORA, default_corpus
+
 
 @click.command("eval")
 @click.argument("preset")
 @click.option("--model", "model_name", default=None, help="Local folder or Hub id (default: the preset's base model).")
-@click.option("--ppl", "ppl_files", multiple=True, type=click.Path(exists=True), required=True,
-              help="Evaluation text files or folders (repeatable).")
+@click.option("--ppl", "ppl_files", multiple=True, type=click.Path(exists=True),
+              help=f"Evaluation text files or folders (repeatable; default: {CORPORA / 'evaluation'}, the "
+                   f"checkout's corpora/evaluation).")
 @click.option("--windows", default=3, show_default=True, help="Windows per file.")
 @click.option("--window-tokens", default=2048, show_default=True)
 @click.option("--chunk", default=128, show_default=True, help="Tokens fed through the cache per forward pass.")
@@ -30,6 +33,7 @@ def eval_cmd(preset, model_name, ppl_files, windows, window_tokens, chunk, needl
     from ..models import load_model
     from ..preset import KVPreset
 
+    ppl_files = ppl_files or (str(default_corpus("evaluation")),)
     p = KVPreset.from_pretrained(preset)
     model, tokenizer = load_model(model_name or p.base_model["id"], device=device)
     p.check_model(model.config)
@@ -41,8 +45,10 @@ def eval_cmd(preset, model_name, ppl_files, windows, window_tokens, chunk, needl
         click.echo(f"{name:<28} PPL {row['base']:.3f} -> {row['compressed']:.3f}  ({row['delta_pct']:+.3f}%)")
     click.echo(f"{'mean delta':<28} {result.mean_delta_pct:+.3f}%")
     c = result.compression
-    click.echo(f"compression at {window_tokens} tokens: total {c['total']:.2f}x (keys {c['keys']:.2f}x, values {c['values']:.2f}x), "
-               f"{result.bytes['total']} bytes held")
+    click.echo(f"compression per sequence at {window_tokens} tokens: total {c['total']:.2f}x "
+               f"(keys {c['keys']:.2f}x, values {c['values']:.2f}x)")
+    if result.footprint is not None:
+        click.echo("\n".join(result.footprint.lines()))
     if result.needle:
         for ctx, comp, base in zip(contexts, result.needle.hits, result.needle_baseline.hits):
             click.echo(f"needle {ctx:>5}: {''.join('x' if h else '.' for h in comp)} ({sum(comp)}/{len(comp)})  "

@@ -50,7 +50,12 @@ def describe(preset) -> str:
         return "\n".join(lines)
     c, p = m["compression"], m["perplexity"]
     lines.append(f"  measured at {m['context_length']} tokens on {m['hardware']} ({m['date']}, kvhub {m['kvhub_version']}):")
-    lines.append(f"    compression vs fp16: total {c['total']:.2f}x, keys {c['keys']:.2f}x, values {c['values']:.2f}x")
+    lines.append(f"    compression vs fp16, per sequence: total {c['total']:.2f}x, keys {c['keys']:.2f}x, "
+                 f"values {c['values']:.2f}x")
+    if m.get("bytes"):
+        from ..footprint import Footprint
+
+        lines += Footprint.of_metrics(m, preset.bases.nbytes()).lines("    ")
     for name, row in p["corpora"].items():
         lines.append(f"    PPL {name}: {row['base']:.3f} -> {row['compressed']:.3f} ({row['delta_pct']:+.2f}%)")
     lines.append(f"    PPL delta, mean: {p['mean_delta_pct']:+.3f}%")

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import click
 
-DEFAULT_EVAL = "corpora/evaluation"
+from ..corpora import CORPORA, default_corpus
+
 EVAL_ENV = "KVHUB_EVAL_CORPUS"
 
 
@@ -41,7 +42,7 @@ def _eval_options(f):
                      help="Local folder or Hub id to load (default: the model the preset names)."),
         click.option("--ppl", "ppl_files", multiple=True, type=click.Path(exists=True), envvar=EVAL_ENV,
                      help=f"Evaluation text files or folders the metrics were measured on (repeatable; "
-                          f"default: ${EVAL_ENV}, else {DEFAULT_EVAL})."),
+                          f"default: ${EVAL_ENV}, else {CORPORA / 'evaluation'}, the checkout's corpora/evaluation)."),
         click.option("--haystack", type=click.Path(exists=True), default=None,
                      help="Needle haystack (default: the Persuasion file among --ppl)."),
         click.option("--device", default=None, help="cpu, cuda, auto (device_map) ..."),
@@ -60,12 +61,7 @@ def _eval_options(f):
 
 
 def _ppl(ppl_files: tuple[str, ...]) -> list[str]:
-    if ppl_files:
-        return list(ppl_files)
-    if not Path(DEFAULT_EVAL).is_dir():
-        raise click.UsageError(f"--ppl is required ({DEFAULT_EVAL} does not exist): pass the evaluation text the "
-                               f"preset's metrics were measured on, or set {EVAL_ENV}")
-    return [DEFAULT_EVAL]
+    return list(ppl_files) if ppl_files else [str(default_corpus("evaluation"))]
 
 
 def _tolerances(ppl: float, compression: float, needle: int):

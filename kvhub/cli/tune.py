@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-DEFAULT_CALIB = "corpora/calibration"
+from ..corpora import CORPORA, default_corpus
 
 
 def _from_recipe(path: Path, model: str | None, target: float | None, out: str | None):
@@ -34,7 +34,8 @@ def _from_recipe(path: Path, model: str | None, target: float | None, out: str |
               help="Start from a pending model's recipe, presets/<org>--<name>/recipe.json: its model and perplexity "
                    "budget, and its folder as --out.")
 @click.option("--calib", "calib_files", multiple=True, type=click.Path(exists=True),
-              help=f"Calibration text files or folders (repeatable; never the evaluation text). Default: {DEFAULT_CALIB}.")
+              help=f"Calibration text files or folders (repeatable; never the evaluation text). "
+                   f"Default: {CORPORA / 'calibration'} (the checkout's corpora/calibration).")
 @click.option("--target-ppl-delta", type=float, default=None,
               help="Perplexity budget as a fraction: 0.01 = +1% (default: the recipe's, else 0.01).")
 @click.option("--out", type=click.Path(), default=None,
@@ -61,11 +62,8 @@ def tune(model, recipe_path, calib_files, target_ppl_delta, out, eval_files, nee
         raise click.UsageError("pass --model (a local folder or Hub id) or --recipe presets/<org>--<name>/recipe.json")
     target_ppl_delta = 0.01 if target_ppl_delta is None else target_ppl_delta
     if not calib_files:
-        if not Path(DEFAULT_CALIB).is_dir():
-            raise click.UsageError(f"--calib is required ({DEFAULT_CALIB} does not exist here): run from the "
-                                   "repository root, or point --calib at calibration text")
-        calib_files = (DEFAULT_CALIB,)
-        click.echo(f"calibrating on {DEFAULT_CALIB} (pass --calib to choose)")
+        calib_files = (str(default_corpus("calibration")),)
+        click.echo(f"calibrating on {calib_files[0]} (pass --calib to choose)")
     if not 0 < target_ppl_delta < 1:
         raise click.UsageError(f"--target-ppl-delta {target_ppl_delta} must be a fraction in (0, 1), e.g. 0.01 for +1%")
     cfg = TuneConfig(model, list(calib_files), target_ppl_delta, list(eval_files) or None, needle,

@@ -17,6 +17,7 @@ from transformers.cache_utils import Cache
 
 from .. import __version__
 from ..text import corpus_sha256, read_texts, token_windows
+from ..footprint import Footprint
 from .needle import CONTEXTS, DEPTHS, NeedleGrid, needle_grid
 from .ppl import PerplexityResult, window_nll
 
@@ -43,6 +44,7 @@ class EvalResult:
     needle_baseline: NeedleGrid | None = None
     bytes: dict[str, int] = field(default_factory=dict)
     compression: dict[str, float] = field(default_factory=dict)
+    footprint: Footprint | None = None  # per-sequence, shared-bases and allocated bytes of the last window
 
     @property
     def mean_delta_pct(self) -> float:
@@ -87,12 +89,13 @@ def evaluate(
                     r = window_nll(model, ids, cache, cfg.chunk)
                     sums[key] = PerplexityResult(sums[key].nll_sum + r.nll_sum, sums[key].tokens + r.tokens)
                     if key == "compressed":
-                        last_cache = cache
+                        last_cache, last_batch = cache, ids.shape[0]
                     bar.update()
             base, comp = sums["base"].ppl, sums["compressed"].ppl
             result.ppl[name] = {"base": base, "compressed": comp, "delta_pct": 100 * (comp / base - 1)}
     if last_cache is not None and hasattr(last_cache, "nbytes"):
-        result.bytes = last_cache.nbytes()
+        result.footprint = Footprint.of_cache(last_cache, last_batch)
+        result.bytes = last_cache.nbytes() | result.footprint.record()
         fp16 = last_cache.fp16_nbytes()
         per_stream = last_cache.stream_nbytes()
         result.compression = {
@@ -142,4 +145,4 @@ def metrics_block(result: EvalResult, cfg: EvalConfig, command: str | None = Non
     return metrics
 
 
-__all__ = ["EvalConfig", "EvalResult", "evaluate", "metrics_block", "token_windows"]
+__all__ = ["EvalConfig", "EvalResult", "Footprint", "evaluate", "metrics_block", "token_windows"]

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import RegistryError
+from ..footprint import ALLOCATED, PER_SEQUENCE, SHARED_BASES
+from ..preset import BASES_NAME
 from ..registry import Metrics, RegistryEntry, RegistryIndex
 from .layout import INDEX_PATH, PLOT_PATH, ZOO_PATH, RepoLayout, write_atomic
 
@@ -65,7 +67,7 @@ def _anchor(model: str) -> str:
 
 def _summary(entries: tuple[RegistryEntry, ...]) -> list[str]:
     lines = [
-        "| model | status | compression (total) | keys / values | PPL delta | needle (kvhub / baseline) | preset |",
+        "| model | status | compression per sequence (total) | keys / values | PPL delta | needle (kvhub / baseline) | preset |",
         "|---|---|---|---|---|---|---|",
     ]
     for e in entries:
@@ -126,10 +128,13 @@ def _details(e: RegistryEntry) -> list[str]:
         m = e.metrics
         lines += [
             f"| context length | {m.context_length} tokens |",
-            f"| compression total / keys / values | {_compression(m)} / {_kv(m)} |",
+            f"| compression per sequence, total / keys / values | {_compression(m)} / {_kv(m)} |",
             f"| PPL delta (mean over the evaluation corpora) | {m.ppl_delta_pct:+.2f}% |",
             f"| needle accuracy, kvhub / baseline | {_needle(m)} |",
         ]
+        bases = next((f.size for f in e.files if f.name == BASES_NAME), None)
+        if bases is not None:
+            lines.append(f"| shared bases ({BASES_NAME}) | {bases:,} bytes, paid once per model and device |")
     if e.provenance:
         p = e.provenance
         lines += [
@@ -169,8 +174,11 @@ def render_zoo(document: dict[str, Any], source: str = INDEX_PATH) -> str:
         "Only `validated` entries carry numbers: kvhub measured them on the preset files whose sha256s are listed "
         "(provenance below each model), and `kvhub registry verify` re-measures them. Validated and published are "
         "two facts: a preset is published once a Hub commit holds those files, and only commits on the public Hub "
-        "are linked. Compression is fp16 bytes "
-        "divided by the bytes the compressed cache really held, keys and values together; PPL delta is the mean "
+        "are linked. Compression is per sequence: "
+        "fp16 bytes divided by the bytes the compressed cache really held for the sequence, keys and values together "
+        f"({PER_SEQUENCE}). Next to it a device also holds the shared bases ({SHARED_BASES}; the size of the "
+        f"preset's bases file is listed under each model) and the allocated bytes ({ALLOCATED}), which depend on the "
+        "batch and context of a run: `kvhub eval` reports all three and both ratios. PPL delta is the mean "
         "perplexity change over the evaluation corpora; the needle columns are passkey-retrieval accuracy with the "
         "compressed cache and with the uncompressed baseline. `kvhub pull <model>` downloads a published preset at "
         "its pinned commit, or uses the copy packaged with kvhub when there is none, and checks every sha256 "

@@ -1,0 +1,68 @@
+"""The corpora ship in the repository, where kvhub's defaults look, and calibration never overlaps evaluation."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvhub.cli import main
+from kvhub.corpora import CORPORA, default_corpus
+from kvhub.errors import CorpusNotFoundError
+from tests.paths import CALIBRATION, EVALUATION, ROOT
+
+MIN_PARAGRAPH_CHARS = 80  # shorter paragraphs ("CHAPTER I", "THE END") legitimately repeat across books
+
+
+def paragraphs(folder) -> dict[str, str]:
+    out = {}
+    for path in sorted(folder.glob("*.txt")):
+        for para in path.read_text(encoding="utf-8").split("\n\n"):
+            para = " ".join(para.split())
+            if len(para) >= MIN_PARAGRAPH_CHARS:
+                out.setdefault(para, path.name)
+    return out
+
+
+def test_corpora_are_in_the_repo_where_the_defaults_resolve():
+    assert CORPORA == ROOT / "corpora"
+    assert default_corpus("calibration") == CALIBRATION and default_corpus("evaluation") == EVALUATION
+    assert len(list(CALIBRATION.glob("*.txt"))) == 5 and len(list(EVALUATION.glob("*.txt"))) == 3
+
+
+def test_calibration_and_evaluation_share_no_paragraph():
+    calibration, evaluation = paragraphs(CALIBRATION), paragraphs(EVALUATION)
+    assert len(calibration) > 1000 and len(evaluation) > 1000
+    shared = [(p[:60], calibration[p], evaluation[p]) for p in calibration.keys() & evaluation.keys()]
+    assert not shared, shared[:5]
+
+
+def test_missing_default_corpus_names_the_option(monkeypatch, tmp_path):
+    monkeypatch.setattr("kvhub.corpora.CORPORA", tmp_path / "corpora")
+    with pytest.raises(CorpusNotFoundError, match="--calib"):
+        default_corpus("calibration")
+    with pytest.raises(CorpusNotFoundError, match="--ppl"):
+        default_corpus("evaluation")
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_cli_defaults_name_the_repo_corpora_from_any_folder(monkeypatch, tmp_path, capsys):
+    monkeypatch.chdir(tmp_path)
+    for command, corpus in ((["tune"], CALIBRATION), (["eval"], EVALUATION), (["registry", "verify"], EVALUATION)):
+        code, out, _ = run_cli(capsys, *command, "--help")
+        assert code == 0 and str(corpus) in "".join(out.split()), command  # help wraps lines at hyphens too
+
+
+@pytest.mark.parametrize("command, option", [(["tune", "--model", "x"], "--calib"),
+                                             (["registry", "verify", "."], "--ppl"),
+                                             (["eval", "."], "--ppl")])
+def test_missing_corpora_is_one_error_line_naming_the_option(monkeypatch, tmp_path, capsys, command, option):
+    """What a wheel install sees: the corpora are not packaged, so the default is absent."""
+    monkeypatch.setattr("kvhub.corpora.CORPORA", tmp_path / "absent")
+    monkeypatch.delenv("KVHUB_EVAL_CORPUS", raising=False)
+    code, _, err = run_cli(capsys, *command)
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 1 and len(errors) == 1 and option in errors[0] and "Traceback" not in err, err

@@ -1,0 +1,198 @@
+"""Every number README.md, benchmarks/README.md and MODEL_ZOO.md quote comes from a results file of this repo.
+
+``CLAIMS`` is the one table to touch when a benchmark is re-run: each row is (doc, the text it quotes with ``{}``
+where the number goes, results file, where the number is in that JSON, format). The decode-speed table of
+benchmarks/README.md is rendered whole from its results file (:func:`decode_table`). After re-running a benchmark,
+``python -m tests.test_docs_numbers`` prints every quoted text as the results now give it, to paste into the docs.
+A second test finds every decimal figure (``1.23``, ``4.10x``, ``+0.70%``) in the checked parts of the docs and fails
+on any that no claim accounts for, so a hand-typed number cannot slip in.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = "benchmarks/results/"
+FRONTIER, BYTES, DECODE = RESULTS + "frontier.json", RESULTS + "bytes.json", RESULTS + "decode_speed.json"
+VERIFY, KVPRESS, INDEX = RESULTS + "smollm2-verify/report.json", RESULTS + "kvpress_needle.json", "registry/index.json"
+PRESET = ("rows", "kvhub 1% preset (bundled)")
+README, BENCH, ZOO = "README.md", "benchmarks/README.md", "MODEL_ZOO.md"
+
+
+@cache
+def load(path: str) -> Any:
+    return json.loads((ROOT / path).read_text())
+
+
+@cache
+def doc(path: str) -> str:
+    return (ROOT / path).read_text()
+
+
+def get(data: Any, where: tuple) -> Any:
+    for key in where:
+        data = data[key]
+    return data
+
+
+# --- derived values: small functions of one results file -------------------------------------------------------
+def needle(grid: list[list[int]]) -> str:
+    return ", ".join(f"{sum(row)}/{len(row)}" for row in grid)
+
+
+def decode_row(model: str, context: int, batch: int) -> dict:
+    return next(r for r in load(DECODE)["rows"] if (r["model"], r["context"], r["batch"]) == (model, context, batch))
+
+
+def decode_fp16_ratio(row: dict) -> float:
+    """fp16 K+V bytes / kvhub bytes: the fp32 DynamicCache of the same run holds exactly twice the fp16 bytes."""
+    m = row["methods"]
+    return m["DynamicCache"]["cache_bytes"] / 2 / m["kvhub"]["cache_bytes"]
+
+
+def kvhub_steps() -> list[float]:
+    return [r["methods"]["kvhub"]["step_ratio_vs_dynamic"] for r in load(DECODE)["rows"]]
+
+
+def bytes_row(batch: int) -> dict:
+    return next(r for r in load(BYTES)["rows"] if r["batch"] == batch)
+
+
+def peak(method: str, key: str, divide: int = 1) -> float:
+    return load(DECODE)["peak_generate"]["methods"][method][key] / divide / 1e6
+
+
+def bytes_table_row(batch: int) -> str:
+    r = bytes_row(batch)
+    everything = r["fp16"] / (r["allocated"] + r["shared_bases"])
+    return (f"| {batch} | {r['per_sequence']:,} | {r['ratio']:.2f}x | {r['shared_bases']:,} | "
+            f"{r['ratio_with_bases']:.2f}x | {r['allocated']:,} | {everything:.2f}x |")
+
+
+MODELS = {"smollm2": "SmolLM2-135M", "7b": "7B-shaped"}
+
+
+def decode_table() -> str:
+    """benchmarks/README.md's decode table, every row of decode_speed.json, kvhub's faster steps in bold."""
+    lines = ["| model | context | batch | QuantizedCache int4 step | kvhub step | kvhub compression vs fp16 |",
+             "|---|---|---|---|---|---|"]
+    for r in load(DECODE)["rows"]:
+        q, k = (r["methods"][m]["step_ratio_vs_dynamic"] for m in ("QuantizedCache quanto int4", "kvhub"))
+        step = f"**{k:.2f}x**" if k < 1 else f"{k:.2f}x"
+        lines.append(f"| {MODELS[r['model']]} | {r['context'] // 1024}k | {r['batch']} | {q:.2f}x | {step} | "
+                     f"{decode_fp16_ratio(r):.2f}x |")
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Claim:
+    doc: str
+    text: str  # as quoted in the doc, {} where the number goes
+    results: str  # results file, relative to the repo root
+    value: tuple | Callable[[Any], Any]  # JSON path in the results file, or a function of the loaded file
+    fmt: str = ".2f"
+
+    def number(self) -> str:
+        data = load(self.results)
+        value = self.value(data) if callable(self.value) else get(data, self.value)
+        return value if isinstance(value, str) else format(value, self.fmt)
+
+    def rendered(self) -> str:
+        return self.text.format(self.number())
+
+
+CLAIMS = [
+    # README.md, results table (frontier.json) ...
+    Claim(README, "| **{}x** (K", FRONTIER, PRESET + ("ratio",)),
+    Claim(README, "(K {}x,", VERIFY, ("measured", "compression", "keys")),
+    Claim(README, "V {}x) |", VERIFY, ("measured", "compression", "values")),
+    Claim(README, "| **{}%** |", FRONTIER, PRESET + ("mean_delta_pct",), "+.2f"),
+    Claim(README, "| {}: identical to DynamicCache", FRONTIER, lambda d: needle(d["rows"]["kvhub 1% preset (bundled)"]["needle"])),
+    Claim(README, "| int8 per token, K and V | {}x |", FRONTIER, ("rows", "int8 per token K+V", "ratio")),
+    Claim(README, "| int8 per token, K and V | 1.94x | {}% |", FRONTIER, ("rows", "int8 per token K+V", "mean_delta_pct"), "+.2f"),
+    Claim(README, "analytic bytes) | {}x |", FRONTIER, ("rows", "KIVI-4 (simulated)", "ratio")),
+    Claim(README, "analytic bytes) | 2.93x | {}% |", FRONTIER, ("rows", "KIVI-4 (simulated)", "mean_delta_pct"), "+.2f"),
+    Claim(README, "int4 (quanto) | {}x |", FRONTIER, ("rows", "QuantizedCache quanto int4", "ratio")),
+    Claim(README, "int4 (quanto) | 3.20x | {}% |", FRONTIER, ("rows", "QuantizedCache quanto int4", "mean_delta_pct"), "+.2f"),
+    Claim(README, "int4 (quanto) | 3.20x | +0.98% | {} |", FRONTIER, lambda d: needle(d["rows"]["QuantizedCache quanto int4"]["needle"])),
+    Claim(README, "| int4 per token | {}x |", FRONTIER, ("rows", "int4 per token", "ratio")),
+    Claim(README, "| int4 per token | 3.76x | {}% |", FRONTIER, ("rows", "int4 per token", "mean_delta_pct"), "+.2f"),
+    # ... bytes (bytes.json), whole table rows ...
+    Claim(README, "{}", BYTES, lambda d: bytes_table_row(1)),
+    Claim(README, "{}", BYTES, lambda d: bytes_table_row(4)),
+    # ... decode speed (decode_speed.json)
+    Claim(README, "takes from {}x (faster)", DECODE, lambda d: min(kvhub_steps())),
+    Claim(README, "to {}x (slower)", DECODE, lambda d: max(kvhub_steps())),
+    Claim(README, "the bytes allocated are {}x to", DECODE, lambda d: min(map(decode_fp16_ratio, d["rows"]))),
+    Claim(README, "to {}x fewer than", DECODE, lambda d: max(map(decode_fp16_ratio, d["rows"]))),
+    # benchmarks/README.md
+    Claim(BENCH, "{}", DECODE, lambda d: decode_table()),
+    Claim(BENCH, "kvhub's 1% preset: {}x at", FRONTIER, PRESET + ("ratio",)),
+    Claim(BENCH, "kvhub's 1% preset: 4.10x at {}% mean PPL", FRONTIER, PRESET + ("mean_delta_pct",), "+.2f"),
+    Claim(BENCH, "QuantizedCache int4: {}x at", FRONTIER, ("rows", "QuantizedCache quanto int4", "ratio")),
+    Claim(BENCH, "QuantizedCache int4: 3.20x at {}% (needle", FRONTIER, ("rows", "QuantizedCache quanto int4", "mean_delta_pct"), "+.2f"),
+    Claim(BENCH, "(needle {});", FRONTIER, lambda d: needle(d["rows"]["QuantizedCache quanto int4"]["needle"])),
+    Claim(BENCH, "KIVI-4 (simulated): {}x at", FRONTIER, ("rows", "KIVI-4 (simulated)", "ratio")),
+    Claim(BENCH, "KIVI-4 (simulated): 2.93x at {}%;", FRONTIER, ("rows", "KIVI-4 (simulated)", "mean_delta_pct"), "+.2f"),
+    Claim(BENCH, "the 3% preset:\n{}x at", FRONTIER, ("rows", "kvhub 3% preset", "ratio")),
+    Claim(BENCH, "4.54x at {}%.", FRONTIER, ("rows", "kvhub 3% preset", "mean_delta_pct"), "+.2f"),
+    Claim(BENCH, "presses at the same {}x", KVPRESS, ("kvhub_preset_compression",)),
+    Claim(BENCH, "(compression_ratio {})", KVPRESS, ("press_compression_ratio",), ".3f"),
+    Claim(BENCH, "retrieve\n{} of 15 needles", KVPRESS, lambda d: str(max(sum(map(sum, r["needle"])) for n, r in d["rows"].items() if "Press" in n))),
+    Claim(BENCH, "0 of {} needles", KVPRESS, lambda d: str(sum(map(len, d["rows"]["SnapKVPress(0.756)"]["needle"])))),
+    Claim(BENCH, "kvhub's cache holds {} MB", DECODE, lambda d: peak("kvhub", "cache_bytes"), ".1f"),
+    Claim(BENCH, "against {} MB for DynamicCache", DECODE, lambda d: peak("DynamicCache", "cache_bytes"), ".1f"),
+    Claim(BENCH, "an fp16 cache would hold {} MB", DECODE, lambda d: peak("DynamicCache", "cache_bytes", 2), ".1f"),
+    Claim(BENCH, "and {} MB for\nQuantizedCache int4", DECODE, lambda d: peak("QuantizedCache quanto int4", "cache_bytes"), ".1f"),
+    Claim(BENCH, "rises by {} MB,", DECODE, lambda d: peak("kvhub", "peak_rss_increase_bytes"), ".1f"),
+    Claim(BENCH, "MB, {} MB and", DECODE, lambda d: peak("DynamicCache", "peak_rss_increase_bytes"), ".1f"),
+    Claim(BENCH, "MB and {} MB respectively", DECODE, lambda d: peak("QuantizedCache quanto int4", "peak_rss_increase_bytes"), ".1f"),
+    # MODEL_ZOO.md is generated from the registry index (test_registry checks that); here the index's numbers are
+    # checked against the measurement they record (the verify report of the publish run).
+    Claim(ZOO, "| validated | {}x |", VERIFY, ("measured", "compression", "total")),
+    Claim(ZOO, "| {}x / 4.54x |", VERIFY, ("measured", "compression", "keys")),
+    Claim(ZOO, "| 3.74x / {}x |", VERIFY, ("measured", "compression", "values")),
+    Claim(ZOO, "| {}% | 0.73", VERIFY, ("measured", "perplexity", "mean_delta_pct"), "+.2f"),
+    Claim(ZOO, "| {} / 0.73 |", VERIFY, ("measured", "needle", "accuracy")),
+    Claim(ZOO, "| 0.73 / {} |", VERIFY, ("measured", "needle", "baseline_accuracy")),
+]
+
+
+@pytest.mark.parametrize("claim", CLAIMS, ids=lambda c: f"{c.doc}: {c.text[:40]}")
+def test_quoted_number_is_the_results_file(claim):
+    assert claim.rendered() in doc(claim.doc), (
+        f"{claim.doc} should quote {claim.rendered()!r} ({claim.results}); re-run `python -m tests.test_docs_numbers`")
+
+
+# The parts of each doc where every figure must be a claim: README's results, benchmarks/README's results; and the
+# figures there that are settings of a run, not results.
+CHECKED = {README: ("## Results on the benchmark model", "## Use it"), BENCH: ("## Frontier", None)}
+SETTINGS = {README: ("tuned for +1%",), BENCH: ("torch 2.13", "above 1.00x is slower")}
+FIGURE = re.compile(r"[+-]?\d[\d,]*\.\d+(?:x|%)?|[+-]?\d+(?:x|%)(?!\w)|\d{1,3}(?:,\d{3})+")
+
+
+@pytest.mark.parametrize("path", sorted(CHECKED))
+def test_every_figure_in_the_results_sections_is_a_claim(path):
+    text = doc(path)
+    start, end = CHECKED[path]
+    lo = text.index(start)
+    hi = text.index(end) if end else len(text)
+    quoted = [c.rendered() for c in CLAIMS if c.doc == path] + list(SETTINGS.get(path, ()))
+    spans = [(m.start(), m.end()) for q in quoted for m in re.finditer(re.escape(q), text)]
+    loose = [m.group() for m in FIGURE.finditer(text, lo, hi)
+             if not any(a <= m.start() and m.end() <= b for a, b in spans)]
+    assert not loose, f"{path}: figures no results file backs (add a row to CLAIMS or drop them): {loose}"
+
+
+if __name__ == "__main__":
+    for claim in CLAIMS:
+        print(f"{claim.doc} <- {claim.results}\n{claim.rendered()}\n")
