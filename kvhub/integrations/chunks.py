@@ -6,11 +6,12 @@ is encoded here with the same quantizers and bases as :class:`~kvhub.cache.Compr
 (:class:`~kvhub.stream.CompressedStream`), so its size follows from its shape and the preset alone, as a store that
 allocates buffers before it sees the data requires.
 
-Sink tokens without positions: a chunk cannot know whether it holds position 0, so each layer keeps ``exact`` of its
-tokens at 16 bits. ``exact_choice='first'`` keeps the chunk's first tokens (the sinks when the chunk starts the
-sequence); ``'outliers'`` keeps, per layer, the tokens the codec reconstructs worst (sinks are such tokens wherever
-they fall). The indices are stored, so the decoder does not care which rule chose them. The benchmark
-``benchmarks/lmcache_reuse.py`` measures both and none.
+Sink tokens without positions: a chunk cannot know whether it holds position 0 (its key is a content hash), so every
+chunk keeps its first ``exact`` tokens at 16 bits in every layer: the attention sinks when the chunk starts the
+sequence, a small fixed cost otherwise. Picking instead the tokens the codec reconstructs worst does not find the
+sinks (their error is not the largest; their weight in attention is), and keeping none costs quality:
+``benchmarks/lmcache_reuse.py`` measures 0, 1 and the preset's sink count. The indices are stored, so a future rule
+needs no new format.
 
 Tensor parallelism: a rank holds a contiguous slice of the KV heads (:class:`HeadSlice`) and encodes it with that
 slice of every basis; the slice is written into the header and checked on decode.
@@ -26,7 +27,7 @@ import hashlib
 import json
 import struct
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
@@ -47,8 +48,6 @@ HEADER_BYTES = 64
 _HEADER = struct.Struct("<4sHH32sHIHHHHB")  # magic, version, header size, digest, L, T, H, d, head0, exact, dtype
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 _CODE_DTYPES = {v: k for k, v in _DTYPE_CODES.items()}
-ExactChoice = Literal["first", "outliers"]
-EXACT_CHOICES = ("first", "outliers")
 
 
 def preset_digest(config: dict[str, Any]) -> bytes:
@@ -150,12 +149,10 @@ def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
 
 
 class ChunkCodec:
-    """Encodes and decodes chunks with one preset. ``exact`` tokens per layer are kept at 16 bits (default: the
-    preset's sink count), chosen by ``exact_choice`` (see the module docstring)."""
+    """Encodes and decodes chunks with one preset; the first ``exact`` tokens of each chunk are kept at 16 bits
+    (default: the preset's sink count, see the module docstring)."""
 
-    def __init__(self, preset: Any, exact: int | None = None, exact_choice: ExactChoice = "first") -> None:
-        if exact_choice not in EXACT_CHOICES:
-            raise CodecError(f"exact_choice '{exact_choice}' is not one of {EXACT_CHOICES}; fix: use 'first' or 'outliers'")
+    def __init__(self, preset: Any, exact: int | None = None) -> None:
         self.codec = preset.codec
         self.shape = preset.shape
         self.bases = preset.bases
@@ -163,7 +160,6 @@ class ChunkCodec:
         self.exact = max(layer.sink for layer in self.codec.layers) if exact is None else int(exact)
         if self.exact < 0:
             raise CodecError(f"exact={self.exact} must be >= 0; fix: pass a token count (0 keeps none exact)")
-        self.exact_choice = exact_choice
         self._sliced: dict[tuple[int, str, HeadSlice], StreamBasis] = {}
 
     # --- sizes ------------------------------------------------------------------------------------------------
@@ -217,13 +213,6 @@ class ChunkCodec:
     def _stream(self, i: int, name: str, heads: HeadSlice, device, dtype: torch.dtype) -> CompressedStream:
         return CompressedStream(self.codec.layers[i].stream(name), self._basis(i, name, heads), device, store_dtype(dtype))
 
-    def _exact_indices(self, x: dict[str, torch.Tensor], streams: dict[str, CompressedStream], tokens: int) -> torch.Tensor:
-        e = min(self.exact, tokens)
-        if self.exact_choice == "first" or e == 0:
-            return torch.arange(e)
-        err = sum((streams[n].decode(torch.float32) - x[n].float()).pow(2).sum((0, 1, 3)) for n in STREAMS)
-        return err.topk(e).indices.sort().values.cpu()
-
     def encode(self, chunk: torch.Tensor, out: torch.Tensor, heads: HeadSlice) -> int:
         """Write ``chunk`` [2, L, T, H*d] into the flat uint8 ``out``; return the bytes written."""
         layers, tokens = self._check_shape(chunk.shape, heads)
@@ -254,7 +243,7 @@ class ChunkCodec:
             streams = {n: self._stream(i, n, heads, chunk.device, chunk.dtype) for n in STREAMS}
             for n in STREAMS:
                 streams[n].append(x[n])
-            idx = self._exact_indices(x, streams, tokens)
+            idx = torch.arange(min(self.exact, tokens))
             keep = torch.ones(tokens, dtype=torch.bool)
             keep[idx] = False
             if idx.numel():
@@ -333,5 +322,20 @@ class ChunkCodec:
                 dst[n][keep] = stream.decode(out.dtype)[0].permute(1, 0, 2)
 
 
-__all__ = ["ChunkCodec", "ChunkHeader", "HeadSlice", "preset_digest", "MAGIC", "FORMAT_VERSION", "HEADER_BYTES",
-           "EXACT_CHOICES"]
+def to_chunks(keys: list[torch.Tensor], values: list[torch.Tensor], tokens: int) -> list[torch.Tensor]:
+    """Per-layer keys and values [1, H, T, d] (a transformers cache's layers) as LMCache's KV_2LTD chunks
+    [2, L, tokens, H*d], in their dtype; a last partial chunk is dropped, as LMCache stores only full chunks."""
+    kv = torch.stack([torch.stack(keys), torch.stack(values)])[:, :, 0]  # [2, L, H, T, d]
+    kv = kv.permute(0, 1, 3, 2, 4).flatten(-2)  # [2, L, T, H*d]
+    return [kv[:, :, s : s + tokens].contiguous() for s in range(0, kv.shape[2] - tokens + 1, tokens)]
+
+
+def from_chunks(chunks: list[torch.Tensor], head_dim: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Inverse of :func:`to_chunks`: per-layer keys and values [1, H, T, d] for a transformers cache."""
+    kv = torch.cat(chunks, dim=2)  # [2, L, T, H*d]
+    kv = kv.unflatten(-1, (-1, head_dim)).permute(0, 1, 3, 2, 4).unsqueeze(2)  # [2, L, 1, H, T, d]
+    return list(kv[0]), list(kv[1])
+
+
+__all__ = ["ChunkCodec", "ChunkHeader", "HeadSlice", "to_chunks", "from_chunks", "preset_digest", "MAGIC", "FORMAT_VERSION",
+           "HEADER_BYTES"]

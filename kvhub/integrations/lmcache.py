@@ -10,8 +10,8 @@ stores every chunk with the preset's calibrated codec (:mod:`kvhub.integrations.
 
 * ``preset`` (required): a preset folder, Hub repo id or model name, as :meth:`KVPreset.from_pretrained` takes;
   ``revision`` optionally pins it;
-* ``exact`` (default: the preset's sink) and ``exact_choice`` (``first`` or ``outliers``): tokens per chunk and
-  layer kept at 16 bits, since a chunk carries no position to tell where the attention sinks are;
+* ``exact`` (default: the preset's sink count): the first tokens of every chunk kept at 16 bits, since a chunk
+  carries no position to tell whether it holds the attention sinks;
 * ``tp_size`` / ``tp_rank``: the tensor-parallel layout, when the object key's ``kv_rank`` does not say it (a
   pipeline-parallel engine packs both into one world size: set them explicitly);
 * ``max_workers``: threads of LMCache's serde pool.
@@ -37,10 +37,10 @@ from lmcache.v1.memory_management import MemoryObj
 
 from ..errors import ChunkShapeError, CodecError
 from ..preset import KVPreset
-from .chunks import EXACT_CHOICES, ChunkCodec, HeadSlice
+from .chunks import ChunkCodec, HeadSlice
 
 SERDE_TYPE = "kvhub"
-_OPTIONS = {"preset", "revision", "exact", "exact_choice", "tp_size", "tp_rank", "max_workers"}
+_OPTIONS = {"preset", "revision", "exact", "tp_size", "tp_rank", "max_workers"}
 
 
 def _world_from_kv_rank(kv_rank: int) -> tuple[int, int]:
@@ -113,14 +113,11 @@ def create_serde(kwargs: dict[str, Any]) -> SerdeProcessor:
         raise CodecError(f"unknown kvhub serde option(s) {unknown}; fix: use only {sorted(_OPTIONS)}")
     if not isinstance(kwargs.get("preset"), str) or not kwargs["preset"]:
         raise CodecError("the kvhub serde needs 'preset': a preset folder, Hub repo id or model name")
-    choice = kwargs.get("exact_choice", "first")
-    if choice not in EXACT_CHOICES:
-        raise CodecError(f"kvhub serde option exact_choice={choice!r} is not one of {EXACT_CHOICES}")
     tp_size, tp_rank = _int_option(kwargs, "tp_size"), _int_option(kwargs, "tp_rank")
     if tp_size == 0 or (tp_rank is not None and tp_size is None):
         raise CodecError("kvhub serde: tp_size must be >= 1 and given whenever tp_rank is")
     preset = KVPreset.from_pretrained(kwargs["preset"], revision=kwargs.get("revision"))
-    codec = ChunkCodec(preset, _int_option(kwargs, "exact"), choice)
+    codec = ChunkCodec(preset, _int_option(kwargs, "exact"))
     return AsyncSerdeProcessor(
         KVHubSerializer(codec, tp_size, tp_rank),
         KVHubDeserializer(codec, tp_size, tp_rank),
