@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -90,10 +91,16 @@ class DiskStore:
             return {k: self.stored.sizes[k] for k in keys}
 
     def evict(self, keys: list[ObjectKey]) -> None:
-        """Drop the chunks from L1 memory, so reading them must go to disk."""
-        deleted, skipped = self.manager.delete_l1_keys(keys, force=True)
-        if deleted != len(keys):
-            raise KVHubError(f"evicted {deleted} of {len(keys)} chunks from L1 ({skipped} locked)")
+        """Drop the chunks from L1 memory, so reading them must go to disk. The store controller may still hold a
+        read lock for a moment after the adapter reports a chunk stored, so locked chunks are retried, never forced."""
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            _, locked = self.manager.delete_l1_keys(keys)  # idempotent: keys already gone are a no-op
+            if not locked:
+                return
+            if time.monotonic() > deadline:
+                raise KVHubError(f"{locked} of {len(keys)} chunks stayed locked in L1 for {self.timeout_s:.0f} s")
+            time.sleep(0.01)
 
     def get(self, keys: list[ObjectKey], shape: torch.Size, dtype: torch.dtype) -> list[torch.Tensor] | None:
         """Prefetch ``keys`` from disk into L1 and read them (copies); None if any could not be loaded, as when
