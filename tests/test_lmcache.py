@@ -246,3 +246,12 @@ def test_tensor_parallel_ranks_encode_their_head_slice(chunks, preset, tmp_path)
     assert HeadSlice.for_rank(3, 1, 5, 6) == HeadSlice(2, 1)  # more ranks than KV heads: vLLM replicates heads
     with pytest.raises(ChunkShapeError, match="tensor-parallel"):
         HeadSlice.for_rank(3, 2, 0, 2)
+
+
+def test_bf16_chunks_keep_their_dtype(chunks, preset):
+    """vLLM serves in bf16: exact tokens and the decoded chunk stay bf16, at the same bytes as an fp16 chunk."""
+    src = chunks[0][0].bfloat16()
+    out, n = encode_decode(preset, src)
+    assert out.dtype == torch.bfloat16 and torch.equal(out[:, :, :4], src[:, :, :4])
+    assert n == encode_decode(preset, src.half())[1]
+    assert rel_err(out[0], src[0]) < 0.10 and rel_err(out[1], src[1]) < 0.25
