@@ -201,6 +201,8 @@ def test_serde_config_errors_are_typed():
         create_serde({})
     with pytest.raises(CodecError, match="exact"):
         create_serde({"preset": str(PRESET), "exact": -1})
+    with pytest.raises(CodecError, match="between 0 and 32767"):
+        create_serde({"preset": str(PRESET), "exact": 40000})
     with pytest.raises(CodecError, match="tp_size"):
         create_serde({"preset": str(PRESET), "tp_rank": 1})
     from lmcache.v1.distributed.serde import get_registered_serde_types

@@ -48,6 +48,7 @@ HEADER_BYTES = 64
 _HEADER = struct.Struct("<4sHH32sHIHHHHB")  # magic, version, header size, digest, L, T, H, d, head0, exact, dtype
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 _CODE_DTYPES = {v: k for k, v in _DTYPE_CODES.items()}
+_MAX_EXACT = 2**15 - 1  # exact-token indices are stored as int16
 
 
 def preset_digest(config: dict[str, Any]) -> bytes:
@@ -158,8 +159,9 @@ class ChunkCodec:
         self.bases = preset.bases
         self.digest = preset_digest(preset.config)
         self.exact = max(layer.sink for layer in self.codec.layers) if exact is None else int(exact)
-        if self.exact < 0:
-            raise CodecError(f"exact={self.exact} must be >= 0; fix: pass a token count (0 keeps none exact)")
+        if not 0 <= self.exact <= _MAX_EXACT:
+            raise CodecError(f"exact={self.exact} must be between 0 and {_MAX_EXACT}; fix: pass a token count "
+                             "(0 keeps none exact)")
         self._sliced: dict[tuple[int, str, HeadSlice], StreamBasis] = {}
 
     # --- sizes ------------------------------------------------------------------------------------------------
