@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from transformers import DynamicCache
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from kvhub import KVPreset, load_model  # noqa: E402
 from kvhub.eval import hardware  # noqa: E402
+from kvhub.eval.ppl import continuation_nll  # noqa: E402
 from kvhub.integrations.chunks import from_chunks, to_chunks  # noqa: E402
 from kvhub.integrations.lmcache_disk import DiskStore  # noqa: E402
 from kvhub.text import read_texts, token_windows  # noqa: E402
@@ -50,18 +50,6 @@ def methods(preset_sink: int) -> dict[str, dict | None]:
         "kvhub serde, exact 1": kvhub | {"exact": 1},
         "kvhub serde, exact 0": kvhub | {"exact": 0},
     }
-
-
-@torch.no_grad()
-def continuation_nll(model, ids: torch.Tensor, prefix: int, keys, values) -> tuple[float, int]:
-    """Summed NLL and count of the continuation tokens predicted from inside the continuation, after a prefix whose
-    K/V are given (read through a plain DynamicCache)."""
-    cache = DynamicCache(config=model.config)
-    for i, (k, v) in enumerate(zip(keys, values)):
-        cache.update(k.float(), v.float(), i)
-    logits = model(input_ids=ids[:, prefix:], cache=cache, use_cache=True).logits[0, :-1].float()
-    target = ids[0, prefix + 1 :]
-    return F.cross_entropy(logits, target, reduction="sum").item(), target.numel()
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -97,9 +85,9 @@ def main() -> None:
     def ppl_by_corpus(restore) -> dict[str, float]:
         sums = {c: [0.0, 0] for c in corpora}
         for w, (corpus, ids, keys, values, _) in enumerate(windows):
-            nll, n = continuation_nll(model, ids, args.prefix, *restore(w, keys, values))
-            sums[corpus][0] += nll
-            sums[corpus][1] += n
+            r = continuation_nll(model, ids[:, args.prefix :], *restore(w, keys, values))
+            sums[corpus][0] += r.nll_sum
+            sums[corpus][1] += r.tokens
         return {c: math.exp(s / n) for c, (s, n) in sums.items()}
 
     baseline = ppl_by_corpus(lambda w, k, v: (k, v))

@@ -11,13 +11,13 @@ import shutil
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 lmcache = pytest.importorskip("lmcache")
 
 from transformers import DynamicCache  # noqa: E402
 
 from kvhub import KVPreset, load_model  # noqa: E402
+from kvhub.eval import ppl  # noqa: E402
 from kvhub.errors import (  # noqa: E402
     ChunkFormatError,
     ChunkPresetMismatchError,
@@ -74,12 +74,8 @@ def fp16(chunks):
 
 def continuation_nll(model, window, keys, values):
     """Mean NLL of the continuation after a prefix whose K/V are given, read through a plain DynamicCache."""
-    cache = DynamicCache(config=model.config)
-    for i, (k, v) in enumerate(zip(keys, values)):
-        cache.update(k.float(), v.float(), i)
-    with torch.no_grad():
-        logits = model(input_ids=window[:, PREFIX:], cache=cache, use_cache=True).logits[0, :-1]
-    return F.cross_entropy(logits.float(), window[0, PREFIX + 1 :]).item()
+    r = ppl.continuation_nll(model, window[:, PREFIX:], keys, values)
+    return r.nll_sum / r.tokens
 
 
 def round_trip(tmp_path, serde, chunks):
