@@ -16,6 +16,26 @@ class ModelLoadError(KVHubError):
     """A model that cannot be loaded."""
 
 
+class ChunkError(KVHubError, ValueError):
+    """A serialized KV chunk (``kvhub.integrations``) that cannot be decoded. Subclasses name the kind of problem."""
+
+
+class ChunkFormatError(ChunkError):
+    """Not a kvhub chunk, or one written by an unknown format version."""
+
+
+class ChunkTruncatedError(ChunkError):
+    """A buffer shorter than its header and shape say it must be."""
+
+
+class ChunkPresetMismatchError(ChunkError):
+    """A chunk encoded with another preset than the one decoding it: refused, never decoded into garbage."""
+
+
+class ChunkShapeError(ChunkError):
+    """A chunk whose layers, tokens, heads, head_dim, dtype or tensor-parallel slice do not match what is asked."""
+
+
 class PresetError(KVHubError):
     """A preset folder or config that is malformed or inconsistent. Subclasses name the kind of problem."""
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from transformers import DynamicCache
 from transformers.cache_utils import Cache
 
 from ..attention import compressed_attention
@@ -53,3 +54,17 @@ def perplexity(model, windows: list[torch.Tensor], make_cache: Callable[[], Cach
         r = window_nll(model, ids, make_cache(), chunk)
         total = PerplexityResult(total.nll_sum + r.nll_sum, total.tokens + r.tokens)
     return total
+
+
+@torch.no_grad()
+def continuation_nll(model, ids: torch.Tensor, past_keys: list[torch.Tensor], past_values: list[torch.Tensor]) -> PerplexityResult:
+    """Summed NLL of the ``T - 1`` tokens of ``ids`` [1, T] predicted from inside it, read in one pass against a plain
+    DynamicCache holding the given past (per-layer K/V [1, H, P, d], e.g. a prefix restored from a KV store): the
+    reuse case, where the past was computed once and stored, and a later request continues from it."""
+    cache = DynamicCache(config=model.config)
+    for i, (k, v) in enumerate(zip(past_keys, past_values)):
+        cache.update(k.float(), v.float(), i)
+    device = next(model.parameters()).device
+    ids = ids.to(device)
+    logits = model(input_ids=ids, cache=cache, use_cache=True).logits[0, :-1].float()
+    return PerplexityResult(F.cross_entropy(logits, ids[0, 1:], reduction="sum").item(), ids.shape[-1] - 1)

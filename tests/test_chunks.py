@@ -1,0 +1,90 @@
+"""The chunk byte format (kvhub.integrations.chunks) on a tiny model: the codec paths the bundled SmolLM2 preset does
+not take (16-bit segments, identity projection, static per-channel scales, uncompressed layers), checked against the
+input itself. Needs no lmcache: runs in the main suite. The LMCache end to end is tests/test_lmcache.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from kvhub import CacheCodec, KVPreset, LayerCodec, ModelShape, StreamCodec
+from kvhub.codec import Segment
+from kvhub.errors import ChunkPresetMismatchError, ChunkShapeError
+from kvhub.integrations.chunks import HEADER_BYTES, ChunkCodec, HeadSlice, from_chunks, to_chunks
+from tests.tiny_models import VOCAB, tiny_bases
+
+CAL = {"corpus": "random", "corpus_sha256": "0" * 64, "tokens": 256, "seq_len": 64, "sink": 2}
+HEADS = HeadSlice(0, 2)  # tiny llama: 2 layers, 2 KV heads, head_dim 16
+
+
+@pytest.fixture(scope="module")
+def kv(tiny_llama):
+    """Two 32-token fp16 chunks of the tiny model's real K/V."""
+    cache = DynamicCache(config=tiny_llama.config)
+    ids = torch.randint(3, VOCAB, (1, 64), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        tiny_llama(input_ids=ids, cache=cache, use_cache=True)
+    return [c.half() for c in to_chunks([la.keys for la in cache.layers], [la.values for la in cache.layers], 32)]
+
+
+def make_preset(model, codec: CacheCodec) -> KVPreset:
+    return KVPreset.create(model.config, codec, tiny_bases(model), CAL, "test/tiny-llama")
+
+
+def round_trip(preset, chunk, **kw):
+    codec = ChunkCodec(preset, **kw)
+    buf = torch.empty(codec.nbytes(chunk.shape, chunk.dtype, HEADS), dtype=torch.uint8)
+    assert codec.encode(chunk, buf, HEADS) == buf.numel()
+    out = torch.full_like(chunk, float("nan"))
+    codec.decode(buf, out, HEADS)
+    return out, buf.numel()
+
+
+def test_chunk_layout_round_trips_as_to_chunks_says(kv):
+    keys, values = from_chunks(kv, 16)
+    assert torch.equal(torch.cat(to_chunks(keys, values, 32)), torch.cat(kv))
+
+
+def test_16_bit_identity_codec_is_lossless(tiny_llama, kv):
+    shape = ModelShape.from_config(tiny_llama.config)
+    preset = make_preset(tiny_llama, CacheCodec.uniform(shape, 16, 16, projection="identity", sink=2))
+    for chunk in kv:
+        out, n = round_trip(preset, chunk)
+        assert torch.equal(out, chunk)
+        # per layer: 2 int16 indices + 2 exact tokens x 2 heads x K,V x 16 x 2 bytes + 30 coded tokens x same
+        assert n == HEADER_BYTES + 2 * (2 * 2 + 32 * 2 * 2 * 16 * 2)
+
+
+def test_static_scales_16_bit_segments_and_uncompressed_layers(tiny_llama, kv):
+    """Layer 0: keys 8x16-bit + 8x4-bit PCA, values 8-bit PCA with static per-channel steps (no scales stored);
+    layer 1 left uncompressed (kept whole at 16 bits)."""
+    keys = StreamCodec((Segment(8, 16), Segment(8, 4)), scale="token")
+    values = StreamCodec((Segment(16, 8),), scale="channel")
+    uncompressed = LayerCodec(keys, values, sink=2, compressed=False)
+    preset = make_preset(tiny_llama, CacheCodec((LayerCodec(keys, values, sink=2), uncompressed)))
+    for chunk in kv:
+        out, n = round_trip(preset, chunk)
+        assert torch.equal(out[:, 1], chunk[:, 1]) and torch.equal(out[:, 0, :2], chunk[:, 0, :2])
+        for s in (0, 1):
+            err = ((out[s, 0].float() - chunk[s, 0].float()).norm() / chunk[s, 0].float().norm()).item()
+            assert 0 < err < 0.15, (s, err)
+        # layer 0: indices 2x2 + exact 2x2x2x16x2 + 30 tokens x 2 heads x (K 8x2 + 8/2 + scale 2, V 16) bytes;
+        # layer 1: 32 tokens x 2 heads x 2 x 16 x 2 bytes.
+        assert n == HEADER_BYTES + (4 + 256 + 30 * 2 * (16 + 4 + 2 + 16)) + 32 * 2 * 2 * 16 * 2
+
+
+def test_another_preset_and_another_slice_are_refused(tiny_llama, kv):
+    shape = ModelShape.from_config(tiny_llama.config)
+    a = make_preset(tiny_llama, CacheCodec.uniform(shape, 8, 8))
+    b = make_preset(tiny_llama, CacheCodec.uniform(shape, 8, 4))
+    codec = ChunkCodec(a)
+    buf = torch.empty(codec.nbytes(kv[0].shape, kv[0].dtype, HEADS), dtype=torch.uint8)
+    codec.encode(kv[0], buf, HEADS)
+    with pytest.raises(ChunkPresetMismatchError):
+        ChunkCodec(b).decode(buf, torch.empty_like(kv[0]), HEADS)
+    with pytest.raises(ChunkShapeError, match="first head"):  # rank 1's head read as rank 0's
+        part = kv[0][..., 16:].contiguous()
+        one = torch.empty(codec.nbytes(part.shape, part.dtype, HeadSlice(1, 1)), dtype=torch.uint8)
+        codec.encode(part, one, HeadSlice(1, 1))
+        codec.decode(one, torch.empty_like(part), HeadSlice(0, 1))
