@@ -182,7 +182,8 @@ def test_saving_into_non_empty_folder_needs_overwrite(saved, tmp_path):
         preset.save_pretrained(target)
     assert sorted(p.name for p in target.iterdir()) == ["keep.txt"]
     preset.save_pretrained(target, overwrite=True)
-    assert (target / CONFIG_NAME).exists() and not (target / "keep.txt").exists()
+    assert sorted(p.name for p in target.iterdir()) == sorted(["keep.txt", CONFIG_NAME, BASES_NAME, "README.md"])
+    assert (target / "keep.txt").read_text() == "x"
 
 
 def test_failed_save_leaves_nothing_half_written(saved, tmp_path):
