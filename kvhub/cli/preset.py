@@ -71,9 +71,14 @@ def describe(preset) -> str:
 @click.option("--out", type=click.Path(), default=None, help="Write the recipe JSON here instead of printing it.")
 def import_legacy(path: str, out: str | None) -> None:
     """Turn an inherited-zoo preset JSON into a kvhub recipe (it carries no bases: they must be fitted)."""
+    from ..errors import PresetFormatError
     from ..recipe import import_legacy_preset
+    from ..safe_json import read_json_file
 
-    recipe = import_legacy_preset(json.loads(open(path, encoding="utf-8").read()), source=path)
+    legacy = read_json_file(path, path, PresetFormatError)
+    if not isinstance(legacy, dict):
+        raise PresetFormatError(f"{path}: not a JSON object; fix: pass an inherited-zoo preset JSON")
+    recipe = import_legacy_preset(legacy, source=path)
     text = json.dumps(recipe.to_dict(), indent=2) + "\n"
     if out:
         recipe.save(out)
