@@ -829,3 +829,17 @@ def test_import_legacy_refuses_hostile_json(tmp_path, text, message):
     (tmp_path / "legacy.json").write_text(text)
     r = cli("import-legacy", str(tmp_path / "legacy.json"))
     assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr and len(r.stderr.splitlines()) == 1
+
+
+def test_push_refuses_a_preset_whose_file_links_outside(local_hub, copy, tmp_path):
+    from huggingface_hub import HfApi
+
+    from kvhub.hub import push_preset
+    from tests.hub_server import DEFAULT_TOKEN
+
+    (tmp_path / "secret.safetensors").write_bytes((copy / BASES_NAME).read_bytes())  # passes every content check
+    (copy / BASES_NAME).unlink()
+    (copy / BASES_NAME).symlink_to(tmp_path / "secret.safetensors")
+    with pytest.raises(PresetFileError, match="links outside the preset folder"):
+        push_preset(copy, "kvhub-test/linked", token=DEFAULT_TOKEN)
+    assert not HfApi(endpoint=local_hub.endpoint).repo_exists("kvhub-test/linked", token=DEFAULT_TOKEN)
