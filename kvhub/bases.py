@@ -11,6 +11,13 @@ import torch
 from .codec import STREAMS, CacheCodec, ModelShape, StreamCodec
 from .errors import CodecError
 
+# Keys and values live in the fp16/bf16 range of the model: a mean or a standard deviation past fp16's largest finite
+# value cannot come from calibration, and would turn attention scores (q . k summed over head_dim) into inf.
+MAX_ABS_VALUE = 65504.0
+# |U^T U - I| allowed. An fp16-stored unit column has each entry rounded by at most 2^-11 of itself, so each Gram
+# entry moves by at most 2 * 2^-11 ~ 9.8e-4 (plus second-order terms); fp32 bases are orthonormal to ~1e-6.
+ORTHONORMAL_TOL = 2e-3
+
 
 @dataclass
 class StreamBasis:
@@ -46,11 +53,24 @@ class StreamBasis:
         for name in want:
             if not torch.isfinite(getattr(self, name)).all():
                 raise CodecError(f"{where}: {name} contains NaN or Inf; fix: re-run calibration")
-        u = self.basis[..., :rank].double()
-        gram = u.transpose(-1, -2) @ u
-        err = (gram - torch.eye(rank, dtype=gram.dtype)).abs().max().item()
-        if err > 1e-3:
+        if self.variance.numel() and self.variance.min().item() < 0:
+            raise CodecError(f"{where}: variance has a negative value ({self.variance.min().item():.3g}); a variance "
+                             "is >= 0; fix: re-run calibration")
+        for name, bound in (("mean", MAX_ABS_VALUE), ("variance", MAX_ABS_VALUE**2)):
+            peak = getattr(self, name).abs().max().item() if getattr(self, name).numel() else 0.0
+            if peak > bound:
+                raise CodecError(f"{where}: {name} reaches {peak:.3g}, beyond {bound:.6g} (outside the fp16 range of "
+                                 "keys and values, attention would overflow); fix: re-run calibration")
+        err = orthonormality_error(self.basis[..., :rank])
+        if err > ORTHONORMAL_TOL:
             raise CodecError(f"{where}: basis is not orthonormal (max |U^T U - I| = {err:.2e}); fix: re-run calibration")
+
+
+def orthonormality_error(basis: torch.Tensor) -> float:
+    """max |U^T U - I| over the heads of a ``[H, d, r]`` basis, in float64."""
+    u = basis.double()
+    gram = u.transpose(-1, -2) @ u
+    return (gram - torch.eye(u.shape[-1], dtype=gram.dtype)).abs().max().item() if u.numel() else 0.0
 
 
 def segment_rotation(size: int, seed: int = 0) -> torch.Tensor:
@@ -110,12 +130,20 @@ class Bases(dict):
     def nbytes(self) -> int:
         return sum(t.nbytes for b in self.values() for t in (b.mean, b.basis, b.variance))
 
-    def to_tensors(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    def to_tensors(self, basis_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """``layers.{i}.{stream}.{part}`` tensors: the basis in ``basis_dtype``, mean and variance in float32 (they
+        are 1/head_dim of the bytes, and the mean is added back to every decoded vector)."""
         out = {}
         for (i, name), b in sorted(self.items()):
-            for part in ("mean", "basis", "variance"):
-                out[f"layers.{i}.{name}.{part}"] = getattr(b, part).to(dtype).contiguous()
+            out[f"layers.{i}.{name}.mean"] = b.mean.float().contiguous()
+            out[f"layers.{i}.{name}.basis"] = b.basis.to(basis_dtype).contiguous()
+            out[f"layers.{i}.{name}.variance"] = b.variance.float().contiguous()
         return out
+
+    def rounded(self, basis_dtype: torch.dtype) -> "Bases":
+        """These bases with each basis rounded to ``basis_dtype`` (kept as float32): exactly what a preset that
+        stores its basis in that dtype will load, so whatever is measured on them is what is shipped."""
+        return Bases({k: StreamBasis(b.mean, b.basis.to(basis_dtype).float(), b.variance) for k, b in self.items()})
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "Bases":

@@ -21,6 +21,7 @@ Projection = Literal["pca", "identity"]
 ScaleScheme = Literal["token", "rms", "channel"]
 STREAMS = ("keys", "values")
 _PACK = {2: 4, 4: 2}
+MAX_LAYERS = 1024  # the schema's bound: a codec is built layer by layer, so a count from a file is checked first
 
 
 @dataclass(frozen=True)
@@ -231,7 +232,14 @@ class CacheCodec:
     def from_dict(cls, d: dict[str, Any]) -> "CacheCodec":
         default = d["default"]
         overrides = d.get("layers", {})
-        layers = tuple(LayerCodec.from_dict(overrides.get(str(i), default)) for i in range(int(d["num_layers"])))
+        count = int(d["num_layers"])
+        if not 1 <= count <= MAX_LAYERS:
+            raise CodecError(f"codec.num_layers is {count}; fix: give the model's layer count (1 to {MAX_LAYERS})")
+        stray = [k for k in overrides if not (k.isdigit() and str(int(k)) == k and int(k) < count)]
+        if stray:
+            raise CodecError(f"codec.layers has the key '{stray[0][:32]}', not a layer index below num_layers={count} "
+                             "written without leading zeros; fix: key overrides by layer index (0, 1, ...)")
+        layers = tuple(LayerCodec.from_dict(overrides.get(str(i), default)) for i in range(count))
         return cls(layers, flush_block=int(d.get("flush_block", 16)))
 
     def describe(self) -> list[dict[str, Any]]:

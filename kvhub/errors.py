@@ -60,6 +60,10 @@ class PresetExistsError(PresetError, FileExistsError):
     """Saving into a non-empty folder without ``overwrite=True``."""
 
 
+class PresetWriteError(PresetError):
+    """Saving a preset failed (permissions, a file where a folder should be, a full disk); nothing was half-written."""
+
+
 class HubError(KVHubError):
     """Resolving, downloading or publishing a preset on the Hub failed. Subclasses name the kind of failure."""
 

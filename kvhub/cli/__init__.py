@@ -10,6 +10,7 @@ import click
 
 from .. import __version__
 from ..errors import KVHubError
+from ..text_safety import printable
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cli.main(args=argv, prog_name="kvhub", standalone_mode=False)
     except KVHubError as exc:
-        click.echo(f"error: {exc}", err=True)
+        click.echo(f"error: {printable(exc)}", err=True)  # one line, no escape sequences from a file
         return 1
     except click.exceptions.Abort:
         click.echo("aborted", err=True)

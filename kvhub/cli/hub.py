@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 
 import click
 
+from ..text_safety import printable
+
 if TYPE_CHECKING:
     from ..hub_presets import PresetDownload
     from ..registry import Metrics, RegistryEntry
@@ -22,6 +24,7 @@ CLAIM_MARK = "*"
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    rows = [[printable(cell) for cell in row] for row in rows]
     widths = [max(len(cell) for cell in column) for column in zip(header, *rows)]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in (header, *rows))
 
@@ -50,15 +53,15 @@ def _report(d: PresetDownload, name: str, revision: str | None) -> str:
     """What `kvhub pull` fetched: where from, which files, what was checked, the metrics, how to use it."""
     from ..preset import CONFIG_NAME
 
-    origin = f"{d.repo_id} @ {d.commit}" if d.repo_id else ("packaged with kvhub" if d.packaged else "local folder")
-    model = d.config["base_model"]["id"]
-    resolved = f"registry entry {d.entry.model} ({d.registry})" if d.entry else f"not resolved through the registry ({d.registry})"
+    origin = printable(f"{d.repo_id} @ {d.commit}" if d.repo_id else ("packaged with kvhub" if d.packaged else "local folder"))
+    model = printable(d.config["base_model"]["id"])
+    resolved = printable(f"registry entry {d.entry.model} ({d.registry})" if d.entry else f"not resolved through the registry ({d.registry})")
     checked = f"the registry and {CONFIG_NAME}" if d.registry_verified else CONFIG_NAME
     lines = [
         f"preset   {origin}",
         f"model    {model}, {resolved}",
         f"checked  sha256 of every file against {checked}",
-        f"folder   {d.folder}",
+        f"folder   {printable(d.folder)}",
         "",
         _table(("file", "size", "sha256"), [(f.name, _size(f.size), f.sha256) for f in d.files]),
         "",
@@ -70,7 +73,7 @@ def _report(d: PresetDownload, name: str, revision: str | None) -> str:
         lines.append("metrics, " + ("validated by the registry:" if d.registry_verified else f"from {CONFIG_NAME} (not validated):"))
         lines.append(_table(("metric", "value"), _metrics_rows(metrics)))
     rev = f", revision={revision!r}" if revision else ""
-    lines += ["", f"use it   KVPreset.from_pretrained({name!r}{rev}).build_cache(model)"]
+    lines += ["", printable(f"use it   KVPreset.from_pretrained({name!r}{rev}).build_cache(model)")]
     return "\n".join(lines)
 
 
@@ -123,7 +126,7 @@ def list_cmd(as_json: bool, revision: str | None) -> None:
         click.echo(json.dumps({"source": index.source, "fallback": index.fallback, **index.document}, indent=2))
         return
     rows = [(e.model, e.repo_id or "-", *_summary(e), e.status, _published(e)) for e in index.entries]
-    click.echo(f"registry: {index.source}\n")
+    click.echo(f"registry: {printable(index.source)}\n")
     click.echo(_table(("model", "preset repo", "compression", "ppl delta", "needle", "status", "published"), rows))
     if any(e.metrics is None and e.claimed for e in index.entries):
         click.echo(f"\n{CLAIM_MARK} claimed by the inherited catalogue, never measured by kvhub; V: the V cache alone")
@@ -145,10 +148,10 @@ def push(folder: Path, repo_id: str, revision: str | None, create_pr: bool, priv
 
     info = push_preset(folder, repo_id, revision=revision, create_pr=create_pr, private=private,
                        commit_message=commit_message)
-    click.echo(f"pushed   {folder} -> {repo_id} @ {info.oid}")
-    click.echo(f"commit   {info.commit_url}")
+    click.echo(printable(f"pushed   {folder} -> {repo_id} @ {info.oid}"))
+    click.echo(printable(f"commit   {info.commit_url}"))
     if info.pr_url:
-        click.echo(f"review   {info.pr_url} ({info.pr_revision})")
+        click.echo(printable(f"review   {info.pr_url} ({info.pr_revision})"))
 
 
 COMMANDS = [pull, list_cmd, push]

@@ -6,6 +6,8 @@ import json
 
 import click
 
+from ..text_safety import printable
+
 
 @click.command()
 @click.argument("path", type=click.Path())
@@ -15,7 +17,7 @@ def validate(path: str) -> None:
 
     preset = KVPreset.load_folder(path)
     layers = len(preset.codec.layers)
-    click.echo(f"ok: {path} is a valid kvhub preset for {preset.base_model['id']} ({layers} layers)")
+    click.echo(f"ok: {printable(path)} is a valid kvhub preset for {printable(preset.base_model['id'])} ({layers} layers)")
 
 
 @click.command()
@@ -30,14 +32,16 @@ def show(model_or_path: str, revision: str | None) -> None:
 
 
 def describe(preset) -> str:
-    b = preset.base_model
+    """The summary ``kvhub show`` prints; every text from the config goes through :func:`printable`, so a config
+    cannot send escape sequences or extra lines to the terminal."""
+    b = {k: printable(v) if isinstance(v, str) else v for k, v in preset.base_model.items()}
     lines = [f"preset for {b['id']}" + (f" @ {b['revision']}" if b.get("revision") else ""),
              f"  {b['architecture']}: {b['num_hidden_layers']} layers, {b['num_key_value_heads']} KV heads, "
              f"head_dim {b['head_dim']}"]
     if b.get("provenance"):
         lines.append(f"  weights: {b['provenance']}")
     cal = preset.config["calibration"]
-    lines.append(f"  calibrated on {cal['tokens']} tokens of {cal['corpus']} (sink {cal['sink']} excluded)")
+    lines.append(f"  calibrated on {cal['tokens']} tokens of {printable(cal['corpus'])} (sink {cal['sink']} excluded)")
     lines += ["", f"  {'layer':>5}  {'keys (rank, layout)':<32} {'values (rank, layout)':<32} sink window"]
     for row in preset.codec.describe():
         k, v = row["keys"], row["values"]
@@ -49,7 +53,8 @@ def describe(preset) -> str:
         lines.append("  metrics: not measured")
         return "\n".join(lines)
     c, p = m["compression"], m["perplexity"]
-    lines.append(f"  measured at {m['context_length']} tokens on {m['hardware']} ({m['date']}, kvhub {m['kvhub_version']}):")
+    lines.append(f"  measured at {m['context_length']} tokens on {printable(m['hardware'])} ({printable(m['date'])}, "
+                 f"kvhub {printable(m['kvhub_version'])}):")
     lines.append(f"    compression vs fp16, per sequence: total {c['total']:.2f}x, keys {c['keys']:.2f}x, "
                  f"values {c['values']:.2f}x")
     if m.get("bytes"):
@@ -57,7 +62,7 @@ def describe(preset) -> str:
 
         lines += Footprint.of_metrics(m, preset.bases.nbytes()).lines("    ")
     for name, row in p["corpora"].items():
-        lines.append(f"    PPL {name}: {row['base']:.3f} -> {row['compressed']:.3f} ({row['delta_pct']:+.2f}%)")
+        lines.append(f"    PPL {printable(name)}: {row['base']:.3f} -> {row['compressed']:.3f} ({row['delta_pct']:+.2f}%)")
     lines.append(f"    PPL delta, mean: {p['mean_delta_pct']:+.3f}%")
     if "needle" in m:
         n = m["needle"]
@@ -71,9 +76,14 @@ def describe(preset) -> str:
 @click.option("--out", type=click.Path(), default=None, help="Write the recipe JSON here instead of printing it.")
 def import_legacy(path: str, out: str | None) -> None:
     """Turn an inherited-zoo preset JSON into a kvhub recipe (it carries no bases: they must be fitted)."""
+    from ..errors import PresetFormatError
     from ..recipe import import_legacy_preset
+    from ..safe_json import read_json_file
 
-    recipe = import_legacy_preset(json.loads(open(path, encoding="utf-8").read()), source=path)
+    legacy = read_json_file(path, path, PresetFormatError)
+    if not isinstance(legacy, dict):
+        raise PresetFormatError(f"{path}: not a JSON object; fix: pass an inherited-zoo preset JSON")
+    recipe = import_legacy_preset(legacy, source=path)
     text = json.dumps(recipe.to_dict(), indent=2) + "\n"
     if out:
         recipe.save(out)

@@ -25,6 +25,7 @@ from typing import Any
 
 from .. import __version__
 from ..errors import KVHubError, RegistryError
+from ..text_safety import code_span, escape_markdown
 from .layout import write_atomic
 
 
@@ -109,24 +110,24 @@ class VerifyReport:
 
     def to_markdown(self) -> str:
         verdict = "PASS" if self.passed else "FAIL"
-        lines = [f"### kvhub registry verify: {verdict} for `{self.preset}`", ""]
-        what = f"Preset for `{self.base_model}`" if self.base_model else "Preset"
-        model = f", model loaded from `{self.model}`" if self.model else ""
-        where = f", re-measured on {self.hardware}" if self.hardware else ""
+        lines = [f"### kvhub registry verify: {verdict} for {code_span(self.preset)}", ""]
+        what = f"Preset for {code_span(self.base_model)}" if self.base_model else "Preset"
+        model = f", model loaded from {code_span(self.model)}" if self.model else ""
+        where = f", re-measured on {escape_markdown(self.hardware)}" if self.hardware else ""
         lines.append(f"{what}{model}{where} with kvhub {self.kvhub_version} on {self.date}.")
         if self.measured is not None and not self.needle_rerun and self.claimed and "needle" in self.claimed:
             lines.append("The needle grid was **not** re-run (`--no-needle`): this verification is partial.")
         lines += ["", "| check | claimed | measured | tolerance | result |", "|---|---|---|---|---|"]
         for c in self.checks:
             result = ("pass" if c.ok else "**FAIL**") + f": {_cell(c.detail)}"
-            lines.append(f"| {c.name} | {_cell(c.claimed)} | {_cell(c.measured)} | {_cell(c.tolerance)} | {result} |")
+            lines.append(f"| {_cell(c.name)} | {_cell(c.claimed)} | {_cell(c.measured)} | {_cell(c.tolerance)} | {result} |")
         if self.claimed and self.measured:
             lines += ["", "<details><summary>Perplexity per corpus</summary>", "",
                       "| corpus | claimed base -> compressed (delta) | measured base -> compressed (delta) |",
                       "|---|---|---|"]
             claimed_rows = self.claimed["perplexity"]["corpora"]
             for name, row in self.measured["perplexity"]["corpora"].items():
-                lines.append(f"| {name} | {_ppl_row(claimed_rows.get(name))} | {_ppl_row(row)} |")
+                lines.append(f"| {_cell(name)} | {_ppl_row(claimed_rows.get(name))} | {_ppl_row(row)} |")
             lines += ["", "</details>"]
             if "needle" in self.measured and "needle" in self.claimed:
                 lines += ["", "<details><summary>Needle grid (x = retrieved; rows are context lengths)</summary>", "",
@@ -137,7 +138,7 @@ class VerifyReport:
                                  f"`{_row(c['baseline'], i)}` | `{_row(m['baseline'], i)}` |")
                 lines += ["", "</details>"]
         if self.command:
-            lines += ["", f"Reproduce: `{self.command}`"]
+            lines += ["", f"Reproduce: {code_span(self.command)}"]
         return "\n".join(lines) + "\n"
 
     def write(self, folder: str | Path) -> tuple[Path, Path]:
@@ -159,7 +160,7 @@ class VerifyReport:
 
 
 def _cell(text: str | None) -> str:
-    return "-" if text is None else str(text).replace("|", "\\|").replace("\n", " ")
+    return "-" if text is None else escape_markdown(text)
 
 
 def _ppl_row(row: dict[str, float] | None) -> str:
