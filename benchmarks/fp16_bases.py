@@ -3,7 +3,7 @@ with its basis columns rounded to fp16 in memory, against the same preset as sto
 window per corpus (the middle of each text, as ``kvhub eval`` takes it), prefilled in 128-token chunks; DynamicCache
 is the baseline. Also the largest orthonormality error of the rounded bases.
 
-    python benchmarks/fp16_bases.py --corpora ../shared/corpora/evaluation/austen_emma.txt   # the recorded run
+    python benchmarks/fp16_bases.py --corpora corpora/evaluation/austen_emma.txt   # the recorded run
     python benchmarks/fp16_bases.py [--corpora FILE_OR_FOLDER] [--windows 1]
     # writes benchmarks/results/fp16_bases.json
 """

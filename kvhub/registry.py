@@ -16,7 +16,6 @@ it was made on); a validated preset may be unpublished, and then only the copy p
 from __future__ import annotations
 
 import difflib
-import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -43,6 +42,7 @@ REGISTRY_REPO_ENV = "KVHUB_REGISTRY_REPO"
 REGISTRY_REVISION_ENV = "KVHUB_REGISTRY_REVISION"
 INDEX_NAME = "index.json"
 PACKAGED_SOURCE = f"packaged copy of kvhub {__version__}"
+MAX_INDEX_ITEMS = 10_000  # entries, files or aliases in one array: far above any real index
 MAX_INDEX_BYTES = 4 << 20  # ~100x today's index; bounded before parsing
 
 logger = logging.getLogger(__name__)
@@ -254,20 +254,9 @@ def _unavailable(exc: HubError) -> str:
 
 
 def read_index_json(path: Path, source: str) -> Any:
-    """The parsed JSON of an index file, its size bounded before it is read (:data:`MAX_INDEX_BYTES`).
+    """The parsed JSON of an index file: size, depth, numbers and duplicate keys bounded by :mod:`kvhub.safe_json`
+    before the schema sees it. The one place an index is read from disk."""
+    from .safe_json import JsonLimits, read_json_file
 
-    The one place an index is read from disk: switch it to :mod:`kvhub.safe_json` (depth, numbers, duplicate keys)
-    when that lands."""
-    fix = "fix: republish index.json, or pin a good revision"
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_INDEX_BYTES + 1)
-    except OSError as exc:
-        raise RegistryFormatError(f"registry index ({source}): cannot be read ({exc.strerror}); {fix}") from exc
-    if len(data) > MAX_INDEX_BYTES:
-        raise RegistryFormatError(f"registry index ({source}): larger than {MAX_INDEX_BYTES >> 20} MB; {fix}")
-    try:
-        return json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError) as exc:
-        reason = str(exc).splitlines()[0][:200] if not isinstance(exc, RecursionError) else "nested too deeply"
-        raise RegistryFormatError(f"registry index ({source}): not valid JSON ({reason}); {fix}") from exc
+    limits = JsonLimits(max_bytes=MAX_INDEX_BYTES, max_items=MAX_INDEX_ITEMS)
+    return read_json_file(path, f"registry index ({source})", RegistryFormatError, limits)

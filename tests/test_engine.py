@@ -174,10 +174,6 @@ def test_allocated_covers_what_is_held():
     assert cache.nbytes()["total"] <= cache.reserved_nbytes()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "reserved_nbytes() misses storage the layers keep alive: the sink tensors are views of the whole first prefill "
-    "chunk (layer._cat returns the chunk's slice), and each stream holds a per-cache fp32 sigma copy; remove this "
-    "marker when allocation is reworked so that the walk and reserved_nbytes() agree"))
 def test_allocated_is_every_storage_the_layers_hold_except_the_bases():
     cache = filled_cache()
     bases = storage_bytes(cache.bases)

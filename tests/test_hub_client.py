@@ -444,7 +444,7 @@ def test_invalid_index_is_refused(document, message):
 
 def test_malformed_published_index_is_an_error_not_a_fallback(api):
     publish_index(api, [], raw=b"{not json")
-    with pytest.raises(RegistryFormatError, match="not valid JSON"):
+    with pytest.raises(RegistryFormatError, match="malformed JSON"):
         load_index()
 
 
@@ -646,7 +646,7 @@ def test_an_oversize_index_is_refused_before_parsing(api, monkeypatch):
         load_index()
     publish_index(api, [], raw=b"[" * 100_000 + b"]" * 100_000)
     monkeypatch.setattr(registry_module, "MAX_INDEX_BYTES", 4 << 20)
-    with pytest.raises(RegistryFormatError, match="not valid JSON"):
+    with pytest.raises(RegistryFormatError, match="malformed JSON"):
         load_index()
 
 
