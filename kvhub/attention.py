@@ -65,28 +65,12 @@ def _additive(mask: torch.Tensor | None, query_length: int) -> torch.Tensor | No
     return mask.float()
 
 
-def _augmented(stream) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[U | mean]`` [H, d, r+1] and ``[U^T ; mean]`` [H, r+1, d] for a stream, made once per basis and shared.
+def _coefficients(stream, history: int, slot: str) -> torch.Tensor:
+    """``[z_t, 1]`` [B, H, history, r+1] in a reused per-thread buffer (valid until the next layer's call).
 
     With the coefficients augmented by a column of ones, ``q . k_t = [q U, q . mean] . [z_t, 1]`` and
     ``sum_t p_t v_t = [sum_t p_t z_t, sum_t p_t] [U^T ; mean]``: one matmul each side instead of a projection,
-    a product, a sum and an add (at short contexts the step time is made of such small ops). Kept on the shared
-    basis tensor, so every cache of a preset uses the same pair."""
-    key = stream.basis if stream.basis is not None else stream.codes[0].buf
-    if getattr(key, "_kvhub_augmented", None) is None:
-        if stream.basis is None:  # identity projection: the coefficients are the vectors themselves
-            heads, dim = stream.codes[0].buf.shape[1], stream.codec.rank
-            u = torch.eye(dim, device=key.device).expand(heads, dim, dim)
-            mean = torch.zeros(heads, dim, device=key.device)
-        else:
-            u, mean = stream.basis, stream.mean
-        key._kvhub_augmented = (torch.cat([u, mean[..., None]], -1).contiguous(),
-                                torch.cat([u.transpose(-1, -2), mean[:, None, :]], -2).contiguous())
-    return key._kvhub_augmented
-
-
-def _coefficients(stream, history: int, slot: str) -> torch.Tensor:
-    """``[z_t, 1]`` [B, H, history, r+1] in a reused per-thread buffer (valid until the next layer's call)."""
+    a product, a sum and an add (at short contexts the step time is made of such small ops)."""
     z = stream.codes[0].view(0, history)
     out = _scratch(slot, (z.shape[0], z.shape[1], history, stream.codec.rank + 1), torch.float32, z.device)
     stream.coefficients(0, history, out=out[..., :-1])
@@ -112,8 +96,8 @@ def _attend_compressed(layer, query, key, value, attention_mask, scaling, softca
             exact_mask = torch.cat([mask[..., :n_sink], mask[..., n_sink + history :]], -1)
         out = kernels.decode_attention(query, keys, values, history, key, value, history_mask, exact_mask, scaling, softcap)
         return out.transpose(1, 2).contiguous(), None
-    u_k, _ = _augmented(keys)
-    _, w_v = _augmented(values)
+    u_k = keys.augmented_basis()  # [U_k | mean_k]: scores against [z, 1]
+    w_v = values.augmented_basis().transpose(-1, -2)  # [U_v^T ; mean_v]: rotates [sum p z, sum p] back
     z_k, z_v = _coefficients(keys, history, "zk"), _coefficients(values, history, "zv")
     exact_k, exact_v = key.float(), value.float()
     q = query.float().view(bsz, kv_heads, group, q_len, dim)

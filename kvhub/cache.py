@@ -98,8 +98,14 @@ class CompressedCache(Cache):
         return out
 
     def bases_nbytes(self) -> int:
-        """Bytes of the per-model bases, shared by every sequence and every cache built from the same preset."""
-        return self.bases.nbytes()
+        """Bytes of the per-model bases, shared by every sequence and every cache built from the same preset: the
+        bases themselves and what was derived from them once per device (see :func:`kvhub.stream._device_basis`)."""
+        storages = {}
+        for basis in self.bases.values():
+            derived = [t for made in basis.__dict__.get("_on_device", {}).values() for t in made]
+            for t in (basis.mean, basis.basis, basis.variance, *derived):
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return sum(storages.values())
 
     def fp16_nbytes(self) -> int:
         """Bytes an fp16 K+V cache would need for the tokens each layer holds."""

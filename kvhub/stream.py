@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from functools import lru_cache
 import torch
 
 from .bases import StreamBasis
@@ -31,16 +32,26 @@ def _scratch(slot: str, shape, dtype: torch.dtype, device: torch.device) -> torc
 
 
 def _device_basis(basis: StreamBasis, rank: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """``(mean, U, sigma)`` on ``device`` in float32, made once per basis and device and shared by every cache built
-    from the same preset (a 7B preset's bases are ~100 MB: a copy per generation is not affordable)."""
+    """``(mean, U, sigma, [U | mean])`` on ``device`` in float32, made once per basis and device and shared by every
+    cache built from the same preset (a 7B preset's bases are ~100 MB: a copy per generation is not affordable).
+
+    ``U`` is a view into the augmented ``[U | mean]`` [H, d, r+1], which attention uses as is for keys
+    (``[q U, q . mean] = q [U | mean]``) and transposed for values (``[U^T ; mean]``): one matrix, no second copy."""
     memo = basis.__dict__.setdefault("_on_device", {})
     key = (torch.device(device), rank)
     if key not in memo:
         mean = basis.mean.to(device, torch.float32)
-        u = basis.basis[..., :rank].to(device, torch.float32).contiguous()
+        augmented = torch.cat([basis.basis[..., :rank].to(device, torch.float32), mean[..., None]], -1)
         sigma = basis.variance[..., :rank].float().clamp_min(0).sqrt().to(device)
-        memo[key] = (mean, u, sigma.clamp_min(sigma.amax(-1, keepdim=True) * 1e-6 + _TINY))
+        sigma = sigma.clamp_min(sigma.amax(-1, keepdim=True) * 1e-6 + _TINY)
+        memo[key] = (mean, augmented[..., :rank], sigma, augmented)
     return memo[key]
+
+
+@lru_cache(maxsize=None)
+def _identity_augmented(heads: int, dim: int, device: torch.device) -> torch.Tensor:
+    """``[I | 0]``: the augmented basis of an identity projection (coefficients are the vectors, no mean)."""
+    return torch.cat([torch.eye(dim, device=device).expand(heads, dim, dim), torch.zeros(heads, dim, 1, device=device)], -1)
 
 
 class CompressedStream:
@@ -62,12 +73,20 @@ class CompressedStream:
             start += s.size
         if codec.projection == "pca":
             assert basis is not None
-            self.mean, self.basis, self.sigma = _device_basis(basis, codec.rank, device)
+            self.mean, self.basis, self.sigma, self.augmented = _device_basis(basis, codec.rank, device)
         else:
             self.mean = self.basis = self.sigma = None
+            self.augmented = None  # made on first use (:meth:`augmented_basis`), when the head count is known
         self.codes = [GrowableTensor() for _ in self.segments]
         self.n_scaled = sum(1 for s in self.segments if s.bits < 16) if codec.scale != "channel" else 0
         self.scales = GrowableTensor()
+
+    def augmented_basis(self) -> torch.Tensor:
+        """``[U | mean]`` [H, d, r+1], shared: see :func:`_device_basis`."""
+        if self.augmented is None:
+            heads = self.codes[0].buf.shape[1]
+            self.augmented = _identity_augmented(heads, self.codec.rank, self.codes[0].buf.device)
+        return self.augmented
 
     def _unit_step(self, bits: int) -> float:
         """The step for a stored scale of 1 (``token``: absmax; ``rms`` and ``channel``: one standard deviation)."""
