@@ -18,6 +18,7 @@ import math
 import os
 import re
 import secrets
+import tempfile
 import struct
 from dataclasses import dataclass
 from pathlib import Path

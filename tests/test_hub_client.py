@@ -642,11 +642,11 @@ def test_an_oversize_index_is_refused_before_parsing(api, monkeypatch):
 
     monkeypatch.setattr(registry_module, "MAX_INDEX_BYTES", 1000)
     publish_index(api, [], raw=b'{"schema_version": "1.0", "entries": []' + b" " * 2000 + b"}")
-    with pytest.raises(RegistryFormatError, match="larger than"):
+    with pytest.raises(RegistryFormatError, match="more than the"):
         load_index()
     publish_index(api, [], raw=b"[" * 100_000 + b"]" * 100_000)
     monkeypatch.setattr(registry_module, "MAX_INDEX_BYTES", 4 << 20)
-    with pytest.raises(RegistryFormatError, match="malformed JSON"):
+    with pytest.raises(RegistryFormatError, match="nesting deeper than"):
         load_index()
 
 

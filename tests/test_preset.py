@@ -834,7 +834,7 @@ def test_import_legacy_refuses_hostile_json(tmp_path, text, message):
 def test_push_refuses_a_preset_whose_file_links_outside(local_hub, copy, tmp_path):
     from huggingface_hub import HfApi
 
-    from kvhub.hub import push_preset
+    from kvhub.hub_presets import push_preset
     from tests.hub_server import DEFAULT_TOKEN
 
     (tmp_path / "secret.safetensors").write_bytes((copy / BASES_NAME).read_bytes())  # passes every content check

@@ -264,12 +264,18 @@ def test_zoo_links_only_commits_on_the_public_hub():
 
 # --- verify ---------------------------------------------------------------------------------------------------
 
-def safetensors_fp32_bytes(path: Path) -> int:
-    """Bytes the tensors of a .safetensors file take once loaded in fp32 (how kvhub holds bases in memory, whatever
-    the file stores): elements counted from the file's own header."""
+def shared_bases_bytes(path: Path) -> int:
+    """What a device holds for a preset's bases, counted from the .safetensors header alone: every tensor in fp32
+    (how kvhub loads them, whatever the file stores), plus per stream the augmented ``[U | mean]`` [H, d, r+1] and
+    the per-component deviations [H, r] derived once per device."""
     raw = path.read_bytes()
     header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
-    return sum(4 * math.prod(t["shape"]) for name, t in header.items() if name != "__metadata__")
+    tensors = {name: t["shape"] for name, t in header.items() if name != "__metadata__"}
+    loaded = sum(4 * math.prod(shape) for shape in tensors.values())
+    derived = 0
+    for name, (heads, dim, rank) in ((n, s) for n, s in tensors.items() if n.endswith(".basis")):
+        derived += 4 * heads * dim * (rank + 1) + 4 * heads * rank
+    return loaded + derived
 
 
 def test_eval_and_show_report_per_sequence_shared_and_allocated_bytes(tiny_preset, model_dir, eval_text, tmp_path,
@@ -280,7 +286,7 @@ def test_eval_and_show_report_per_sequence_shared_and_allocated_bytes(tiny_prese
                          "--write-metrics")
     assert code == 0, err
     held = KVPreset.load_folder(folder).config["metrics"]["bytes"]
-    assert held["bases"] == safetensors_fp32_bytes(folder / BASES_NAME)  # the bases as held, counted from the file
+    assert held["bases"] == shared_bases_bytes(folder / BASES_NAME)  # counted from the file's header
     assert 0 < held["total"] <= held["allocated"]
     assert held["fp16"] == 64 * 2 * 2 * tiny_model("llama").config.num_hidden_layers * 2 * 16  # tokens*K,V*fp16*L*H*d
     for words in ("per sequence", "shared bases", "allocated", "amortized over batch 1", "64 tokens, batch 1"):
