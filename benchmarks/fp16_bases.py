@@ -31,7 +31,7 @@ PRESET = ROOT / "presets" / "HuggingFaceTB--SmolLM2-135M-Instruct"
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--corpora", default=str(ROOT.parent / "shared" / "corpora" / "evaluation"))
+    ap.add_argument("--corpora", default=str(ROOT / "corpora" / "evaluation"))
     ap.add_argument("--windows", type=int, default=1)
     ap.add_argument("--window-tokens", type=int, default=2048)
     args = ap.parse_args()
