@@ -66,16 +66,11 @@ def _additive(mask: torch.Tensor | None, query_length: int) -> torch.Tensor | No
 
 
 def _coefficients(stream, history: int, slot: str) -> torch.Tensor:
-    """``[z_t, 1]`` [B, H, history, r+1] in a reused per-thread buffer (valid until the next layer's call).
-
-    With the coefficients augmented by a column of ones, ``q . k_t = [q U, q . mean] . [z_t, 1]`` and
-    ``sum_t p_t v_t = [sum_t p_t z_t, sum_t p_t] [U^T ; mean]``: one matmul each side instead of a projection,
-    a product, a sum and an add (at short contexts the step time is made of such small ops)."""
+    """The stream's augmented coefficients (:meth:`CompressedStream.augmented_coefficients`) over the first
+    ``history`` tokens, in a reused per-thread buffer (valid until the next layer's call)."""
     z = stream.codes[0].view(0, history)
-    out = _scratch(slot, (z.shape[0], z.shape[1], history, stream.codec.rank + 1), torch.float32, z.device)
-    stream.coefficients(0, history, out=out[..., :-1])
-    out[..., -1].fill_(1.0)
-    return out
+    cols = stream.codec.rank + 1 + stream.n_quantized
+    return stream.augmented_coefficients(0, history, out=_scratch(slot, (z.shape[0], z.shape[1], history, cols), torch.float32, z.device))
 
 
 def _attend_compressed(layer, query, key, value, attention_mask, scaling, softcap):
@@ -96,8 +91,8 @@ def _attend_compressed(layer, query, key, value, attention_mask, scaling, softca
             exact_mask = torch.cat([mask[..., :n_sink], mask[..., n_sink + history :]], -1)
         out = kernels.decode_attention(query, keys, values, history, key, value, history_mask, exact_mask, scaling, softcap)
         return out.transpose(1, 2).contiguous(), None
-    u_k = keys.augmented_basis()  # [U_k | mean_k]: scores against [z, 1]
-    w_v = values.augmented_basis().transpose(-1, -2)  # [U_v^T ; mean_v]: rotates [sum p z, sum p] back
+    u_k = keys.augmented_basis()  # q [U | mean | S] . [q * step, 1, -h * step]: the score
+    w_v = values.augmented_basis().transpose(-1, -2)  # sum_t p_t [q * step, 1, -h * step] [U | mean | S]^T
     z_k, z_v = _coefficients(keys, history, "zk"), _coefficients(values, history, "zv")
     exact_k, exact_v = key.float(), value.float()
     q = query.float().view(bsz, kv_heads, group, q_len, dim)

@@ -102,7 +102,8 @@ class CompressedCache(Cache):
         bases themselves and what was derived from them once per device (see :func:`kvhub.stream._device_basis`)."""
         storages = {}
         for basis in self.bases.values():
-            derived = [t for made in basis.__dict__.get("_on_device", {}).values() for t in made]
+            derived = [t for made in basis.__dict__.get("_on_device", {}).values()
+                       for t in (made if isinstance(made, tuple) else (made,))]
             for t in (basis.mean, basis.basis, basis.variance, *derived):
                 storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return sum(storages.values())

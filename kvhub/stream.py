@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-from functools import lru_cache
 import torch
 
 from .bases import StreamBasis
@@ -32,26 +31,52 @@ def _scratch(slot: str, shape, dtype: torch.dtype, device: torch.device) -> torc
 
 
 def _device_basis(basis: StreamBasis, rank: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """``(mean, U, sigma, [U | mean])`` on ``device`` in float32, made once per basis and device and shared by every
-    cache built from the same preset (a 7B preset's bases are ~100 MB: a copy per generation is not affordable).
-
-    ``U`` is a view into the augmented ``[U | mean]`` [H, d, r+1], which attention uses as is for keys
-    (``[q U, q . mean] = q [U | mean]``) and transposed for values (``[U^T ; mean]``): one matrix, no second copy."""
+    """``(mean, U, sigma)`` on ``device`` in float32, made once per basis and device and shared by every cache built
+    from the same preset (a 7B preset's bases are ~100 MB: a copy per generation is not affordable)."""
     memo = basis.__dict__.setdefault("_on_device", {})
     key = (torch.device(device), rank)
     if key not in memo:
         mean = basis.mean.to(device, torch.float32)
-        augmented = torch.cat([basis.basis[..., :rank].to(device, torch.float32), mean[..., None]], -1)
+        u = basis.basis[..., :rank].to(device, torch.float32).contiguous()
         sigma = basis.variance[..., :rank].float().clamp_min(0).sqrt().to(device)
-        sigma = sigma.clamp_min(sigma.amax(-1, keepdim=True) * 1e-6 + _TINY)
-        memo[key] = (mean, augmented[..., :rank], sigma, augmented)
+        memo[key] = (mean, u, sigma.clamp_min(sigma.amax(-1, keepdim=True) * 1e-6 + _TINY))
     return memo[key]
 
 
-@lru_cache(maxsize=None)
-def _identity_augmented(heads: int, dim: int, device: torch.device) -> torch.Tensor:
-    """``[I | 0]``: the augmented basis of an identity projection (coefficients are the vectors, no mean)."""
-    return torch.cat([torch.eye(dim, device=device).expand(heads, dim, dim), torch.zeros(heads, dim, 1, device=device)], -1)
+def _augmented(u: torch.Tensor, mean: torch.Tensor, sigma: torch.Tensor | None, codec: StreamCodec) -> torch.Tensor:
+    """``[U | mean | S]`` [H, d, r + 1 + q] for a stream with ``q`` quantized segments, ``S_j`` the sum of segment
+    ``j``'s columns of ``U`` (weighted by the static steps of the ``channel`` scheme).
+
+    Against it, coefficients are read as ``[q * step, 1, -h * step_j]`` (levels ``q`` uncentred, ``h`` the
+    mid-rise offset): ``[...] @ [U | mean | S]^T`` is ``((q - h) * step) U^T + mean``, the reconstruction, and
+    ``q [U | mean | S] . [...]`` is the score. Centring and the mean cost a few columns in the matmuls that run
+    anyway, instead of passes over the history: at short contexts step time is made of such passes and ops."""
+    sums, start = [], 0
+    for seg in codec.kept:
+        if seg.bits < 16:
+            cols = u[..., start : start + seg.size]
+            if codec.scale == "channel":
+                cols = cols * (sigma[:, None, start : start + seg.size] * GAUSSIAN_STEP[seg.bits])
+            sums.append(cols.sum(-1, keepdim=True))
+        start += seg.size
+    return torch.cat([u, mean[..., None], *sums], -1).contiguous()
+
+
+def _shared_augmented(basis: StreamBasis | None, codec: StreamCodec, heads: int, device: torch.device) -> torch.Tensor:
+    """:func:`_augmented` made once per (basis, codec, device) and shared by every cache of a preset; for an identity
+    projection (no basis) once per (codec, heads, device)."""
+    memo = basis.__dict__.setdefault("_on_device", {}) if basis is not None else _IDENTITY
+    key = ("augmented", torch.device(device), codec, heads)
+    if key not in memo:
+        if basis is None:
+            u, mean, sigma = torch.eye(codec.rank, device=device).expand(heads, -1, -1), torch.zeros(heads, codec.rank, device=device), None
+        else:
+            mean, u, sigma = _device_basis(basis, codec.rank, device)
+        memo[key] = _augmented(u, mean, sigma, codec)
+    return memo[key]
+
+
+_IDENTITY: dict = {}
 
 
 class CompressedStream:
@@ -73,20 +98,19 @@ class CompressedStream:
             start += s.size
         if codec.projection == "pca":
             assert basis is not None
-            self.mean, self.basis, self.sigma, self.augmented = _device_basis(basis, codec.rank, device)
+            self.mean, self.basis, self.sigma = _device_basis(basis, codec.rank, device)
         else:
             self.mean = self.basis = self.sigma = None
-            self.augmented = None  # made on first use (:meth:`augmented_basis`), when the head count is known
+        self._source = basis
+        self.n_quantized = sum(1 for s in self.segments if s.bits < 16)
         self.codes = [GrowableTensor() for _ in self.segments]
         self.n_scaled = sum(1 for s in self.segments if s.bits < 16) if codec.scale != "channel" else 0
         self.scales = GrowableTensor()
 
     def augmented_basis(self) -> torch.Tensor:
-        """``[U | mean]`` [H, d, r+1], shared: see :func:`_device_basis`."""
-        if self.augmented is None:
-            heads = self.codes[0].buf.shape[1]
-            self.augmented = _identity_augmented(heads, self.codec.rank, self.codes[0].buf.device)
-        return self.augmented
+        """``[U | mean | S]`` [H, d, r + 1 + q], shared by every cache of the preset: see :func:`_augmented`."""
+        buf = self.codes[0].buf
+        return _shared_augmented(self._source, self.codec, buf.shape[1], buf.device)
 
     def _unit_step(self, bits: int) -> float:
         """The step for a stored scale of 1 (``token``: absmax; ``rms`` and ``channel``: one standard deviation)."""
@@ -130,50 +154,54 @@ class CompressedStream:
     def length(self) -> int:
         return self.codes[0].length
 
-    def coefficients(self, start: int = 0, length: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Dequantized coefficients [B, H, T, r] in float32 of stored tokens ``[start, start + length)``, written
-        into ``out`` (any float32 view of that shape whose last dim is contiguous) or a fresh tensor.
+    def augmented_coefficients(self, start: int = 0, length: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``[q * step, 1, -h * step_j]`` [B, H, T, r + 1 + q] in float32 for stored tokens ``[start, start + length)``
+        (see :func:`_augmented`), written into ``out`` or a fresh tensor.
 
-        Per segment, each code position of a byte is shifted and masked into its interleaved columns of the output
-        (one pass over the codes per position, no interleaving copy), then centred and scaled in place. A table
-        lookup per byte does the same in fewer ops but gathers ~2.5x slower per element on CPU (measured); at
-        1k tokens the step time is per-element cost, past that it is all there is."""
+        Per quantized segment: the code positions of each byte are shifted and masked into uint8 planes, stacked
+        into component order (byte-sized passes), then converted and scaled in one float pass. A byte->levels table
+        gather measured ~2.5x slower per element on CPU."""
         length = self.length - start if length is None else length
         data0 = self.codes[0].view(start, length)
         batch, heads = data0.shape[:2]
-        device = data0.device
-        z = out if out is not None else torch.empty(batch, heads, length, self.codec.rank, device=device)
+        device, rank = data0.device, self.codec.rank
+        z = out if out is not None else torch.empty(batch, heads, length, rank + 1 + self.n_quantized, device=device)
         scales = self.scales.view(start, length) if self.n_scaled else None
-        scale_idx = 0
+        scale_idx = quantized = 0
         for seg, (a, b), store in zip(self.segments, self.bounds, self.codes):
             data = store.view(start, length)
-            dst = z[..., a:b]
             if seg.bits == 16:
-                dst.copy_(data)
+                z[..., a:b].copy_(data)
                 continue
             per = CODES_PER_BYTE[seg.bits]
-            planes = dst.unflatten(-1, (seg.size // per, per))
-            for j in range(per):
-                plane = data
-                if j:
-                    plane = torch.bitwise_right_shift(data, seg.bits * j, out=_scratch("plane", data.shape, torch.uint8, device))
-                if j < per - 1:  # the top code position needs no mask
-                    plane = torch.bitwise_and(plane, (1 << seg.bits) - 1, out=_scratch("plane", data.shape, torch.uint8, device))
-                planes[..., j].copy_(plane)
-            dst.sub_(half_levels(seg.bits))
+            levels = data
+            if per > 1:
+                planes = []
+                for j in range(per):
+                    plane = data
+                    if j:
+                        plane = torch.bitwise_right_shift(data, seg.bits * j, out=_scratch(f"p{j}", data.shape, torch.uint8, device))
+                    if j < per - 1:  # the top code position needs no mask
+                        plane = torch.bitwise_and(plane, (1 << seg.bits) - 1, out=_scratch(f"p{j}", data.shape, torch.uint8, device))
+                    planes.append(plane)
+                levels = torch.stack(planes, -1, out=_scratch("levels", (*data.shape, per), torch.uint8, device))
+                levels = levels.view(batch, heads, length, seg.size)
+            offset = z[..., rank + 1 + quantized : rank + 2 + quantized]
             if self.codec.scale == "channel":
-                dst.mul_(self.sigma[:, None, a:b] * GAUSSIAN_STEP[seg.bits])
+                torch.mul(levels, self.sigma[:, None, a:b] * GAUSSIAN_STEP[seg.bits], out=z[..., a:b])
+                offset.fill_(-half_levels(seg.bits))
             else:
-                dst.mul_(scales[..., scale_idx : scale_idx + 1].float().mul_(self._unit_step(seg.bits)))
+                step = scales[..., scale_idx : scale_idx + 1].float().mul_(self._unit_step(seg.bits))
+                torch.mul(levels, step, out=z[..., a:b])
+                torch.mul(step, -half_levels(seg.bits), out=offset)
                 scale_idx += 1
+            quantized += 1
+        z[..., rank].fill_(1.0)
         return z
 
     def decode(self, dtype: torch.dtype, start: int = 0, length: int | None = None) -> torch.Tensor:
         """Reconstructed vectors [B, H, T, d] (a fresh tensor)."""
-        z = self.coefficients(start, length)
-        if self.basis is None:
-            return z.to(dtype, copy=True)
-        x = torch.einsum("bhtr,hdr->bhtd", z, self.basis) + self.mean[:, None, :]
+        x = self.augmented_coefficients(start, length) @ self.augmented_basis().transpose(-1, -2)
         return x.to(dtype)
 
     # --- bookkeeping ---------------------------------------------------------------------------------------

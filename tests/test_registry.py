@@ -264,18 +264,21 @@ def test_zoo_links_only_commits_on_the_public_hub():
 
 # --- verify ---------------------------------------------------------------------------------------------------
 
-def shared_bases_bytes(path: Path) -> int:
-    """What a device holds for a preset's bases, counted from the .safetensors header alone: every tensor in fp32
-    (how kvhub loads them, whatever the file stores), plus per stream the augmented ``[U | mean]`` [H, d, r+1] and
-    the per-component deviations [H, r] derived once per device."""
-    raw = path.read_bytes()
+def shared_bases_bytes(folder: Path) -> int:
+    """What a device holds for a preset's bases, counted from its files alone: every tensor of the .safetensors file
+    in fp32 (how kvhub loads them, whatever the file stores), plus per stream what is derived once per device: the
+    per-component deviations [H, r] and the augmented ``[U | mean | S]`` [H, d, r + 1 + quantized segments]."""
+    raw = (folder / BASES_NAME).read_bytes()
     header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
     tensors = {name: t["shape"] for name, t in header.items() if name != "__metadata__"}
-    loaded = sum(4 * math.prod(shape) for shape in tensors.values())
-    derived = 0
+    codec = json.loads((folder / CONFIG_NAME).read_text())["codec"]
+    total = sum(4 * math.prod(shape) for shape in tensors.values())
     for name, (heads, dim, rank) in ((n, s) for n, s in tensors.items() if n.endswith(".basis")):
-        derived += 4 * heads * dim * (rank + 1) + 4 * heads * rank
-    return loaded + derived
+        _, layer, stream, _ = name.split(".")
+        segments = codec.get("layers", {}).get(layer, codec["default"])[stream]["segments"]
+        quantized = sum(1 for _, bits in segments if 0 < bits < 16)
+        total += 4 * heads * rank + 4 * heads * dim * (rank + 1 + quantized)
+    return total
 
 
 def test_eval_and_show_report_per_sequence_shared_and_allocated_bytes(tiny_preset, model_dir, eval_text, tmp_path,
@@ -286,7 +289,7 @@ def test_eval_and_show_report_per_sequence_shared_and_allocated_bytes(tiny_prese
                          "--write-metrics")
     assert code == 0, err
     held = KVPreset.load_folder(folder).config["metrics"]["bytes"]
-    assert held["bases"] == shared_bases_bytes(folder / BASES_NAME)  # counted from the file's header
+    assert held["bases"] == shared_bases_bytes(folder)  # counted from the file's header
     assert 0 < held["total"] <= held["allocated"]
     assert held["fp16"] == 64 * 2 * 2 * tiny_model("llama").config.num_hidden_layers * 2 * 16  # tokens*K,V*fp16*L*H*d
     for words in ("per sequence", "shared bases", "allocated", "amortized over batch 1", "64 tokens, batch 1"):
