@@ -9,11 +9,11 @@ import torch
 
 from .bases import StreamBasis
 from .codec import StreamCodec
-from .quant import CODES_PER_BYTE, GAUSSIAN_STEP, half_levels, pack, quantize
+from .quant import CODES_PER_BYTE, pack
+from .quantizers import QUANTIZERS, SCALES
 from .storage import GrowableTensor
 
 _TINY = 1e-8
-FP16_MAX = torch.finfo(torch.float16).max
 
 _SCRATCH = threading.local()  # per thread: two generations in two threads must not share a buffer
 
@@ -33,16 +33,16 @@ def _scratch(slot: str, shape, dtype: torch.dtype, device: torch.device) -> torc
 
 
 @lru_cache(maxsize=None)
-def _level_table(bits: int, step: float, device: torch.device) -> torch.Tensor:
-    """``[256, codes per byte]``: every byte value unpacked into its centred levels times ``step``.
+def _level_table(quantizer: str, bits: int, statistic: str, device: torch.device) -> torch.Tensor:
+    """``[256, codes per byte]``: every byte value unpacked into the levels of its codes for a scale of 1.
 
     Decoding a segment is then one integer conversion and one row gather (``index_select``), instead of a shift, a
     mask, a float conversion and a centring per code position: at short contexts the step time is made of such
-    small ops, not of arithmetic."""
+    small ops, not of arithmetic. Any level set (uniform, Lloyd-Max) is just another table."""
     per = CODES_PER_BYTE[bits]
     byte = torch.arange(256, dtype=torch.int64)
-    levels = torch.stack([(byte >> (bits * j)) & ((1 << bits) - 1) for j in range(per)], dim=-1)
-    return ((levels.double() - half_levels(bits)) * step).float().to(device)
+    codes = torch.stack([(byte >> (bits * j)) & ((1 << bits) - 1) for j in range(per)], dim=-1)
+    return QUANTIZERS[quantizer].levels(bits, statistic)[codes].float().to(device)
 
 
 def _device_basis(basis: StreamBasis, rank: int, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -81,16 +81,14 @@ class CompressedStream:
         else:
             self.mean = self.basis = self.sigma = None
         self.codes = [GrowableTensor() for _ in self.segments]
-        self.n_scaled = sum(1 for s in self.segments if s.bits < 16) if codec.scale != "channel" else 0
+        self.quantizer, self.scale = QUANTIZERS[codec.quantizer], SCALES[codec.scale]
+        self.n_scaled = sum(1 for s in self.segments if s.bits < 16) if self.scale.per_token else 0
         self.scales = GrowableTensor()
         self._tables = [
-            None if s.bits == 16 else _level_table(s.bits, self._unit_step(s.bits), torch.device(device))
+            None if s.bits == 16
+            else _level_table(codec.quantizer, s.bits, self.scale.statistic, torch.device(device))
             for s in self.segments
         ]
-
-    def _unit_step(self, bits: int) -> float:
-        """The step for a stored scale of 1 (``token``: absmax; ``rms`` and ``channel``: one standard deviation)."""
-        return 1.0 / half_levels(bits) if self.codec.scale == "token" else GAUSSIAN_STEP[bits]
 
     # --- writing -------------------------------------------------------------------------------------------
     def project(self, x: torch.Tensor) -> torch.Tensor:
@@ -100,13 +98,6 @@ class CompressedStream:
             return x
         return torch.einsum("bhnd,hdr->bhnr", x - self.mean[:, None, :], self.basis)
 
-    def _token_scale(self, zs: torch.Tensor) -> torch.Tensor:
-        """Per-token statistic stored for a segment, as fp16: its absmax (``token``) or its RMS (``rms``).
-        Clamped to fp16's range: an outlier token of a 16-bit model can exceed 65504, and an infinite scale would
-        turn the whole token into NaN; clamped, its largest components saturate instead."""
-        stat = zs.abs().amax(-1, keepdim=True) if self.codec.scale == "token" else zs.pow(2).mean(-1, keepdim=True).sqrt()
-        return stat.clamp(_TINY, FP16_MAX).half()
-
     def append(self, x: torch.Tensor) -> None:
         z = self.project(x)
         scales = []
@@ -115,13 +106,14 @@ class CompressedStream:
             if seg.bits == 16:
                 store.append(zs.to(self.passthrough_dtype))
                 continue
-            if self.codec.scale == "channel":
-                step = GAUSSIAN_STEP[seg.bits] * self.sigma[:, None, a:b]
+            if self.scale.per_token:
+                stored = self.scale.token_scale(zs)
+                scales.append(stored)
+                scale = stored.float()
             else:
-                scale = self._token_scale(zs)
-                scales.append(scale)
-                step = scale.float() * self._unit_step(seg.bits)
-            store.append(pack(quantize(zs, step, seg.bits), seg.bits))
+                scale = self.sigma[:, None, a:b]
+            codes = self.quantizer.encode(zs, scale, seg.bits, self.scale.statistic)
+            store.append(pack(codes, seg.bits))
         if scales:
             self.scales.append(torch.cat(scales, dim=-1))
 
@@ -151,7 +143,7 @@ class CompressedStream:
             idx = _scratch("idx", data.shape, torch.int32, device).copy_(data)
             levels = torch.index_select(table, 0, idx.view(-1), out=_scratch("lv", (idx.numel(), table.shape[1]), torch.float32, device))
             levels = levels.view(batch, heads, length, seg.size)
-            if self.codec.scale == "channel":
+            if not self.scale.per_token:
                 torch.mul(levels, self.sigma[:, None, a:b], out=z[..., a:b])
             else:
                 torch.mul(levels, scales[..., scale_idx : scale_idx + 1], out=z[..., a:b])
