@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from dataclasses import replace
@@ -224,7 +225,7 @@ def main() -> None:
                 rows[name]["needle"] = grid.hits
                 print(f"{name:<52} needle {grid.row_summary()}", flush=True)
     result = {"protocol": vars(args) | {"corpora": list(windows)}, "hardware": hardware(),
-              "seconds": round(time.time() - t0), "command": "python " + " ".join(sys.argv), "rows": rows}
+              "seconds": round(time.time() - t0), "command": "python " + shlex.join(sys.argv), "rows": rows}
     Path(args.out + ".json").write_text(json.dumps(result, indent=2) + "\n")
     write_table(result, Path(args.out + ".md"))
     plot(result, Path(args.out + ".png"))
