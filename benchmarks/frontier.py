@@ -42,9 +42,7 @@ PRESETS = {"kvhub 0.5% preset": ROOT / "benchmarks" / "presets" / "smollm2-0.5pc
            "kvhub 3% preset": ROOT / "benchmarks" / "presets" / "smollm2-3pct",
            # tuned with Lloyd-Max values and the widened calibration (books + Python docs and source)
            "kvhub 1% Lloyd-Max preset": ROOT / "benchmarks" / "presets" / "smollm2-1pct-lloydmax",
-           "kvhub 3% Lloyd-Max preset": ROOT / "benchmarks" / "presets" / "smollm2-3pct-lloydmax",
-           # the bundled codec with Lloyd-Max values, bases refitted on the widened calibration (benchmarks/recalibrate.py)
-           "kvhub 1% layout, widened calibration + Lloyd-Max V": ROOT / "benchmarks" / "presets" / "smollm2-1pct-widened-lloydmax"}
+           "kvhub 3% Lloyd-Max preset": ROOT / "benchmarks" / "presets" / "smollm2-3pct-lloydmax"}
 NEEDLE_ROWS = ("DynamicCache (fp)", "QuantizedCache quanto int4", "kvhub 1% preset (bundled)",
                "kvhub 1% Lloyd-Max preset", "kvhub 3% Lloyd-Max preset")
 
