@@ -48,5 +48,7 @@ class LloydMaxQuantizer(Quantizer):
         return gaussian_levels(bits)[0].clone()
 
     def encode(self, z: torch.Tensor, scale: torch.Tensor, bits: int, statistic: Statistic) -> torch.Tensor:
+        # the code is the number of thresholds below the value (what torch.bucketize computes, but bucketize
+        # measured 9 ms for 1.5k values on CPU against 0.1 ms for these comparisons: 3 or 15 thresholds)
         thresholds = gaussian_levels(bits)[1].to(device=z.device, dtype=torch.float32)
-        return torch.bucketize(z / scale, thresholds).to(torch.uint8)
+        return ((z / scale).unsqueeze(-1) > thresholds).sum(-1, dtype=torch.uint8)
