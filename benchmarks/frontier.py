@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -34,10 +36,15 @@ from kvhub.eval.ppl import PerplexityResult, window_nll
 from kvhub.text import read_texts, token_windows
 
 ROOT = Path(__file__).resolve().parents[1]
+EVALUATION = [CORPORA / "evaluation", CORPORA / "extra" / "evaluation"]  # books + out-of-domain (corpora/extra/README.md)
 RESULTS = ROOT / "benchmarks" / "results"
 PRESETS = {"kvhub 1% preset (bundled)": ROOT / "presets" / "HuggingFaceTB--SmolLM2-135M-Instruct",
-           "kvhub 3% preset": ROOT / "benchmarks" / "presets" / "smollm2-3pct"}
-NEEDLE_ROWS = ("DynamicCache (fp)", "QuantizedCache quanto int4", "kvhub 1% preset (bundled)")
+           "kvhub 3% preset": ROOT / "benchmarks" / "presets" / "smollm2-3pct",
+           # tuned with Lloyd-Max values and the widened calibration (books + Python docs and source)
+           "kvhub 1% Lloyd-Max preset": ROOT / "benchmarks" / "presets" / "smollm2-1pct-lloydmax",
+           "kvhub 3% Lloyd-Max preset": ROOT / "benchmarks" / "presets" / "smollm2-3pct-lloydmax"}
+NEEDLE_ROWS = ("DynamicCache (fp)", "QuantizedCache quanto int4", "kvhub 1% preset (bundled)",
+               "kvhub 1% Lloyd-Max preset", "kvhub 3% Lloyd-Max preset")
 
 
 # --- KIVI, simulated ---------------------------------------------------------------------------------------------
@@ -152,7 +159,21 @@ def methods(model, tok) -> dict:
         if (folder / "kvhub_preset.json").exists():
             preset = KVPreset.from_pretrained(folder)
             out[name] = ("real", lambda p=preset: p.build_cache(model))
+    bundled = KVPreset.from_pretrained(PRESETS["kvhub 1% preset (bundled)"])
+    for name, codec in lloyd_max_variants(bundled.codec).items():
+        out[name] = ("real", lambda c=codec: CompressedCache(cfg, c, bundled.bases))
     return out
+
+
+def lloyd_max_variants(codec: CacheCodec) -> dict[str, CacheCodec]:
+    """The bundled preset's layout and bases with Lloyd-Max levels: on the values (RMS scales, as tuned), and on
+    keys too (their absmax scale becomes RMS, which Lloyd-Max levels need). Same bytes, other levels."""
+    def swap(layer, keys: bool):
+        values = replace(layer.values, quantizer="lloyd-max")
+        return replace(layer, values=values, keys=replace(layer.keys, scale="rms", quantizer="lloyd-max") if keys else layer.keys)
+
+    return {f"kvhub 1% preset + Lloyd-Max {what}": replace(codec, layers=tuple(swap(layer, keys) for layer in codec.layers))
+            for what, keys in (("V", False), ("K+V", True))}
 
 
 def main() -> None:
@@ -161,7 +182,8 @@ def main() -> None:
     ap.add_argument("--window-tokens", type=int, default=2048)
     ap.add_argument("--chunk", type=int, default=128)
     ap.add_argument("--needle", action="store_true")
-    ap.add_argument("--only", default=None, help="comma-separated row names to run (default: all)")
+    ap.add_argument("--only", action="append", help="a row to run (repeatable; default: all). DynamicCache always runs")
+    ap.add_argument("--corpora", default=None, help="comma-separated evaluation corpora to run (default: all)")
     ap.add_argument("--out", default=str(RESULTS / "frontier"))
     ap.add_argument("--render", action="store_true",
                     help="measure nothing: rewrite OUT.md and OUT.png from OUT.json (after editing the rows by hand)")
@@ -175,12 +197,14 @@ def main() -> None:
     t0 = time.time()
     model, tok = load_model("HuggingFaceTB/SmolLM2-135M-Instruct")
     enable(model)  # kvhub caches decode from their codes; every other cache gets SDPA unchanged
-    texts = read_texts([CORPORA / "evaluation"])
+    texts = read_texts([d for d in EVALUATION if d.is_dir()])
+    if args.corpora:
+        texts = [(name, text) for name, text in texts if name in args.corpora.split(",")]
     windows = {name: token_windows(tok, text, args.window_tokens, args.windows) for name, text in texts}
     rows = {}
     todo = methods(model, tok)
     if args.only:
-        todo = {k: v for k, v in todo.items() if k in args.only.split(",") or k == "DynamicCache (fp)"}
+        todo = {k: v for k, v in todo.items() if k in args.only or k == "DynamicCache (fp)"}
     for name, (kind, make) in todo.items():
         ppl, last = {}, None
         for corpus, wins in windows.items():
@@ -207,7 +231,7 @@ def main() -> None:
                 rows[name]["needle"] = grid.hits
                 print(f"{name:<52} needle {grid.row_summary()}", flush=True)
     result = {"protocol": vars(args) | {"corpora": list(windows)}, "hardware": hardware(),
-              "seconds": round(time.time() - t0), "command": "python " + " ".join(sys.argv), "rows": rows}
+              "seconds": round(time.time() - t0), "command": "python " + shlex.join(sys.argv), "rows": rows}
     Path(args.out + ".json").write_text(json.dumps(result, indent=2) + "\n")
     write_table(result, Path(args.out + ".md"))
     plot(result, Path(args.out + ".png"))
@@ -221,7 +245,8 @@ def write_table(result: dict, path: Path) -> None:
         "# Compression frontier on SmolLM2-135M-Instruct",
         "",
         f"Generated by `{result['command']}` on {result['hardware']} in {result['seconds']} s. "
-        "Perplexity under compression, 3 x 2048-token windows per corpus, 128-token chunks; bytes at 2048 tokens "
+        f"Perplexity under compression, {result['protocol']['windows']} x {result['protocol']['window_tokens']}-token "
+        f"windows per corpus, {result['protocol']['chunk']}-token chunks; bytes at 2048 tokens "
         "vs an fp16 K+V cache.",
         "",
         "| method | kind | KV bytes ratio | PPL delta % (mean) | " + " | ".join(corpora) + " | needle 1k/2k/4k |",
@@ -249,7 +274,7 @@ def plot(result: dict, path: Path) -> None:
         ax.annotate(name, (r["ratio"], y), fontsize=6, xytext=(3, 3), textcoords="offset points")
     ax.set_yscale("log")
     ax.set_xlabel("total KV compression vs fp16 (bytes held at 2048 tokens)")
-    ax.set_ylabel("perplexity delta % (mean of 3 corpora, log)")
+    ax.set_ylabel(f"perplexity delta % (mean of {len(result['protocol']['corpora'])} corpora, log)")
     ax.set_title("SmolLM2-135M-Instruct: quality vs KV compression (x = simulated)")
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()

@@ -83,7 +83,8 @@ def _attend_compressed(layer, query, key, value, attention_mask, scaling, softca
     mask = layer.storage_mask(_additive(attention_mask, q_len), q_len, total)
 
     keys, values = layer.streams["keys"], layer.streams["values"]
-    if q_len <= kernels.MAX_QUERY_TOKENS and kernels.backend(query.device) == "triton":
+    uniform = keys.codec.quantizer == values.codec.quantizer == "uniform"  # the kernels unpack uniform levels only
+    if uniform and q_len <= kernels.MAX_QUERY_TOKENS and kernels.backend(query.device) == "triton":
         history_mask = exact_mask = None
         if mask is not None:  # storage order: sink | history | recent and new
             mask = mask[:, 0].expand(bsz, q_len, total)

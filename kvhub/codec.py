@@ -19,6 +19,9 @@ from .errors import CodecError
 BITS = (0, 2, 4, 8, 16)
 Projection = Literal["pca", "identity"]
 ScaleScheme = Literal["token", "rms", "channel"]
+# Level sets of kvhub.quantizers (named here so a preset validates without torch); lloyd-max needs a deviation scale.
+QUANTIZERS = ("uniform", "lloyd-max")
+_DEVIATION_SCALES = ("rms", "channel")
 STREAMS = ("keys", "values")
 _PACK = {2: 4, 4: 2}
 MAX_LAYERS = 1024  # the schema's bound: a codec is built layer by layer, so a count from a file is checked first
@@ -39,6 +42,7 @@ class StreamCodec:
     segments: tuple[Segment, ...]
     projection: Projection = "pca"
     scale: ScaleScheme = "token"
+    quantizer: str = "uniform"
 
     @property
     def rank(self) -> int:
@@ -91,6 +95,12 @@ class StreamCodec:
             raise CodecError(f"{where}: projection '{self.projection}' is not 'pca' or 'identity'")
         if self.scale not in ("token", "rms", "channel"):
             raise CodecError(f"{where}: scale '{self.scale}' is not 'token', 'rms' or 'channel'")
+        if self.quantizer not in QUANTIZERS:
+            raise CodecError(f"{where}: quantizer '{self.quantizer}' is not one of {QUANTIZERS}")
+        if self.quantizer == "lloyd-max" and self.scale not in _DEVIATION_SCALES:
+            raise CodecError(f"{where}: Lloyd-Max levels are those of a unit Gaussian; fix: use scale 'rms' or 'channel'")
+        if self.quantizer == "lloyd-max" and any(s.bits == 8 for s in self.segments):
+            raise CodecError(f"{where}: Lloyd-Max levels are tabulated for 2 and 4 bits; fix: use the uniform quantizer")
 
     @classmethod
     def uniform(cls, head_dim: int, bits: int, rank: int | None = None, **kw: Any) -> "StreamCodec":
@@ -102,11 +112,12 @@ class StreamCodec:
         return cls(tuple(segs), **kw)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "segments": [[s.size, s.bits] for s in self.segments],
-            "projection": self.projection,
-            "scale": self.scale,
-        }
+        """The quantizer is written only when it is not the default, so presets made before it existed re-save
+        byte for byte."""
+        out = {"segments": [[s.size, s.bits] for s in self.segments], "projection": self.projection, "scale": self.scale}
+        if self.quantizer != "uniform":
+            out["quantizer"] = self.quantizer
+        return out
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "StreamCodec":
@@ -114,6 +125,7 @@ class StreamCodec:
             segments=tuple(Segment(int(a), int(b)) for a, b in d["segments"]),
             projection=d.get("projection", "pca"),
             scale=d.get("scale", "token"),
+            quantizer=d.get("quantizer", "uniform"),
         )
 
 
@@ -250,6 +262,6 @@ class CacheCodec:
             for name in STREAMS:
                 s = layer.stream(name)
                 row[name] = {"rank": s.rank, "layout": "+".join(f"{g.size}x{g.bits}b" for g in s.kept),
-                             "scale": s.scale, "projection": s.projection, "bits_per_token": s.bits_per_token()}
+                             "scale": s.scale, "quantizer": s.quantizer, "projection": s.projection, "bits_per_token": s.bits_per_token()}
             rows.append(row)
         return rows

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import threading
+from functools import lru_cache
 import torch
 
 from .bases import StreamBasis
 from .codec import StreamCodec
-from .quant import CODES_PER_BYTE, GAUSSIAN_STEP, half_levels, pack, quantize
+from .quant import CODES_PER_BYTE, pack
+from .quantizers import QUANTIZERS, SCALES
 from .storage import GrowableTensor
 
 _TINY = 1e-8
-FP16_MAX = torch.finfo(torch.float16).max
 
 _SCRATCH = threading.local()  # per thread: two generations in two threads must not share a buffer
 
@@ -43,20 +44,41 @@ def _device_basis(basis: StreamBasis, rank: int, device: torch.device) -> tuple[
     return memo[key]
 
 
+@lru_cache(maxsize=None)
+def _levels(quantizer: str, bits: int, statistic: str) -> tuple[float, float] | None:
+    """``(step, lowest level)`` of a uniform level set for a unit scale (level ``q`` is ``lowest + q * step``), or
+    None for a non-uniform one (Lloyd-Max), which decodes through :func:`_level_table`."""
+    levels = QUANTIZERS[quantizer].levels(bits, statistic)
+    steps = levels.diff()
+    if not torch.allclose(steps, steps[0].expand_as(steps), rtol=1e-9, atol=0):
+        return None
+    return float(steps[0]), float(levels[0])
+
+
+@lru_cache(maxsize=None)
+def _level_table(quantizer: str, bits: int, statistic: str, device: torch.device) -> torch.Tensor:
+    """``[256, codes per byte]``: every byte value unpacked into the levels of its codes for a unit scale, for level
+    sets no arithmetic unpacks (a gather is ~2.5x slower per element than shifts on CPU, so uniform sets skip it)."""
+    per = CODES_PER_BYTE[bits]
+    byte = torch.arange(256, dtype=torch.int64)
+    codes = torch.stack([(byte >> (bits * j)) & ((1 << bits) - 1) for j in range(per)], dim=-1)
+    return QUANTIZERS[quantizer].levels(bits, statistic)[codes].float().to(device)
+
+
 def _augmented(u: torch.Tensor, mean: torch.Tensor, sigma: torch.Tensor | None, codec: StreamCodec) -> torch.Tensor:
     """``[U | mean | S]`` [H, d, r + 1 + q] for a stream with ``q`` quantized segments, ``S_j`` the sum of segment
     ``j``'s columns of ``U`` (weighted by the static steps of the ``channel`` scheme).
 
-    Against it, coefficients are read as ``[q * step, 1, -h * step_j]`` (levels ``q`` uncentred, ``h`` the
-    mid-rise offset): ``[...] @ [U | mean | S]^T`` is ``((q - h) * step) U^T + mean``, the reconstruction, and
+    Against it, coefficients are read as ``[q * step * scale, 1, lowest * scale_j]`` for uniform levels
+    ``lowest + q * step`` (``q`` the raw code), so ``[...] @ [U | mean | S]^T`` is the reconstruction, and
     ``q [U | mean | S] . [...]`` is the score. Centring and the mean cost a few columns in the matmuls that run
     anyway, instead of passes over the history: at short contexts step time is made of such passes and ops."""
     sums, start = [], 0
     for seg in codec.kept:
         if seg.bits < 16:
             cols = u[..., start : start + seg.size]
-            if codec.scale == "channel":
-                cols = cols * (sigma[:, None, start : start + seg.size] * GAUSSIAN_STEP[seg.bits])
+            if not SCALES[codec.scale].per_token:
+                cols = cols * sigma[:, None, start : start + seg.size]
             sums.append(cols.sum(-1, keepdim=True))
         start += seg.size
     return torch.cat([u, mean[..., None], *sums], -1).contiguous()
@@ -104,17 +126,14 @@ class CompressedStream:
         self._source = basis
         self.n_quantized = sum(1 for s in self.segments if s.bits < 16)
         self.codes = [GrowableTensor() for _ in self.segments]
-        self.n_scaled = sum(1 for s in self.segments if s.bits < 16) if codec.scale != "channel" else 0
+        self.quantizer, self.scale = QUANTIZERS[codec.quantizer], SCALES[codec.scale]
+        self.n_scaled = sum(1 for s in self.segments if s.bits < 16) if self.scale.per_token else 0
         self.scales = GrowableTensor()
 
     def augmented_basis(self) -> torch.Tensor:
         """``[U | mean | S]`` [H, d, r + 1 + q], shared by every cache of the preset: see :func:`_augmented`."""
         buf = self.codes[0].buf
         return _shared_augmented(self._source, self.codec, buf.shape[1], buf.device)
-
-    def _unit_step(self, bits: int) -> float:
-        """The step for a stored scale of 1 (``token``: absmax; ``rms`` and ``channel``: one standard deviation)."""
-        return 1.0 / half_levels(bits) if self.codec.scale == "token" else GAUSSIAN_STEP[bits]
 
     # --- writing -------------------------------------------------------------------------------------------
     def project(self, x: torch.Tensor) -> torch.Tensor:
@@ -124,13 +143,6 @@ class CompressedStream:
             return x
         return torch.einsum("bhnd,hdr->bhnr", x - self.mean[:, None, :], self.basis)
 
-    def _token_scale(self, zs: torch.Tensor) -> torch.Tensor:
-        """Per-token statistic stored for a segment, as fp16: its absmax (``token``) or its RMS (``rms``).
-        Clamped to fp16's range: an outlier token of a 16-bit model can exceed 65504, and an infinite scale would
-        turn the whole token into NaN; clamped, its largest components saturate instead."""
-        stat = zs.abs().amax(-1, keepdim=True) if self.codec.scale == "token" else zs.pow(2).mean(-1, keepdim=True).sqrt()
-        return stat.clamp(_TINY, FP16_MAX).half()
-
     def append(self, x: torch.Tensor) -> None:
         z = self.project(x)
         scales = []
@@ -139,13 +151,13 @@ class CompressedStream:
             if seg.bits == 16:
                 store.append(zs.to(self.passthrough_dtype))
                 continue
-            if self.codec.scale == "channel":
-                step = GAUSSIAN_STEP[seg.bits] * self.sigma[:, None, a:b]
+            if self.scale.per_token:
+                stored = self.scale.token_scale(zs)
+                scales.append(stored)
+                scale = stored.float()
             else:
-                scale = self._token_scale(zs)
-                scales.append(scale)
-                step = scale.float() * self._unit_step(seg.bits)
-            store.append(pack(quantize(zs, step, seg.bits), seg.bits))
+                scale = self.sigma[:, None, a:b]
+            store.append(pack(self.quantizer.encode(zs, scale, seg.bits, self.scale.statistic), seg.bits))
         if scales:
             self.scales.append(torch.cat(scales, dim=-1))
 
@@ -154,13 +166,30 @@ class CompressedStream:
     def length(self) -> int:
         return self.codes[0].length
 
-    def augmented_coefficients(self, start: int = 0, length: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-        """``[q * step, 1, -h * step_j]`` [B, H, T, r + 1 + q] in float32 for stored tokens ``[start, start + length)``
-        (see :func:`_augmented`), written into ``out`` or a fresh tensor.
+    @staticmethod
+    def _raw_codes(data: torch.Tensor, bits: int) -> torch.Tensor:
+        """uint8 codes [B, H, T, size] in component order from packed bytes: each code position shifted and masked
+        into a plane, planes stacked (byte-sized passes; the float pass comes after, once)."""
+        per = CODES_PER_BYTE[bits]
+        if per == 1:
+            return data
+        planes = []
+        for j in range(per):
+            plane = data
+            if j:
+                plane = torch.bitwise_right_shift(data, bits * j, out=_scratch(f"p{j}", data.shape, torch.uint8, data.device))
+            if j < per - 1:  # the top code position needs no mask
+                plane = torch.bitwise_and(plane, (1 << bits) - 1, out=_scratch(f"p{j}", data.shape, torch.uint8, data.device))
+            planes.append(plane)
+        levels = torch.stack(planes, -1, out=_scratch("codes", (*data.shape, per), torch.uint8, data.device))
+        return levels.flatten(-2)
 
-        Per quantized segment: the code positions of each byte are shifted and masked into uint8 planes, stacked
-        into component order (byte-sized passes), then converted and scaled in one float pass. A byte->levels table
-        gather measured ~2.5x slower per element on CPU."""
+    def augmented_coefficients(self, start: int = 0, length: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``[q * step * scale, 1, lowest * scale_j]`` [B, H, T, r + 1 + q] in float32 for stored tokens
+        ``[start, start + length)`` (see :func:`_augmented`), written into ``out`` or a fresh tensor.
+
+        Uniform levels: the codes are unpacked in byte-sized passes, then converted and scaled in one float pass.
+        Non-uniform levels (Lloyd-Max) go through a byte->levels table, already centred (their offset column is 0)."""
         length = self.length - start if length is None else length
         data0 = self.codes[0].view(start, length)
         batch, heads = data0.shape[:2]
@@ -173,31 +202,43 @@ class CompressedStream:
             if seg.bits == 16:
                 z[..., a:b].copy_(data)
                 continue
-            per = CODES_PER_BYTE[seg.bits]
-            levels = data
-            if per > 1:
-                planes = []
-                for j in range(per):
-                    plane = data
-                    if j:
-                        plane = torch.bitwise_right_shift(data, seg.bits * j, out=_scratch(f"p{j}", data.shape, torch.uint8, device))
-                    if j < per - 1:  # the top code position needs no mask
-                        plane = torch.bitwise_and(plane, (1 << seg.bits) - 1, out=_scratch(f"p{j}", data.shape, torch.uint8, device))
-                    planes.append(plane)
-                levels = torch.stack(planes, -1, out=_scratch("levels", (*data.shape, per), torch.uint8, device))
-                levels = levels.view(batch, heads, length, seg.size)
             offset = z[..., rank + 1 + quantized : rank + 2 + quantized]
-            if self.codec.scale == "channel":
-                torch.mul(levels, self.sigma[:, None, a:b] * GAUSSIAN_STEP[seg.bits], out=z[..., a:b])
-                offset.fill_(-half_levels(seg.bits))
-            else:
-                step = scales[..., scale_idx : scale_idx + 1].float().mul_(self._unit_step(seg.bits))
-                torch.mul(levels, step, out=z[..., a:b])
-                torch.mul(step, -half_levels(seg.bits), out=offset)
+            if self.scale.per_token:
+                scale = scales[..., scale_idx : scale_idx + 1].float()
                 scale_idx += 1
+            else:
+                scale = self.sigma[:, None, a:b]
+            uniform = _levels(self.codec.quantizer, seg.bits, self.scale.statistic)
+            if uniform is None:  # tabled levels, already centred: nothing to offset
+                table = _level_table(self.codec.quantizer, seg.bits, self.scale.statistic, device)
+                idx = _scratch("idx", data.shape, torch.int32, device).copy_(data)
+                levels = torch.index_select(table, 0, idx.view(-1), out=_scratch("lv", (idx.numel(), table.shape[1]), torch.float32, device))
+                torch.mul(levels.view(batch, heads, length, seg.size), scale, out=z[..., a:b])
+                offset.fill_(0.0)
+            else:
+                step, lowest = uniform
+                torch.mul(self._raw_codes(data, seg.bits), scale * step, out=z[..., a:b])
+                if self.scale.per_token:
+                    torch.mul(scale, lowest, out=offset)
+                else:
+                    offset.fill_(lowest)
             quantized += 1
         z[..., rank].fill_(1.0)
         return z
+
+    def coefficients(self, start: int = 0, length: int | None = None) -> torch.Tensor:
+        """Dequantized coefficients ``z`` [B, H, T, r] of stored tokens ``[start, start + length)`` (a fresh tensor):
+        :meth:`augmented_coefficients` with each segment's offset column added back."""
+        z = self.augmented_coefficients(start, length)
+        rank, quantized = self.codec.rank, 0
+        out = z[..., :rank].clone()
+        for seg, (a, b) in zip(self.segments, self.bounds):
+            if seg.bits == 16:
+                continue
+            offset = z[..., rank + 1 + quantized : rank + 2 + quantized]
+            out[..., a:b] += offset if self.scale.per_token else offset * self.sigma[:, None, a:b]
+            quantized += 1
+        return out
 
     def decode(self, dtype: torch.dtype, start: int = 0, length: int | None = None) -> torch.Tensor:
         """Reconstructed vectors [B, H, T, d] (a fresh tensor)."""

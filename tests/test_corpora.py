@@ -1,6 +1,9 @@
-"""The corpora ship in the repository, where kvhub's defaults look, and calibration never overlaps evaluation."""
+"""The corpora ship in the repository, where kvhub's defaults look, and calibration never overlaps evaluation
+(the books, and the out-of-domain Python docs and source of corpora/extra)."""
 
 from __future__ import annotations
+
+import re
 
 import pytest
 
@@ -9,27 +12,33 @@ from kvhub.corpora import CORPORA, default_corpus
 from kvhub.errors import CorpusNotFoundError
 from tests.paths import CALIBRATION, EVALUATION, ROOT
 
-MIN_PARAGRAPH_CHARS = 80  # shorter paragraphs ("CHAPTER I", "THE END") legitimately repeat across books
+MIN_PARAGRAPH_CHARS = 80  # shorter blocks ("CHAPTER I", "return None") legitimately repeat across texts
+EXTRA = CORPORA / "extra"
 
 
-def paragraphs(folder) -> dict[str, str]:
+def paragraphs(*folders) -> dict[str, str]:
+    """Whitespace-normalized blank-line-separated blocks of at least MIN_PARAGRAPH_CHARS -> the file they are in."""
     out = {}
-    for path in sorted(folder.glob("*.txt")):
-        for para in path.read_text(encoding="utf-8").split("\n\n"):
-            para = " ".join(para.split())
-            if len(para) >= MIN_PARAGRAPH_CHARS:
-                out.setdefault(para, path.name)
+    for folder in folders:
+        for path in sorted(folder.glob("*.txt")):
+            for block in re.split(r"\n\s*\n", path.read_text(encoding="utf-8")):
+                norm = " ".join(block.split())
+                if len(norm) >= MIN_PARAGRAPH_CHARS:
+                    out.setdefault(norm, path.name)
     return out
 
 
 def test_corpora_are_in_the_repo_where_the_defaults_resolve():
     assert CORPORA == ROOT / "corpora"
     assert default_corpus("calibration") == CALIBRATION and default_corpus("evaluation") == EVALUATION
+    # the defaults stay the books the registry's numbers were measured on; the Python texts are opt-in
     assert len(list(CALIBRATION.glob("*.txt"))) == 5 and len(list(EVALUATION.glob("*.txt"))) == 3
+    assert len(list((EXTRA / "calibration").glob("*.txt"))) == 2 and len(list((EXTRA / "evaluation").glob("*.txt"))) == 2
 
 
 def test_calibration_and_evaluation_share_no_paragraph():
-    calibration, evaluation = paragraphs(CALIBRATION), paragraphs(EVALUATION)
+    calibration = paragraphs(CALIBRATION, EXTRA / "calibration")
+    evaluation = paragraphs(EVALUATION, EXTRA / "evaluation")
     assert len(calibration) > 1000 and len(evaluation) > 1000
     shared = [(p[:60], calibration[p], evaluation[p]) for p in calibration.keys() & evaluation.keys()]
     assert not shared, shared[:5]

@@ -14,9 +14,10 @@ from kvhub.tuning import LEVELS, reallocate, search, stream_ladders
 from tests.tiny_models import VOCAB, tiny_bases
 
 
+@pytest.mark.parametrize("quantizer", ["uniform", "lloyd-max"])
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_ladders_are_valid_and_ordered_by_bits(head_dim):
-    ladders = stream_ladders(head_dim)
+def test_ladders_are_valid_and_ordered_by_bits(head_dim, quantizer):
+    ladders = stream_ladders(head_dim, quantizer)
     for name in STREAMS:
         bits = [lay.bits_per_token() for lay in ladders[name]]
         assert bits == sorted(bits) and len(set(bits)) == len(bits)
@@ -24,7 +25,10 @@ def test_ladders_are_valid_and_ordered_by_bits(head_dim):
             lay.check(name, head_dim)
             assert lay.rank == head_dim  # no rank cuts
     level_bits = [ladders["keys"][k].bits_per_token() + ladders["values"][v].bits_per_token() for k, v in LEVELS]
-    assert level_bits == sorted(level_bits)
+    assert level_bits == sorted(level_bits) and len(set(LEVELS)) == len(LEVELS)
+    # the chosen levels on every values layout but the one with an 8-bit segment (no Lloyd-Max table for 8 bits)
+    assert [v.quantizer for v in ladders["values"]] == [quantizer] * (len(ladders["values"]) - 1) + ["uniform"]
+    assert all(k.quantizer == "uniform" for k in ladders["keys"])
 
 
 def test_reallocation_moves_least_sensitive_down_and_most_sensitive_up():
