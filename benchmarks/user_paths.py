@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode_speed import PRESET, ROOT, RssSampler, interleaved_step_times, make_caches, random_bases, scaled_codec  # noqa: E402
 
 from kvhub import CompressedCache, KVPreset, ModelShape, compressed_attention, load_model  # noqa: E402
-from kvhub.cache import FP16_BYTES  # noqa: E402
+from kvhub.cache import FP16_BYTES, shared_storages  # noqa: E402
 from kvhub.text import read_texts, token_windows  # noqa: E402
 
 EVALUATION = ROOT / "corpora" / "evaluation"
@@ -118,9 +118,7 @@ def bytes_rows(model, tok, preset: KVPreset) -> list[dict]:
         cache = preset.build_cache(model)
         with torch.no_grad(), compressed_attention(model):
             model.generate(ids, attention_mask=torch.ones_like(ids), cache=cache, max_new_tokens=33, do_sample=False)
-        shared = {t.untyped_storage().data_ptr() for b in cache.bases.values() for t in (b.mean, b.basis, b.variance)}
-        shared |= {t.untyped_storage().data_ptr() for layer in cache.layers for s in layer.streams.values()
-                   for t in (s.basis, s.mean, s.sigma) if t is not None}
+        shared = set(shared_storages(cache.bases))
         allocated, held = walk_allocated(cache, shared), cache.nbytes()["total"]
         tokens = cache.get_seq_length()
         fp16 = tokens * 2 * FP16_BYTES * shape.num_layers * shape.num_kv_heads * shape.head_dim

@@ -25,6 +25,18 @@ def _prepared(bases: Bases, codec: CacheCodec, shape: ModelShape) -> Bases:
     return memo[(codec, shape)]
 
 
+def shared_storages(bases: Bases) -> dict[int, int]:
+    """``{storage pointer: bytes}`` of the bases and of what was derived from them once per device and codec
+    (:mod:`kvhub.stream` keeps those on each basis): what every cache of a preset shares."""
+    storages = {}
+    for basis in bases.values():
+        derived = [t for made in basis.__dict__.get("_on_device", {}).values()
+                   for t in (made if isinstance(made, tuple) else (made,))]
+        for t in (basis.mean, basis.basis, basis.variance, *derived):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return storages
+
+
 class CompressedCache(Cache):
     """Drop-in cache for ``model.generate(..., cache=cache)`` / ``past_key_values=cache`` or a forward loop.
 
@@ -100,13 +112,7 @@ class CompressedCache(Cache):
     def bases_nbytes(self) -> int:
         """Bytes of the per-model bases, shared by every sequence and every cache built from the same preset: the
         bases themselves and what was derived from them once per device (see :func:`kvhub.stream._device_basis`)."""
-        storages = {}
-        for basis in self.bases.values():
-            derived = [t for made in basis.__dict__.get("_on_device", {}).values()
-                       for t in (made if isinstance(made, tuple) else (made,))]
-            for t in (basis.mean, basis.basis, basis.variance, *derived):
-                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return sum(storages.values())
+        return sum(shared_storages(self.bases).values())
 
     def fp16_nbytes(self) -> int:
         """Bytes an fp16 K+V cache would need for the tokens each layer holds."""

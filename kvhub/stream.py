@@ -124,6 +124,8 @@ class CompressedStream:
         else:
             self.mean = self.basis = self.sigma = None
         self._source = basis
+        if basis is not None:  # made now, not at the first decode: what a preset costs a device is known up front
+            _shared_augmented(basis, codec, basis.mean.shape[0], torch.device(device))
         self.n_quantized = sum(1 for s in self.segments if s.bits < 16)
         self.codes = [GrowableTensor() for _ in self.segments]
         self.quantizer, self.scale = QUANTIZERS[codec.quantizer], SCALES[codec.scale]

@@ -11,6 +11,7 @@ from transformers import DynamicCache
 import kvhub.attention as attention
 from kvhub import CacheCodec, CompressedCache, KVPreset, ModelShape, compressed_attention, load_model
 from kvhub.codec import LayerCodec, Segment, StreamCodec
+from kvhub.cache import shared_storages
 from kvhub.layer import CompressedLayer
 from kvhub.text import read_texts, token_windows
 from tests.paths import EVALUATION, PRESETS
@@ -237,9 +238,8 @@ def test_allocated_bytes_per_sequence_within_5_percent_of_held(tokens):
         for i in range(shape.num_layers):
             kv = torch.randn(2, 1, shape.num_kv_heads, 1, shape.head_dim, generator=gen)
             cache.update(kv[0], kv[1], i)
-    shared = {t.untyped_storage().data_ptr() for layer in cache.layers for s in layer.streams.values()
-              for t in (s.basis, s.mean, s.sigma)}
-    shared |= {t.untyped_storage().data_ptr() for b in bases.values() for t in (b.mean, b.basis, b.variance)}
+    shared = set(shared_storages(cache.bases)) | {t.untyped_storage().data_ptr() for b in bases.values()
+                                                    for t in (b.mean, b.basis, b.variance)}
     allocated, held = _allocated(cache, shared), cache.nbytes()["total"]
     assert held <= allocated <= 1.05 * held
     assert cache.reserved_nbytes() == pytest.approx(allocated, rel=1e-9)

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import torch
 
 from ..codec import StreamCodec
-from ..quant import CODES_PER_BYTE, GAUSSIAN_STEP, half_levels
+from ..quant import CODES_PER_BYTE
+from ..quantizers.uniform import GAUSSIAN_STEP, half_levels
 
 
 def pow2(n: int, floor: int = 16) -> int:
