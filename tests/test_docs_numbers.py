@@ -130,7 +130,7 @@ CLAIMS = [
     Claim(README, "{}", BYTES, lambda d: bytes_table_row(1)),
     Claim(README, "{}", BYTES, lambda d: bytes_table_row(4)),
     # ... decode speed (decode_speed.json)
-    Claim(README, "takes from {}x (faster)", DECODE, lambda d: min(kvhub_steps())),
+    Claim(README, "took from {}x (faster)", DECODE, lambda d: min(kvhub_steps())),
     Claim(README, "to {}x (slower)", DECODE, lambda d: max(kvhub_steps())),
     Claim(README, "the bytes allocated are {}x to", DECODE, lambda d: min(map(decode_fp16_ratio, d["rows"]))),
     Claim(README, "to {}x fewer than", DECODE, lambda d: max(map(decode_fp16_ratio, d["rows"]))),
