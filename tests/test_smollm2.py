@@ -10,7 +10,7 @@ import torch
 from transformers import DynamicCache
 
 from kvhub import CacheCodec, CompressedCache, KVPreset, ModelShape, calibrate, load_model
-from kvhub.attention import enable
+from kvhub.attention import compressed_attention, disable, enable
 from kvhub.eval.agreement import greedy_agreement
 from kvhub.eval.ppl import window_nll
 from kvhub.text import read_texts, token_windows
@@ -88,13 +88,16 @@ def test_bundled_preset_greedy_agreement_matches_the_benchmark(smollm2, evaluati
 
 def test_bundled_preset_generates_with_compressed_attention(smollm2, evaluation):
     model, tok = smollm2
+    disable(model)  # earlier tests switched it on for the module; this one scopes it itself
     preset = KVPreset.from_pretrained(BUNDLED)
     ids = token_windows(tok, evaluation["austen_emma"], 256, 1)[0]
     cache = preset.build_cache(model)
-    assert model.config._attn_implementation == "kvhub"
-    out = greedy(model, ids, cache, 16)
+    assert model.config._attn_implementation == "sdpa"  # building a cache leaves the model alone
+    with compressed_attention(model):
+        assert model.config._attn_implementation == "kvhub_sdpa"
+        out = greedy(model, ids, cache, 16)
+    assert model.config._attn_implementation == "sdpa"
     assert len(out) == 16 and cache.compressed_layers == list(range(30))
     assert cache.nbytes()["codes"] > 0 and cache.compression_ratio() > 2.5
-    model.set_attn_implementation("sdpa")
-    materialized = greedy(model, ids, preset.build_cache(model, compressed_attention=False), 16)
+    materialized = greedy(model, ids, preset.build_cache(model), 16)  # outside the block: K/V rebuilt for SDPA
     assert torch.equal(out[:8], materialized[:8])  # same codes, same math: the two paths agree
