@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode_speed import PRESET, ROOT, RssSampler, interleaved_step_times, make_caches, random_bases, scaled_codec  # noqa: E402
 
 from kvhub import CompressedCache, KVPreset, ModelShape, compressed_attention, load_model  # noqa: E402
-from kvhub.cache import FP16_BYTES, shared_storages  # noqa: E402
+from kvhub.cache import FP16_BYTES, shared_storages, walked_nbytes  # noqa: E402
 from kvhub.text import read_texts, token_windows  # noqa: E402
 
 EVALUATION = ROOT / "corpora" / "evaluation"
@@ -92,24 +92,6 @@ def sliding(preset: KVPreset, context: int = 8192, batch: int = 4) -> dict:
     return row
 
 
-def walk_allocated(cache: CompressedCache, shared: set[int]) -> int:
-    """Bytes of every distinct tensor storage reachable from the cache's layers (attributes walked), minus ``shared``."""
-    seen, total, stack = set(), 0, [layer.__dict__ for layer in cache.layers]
-    while stack:
-        obj = stack.pop()
-        for v in obj.values() if isinstance(obj, dict) else obj:
-            if isinstance(v, torch.Tensor):
-                ptr = v.untyped_storage().data_ptr()
-                if ptr not in seen and ptr not in shared:
-                    seen.add(ptr)
-                    total += v.untyped_storage().nbytes()
-            elif isinstance(v, (dict, list, tuple)):
-                stack.append(v)
-            elif type(v).__module__.startswith("kvhub") and hasattr(v, "__dict__"):
-                stack.append(v.__dict__)
-    return total
-
-
 def bytes_rows(model, tok, preset: KVPreset) -> list[dict]:
     rows = []
     shape = ModelShape.from_config(model.config)
@@ -119,7 +101,7 @@ def bytes_rows(model, tok, preset: KVPreset) -> list[dict]:
         with torch.no_grad(), compressed_attention(model):
             model.generate(ids, attention_mask=torch.ones_like(ids), cache=cache, max_new_tokens=33, do_sample=False)
         shared = set(shared_storages(cache.bases))
-        allocated, held = walk_allocated(cache, shared), cache.nbytes()["total"]
+        allocated, held = walked_nbytes(cache, shared), cache.nbytes()["total"]
         tokens = cache.get_seq_length()
         fp16 = tokens * 2 * FP16_BYTES * shape.num_layers * shape.num_kv_heads * shape.head_dim
         rows.append({"tokens": tokens, "held_nbytes": held, "allocated_walked": allocated,

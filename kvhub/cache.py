@@ -37,6 +37,26 @@ def shared_storages(bases: Bases) -> dict[int, int]:
     return storages
 
 
+def walked_nbytes(cache: Cache, exclude: set[int]) -> int:
+    """Bytes of every distinct tensor storage reachable from ``cache``'s layers by walking their attributes (dicts,
+    lists, tuples and kvhub objects), storages in ``exclude`` left out: an allocation count that shares nothing with
+    the buffers' own bookkeeping (:meth:`CompressedCache.reserved_nbytes`), for tests and benchmarks."""
+    seen, total, stack = set(), 0, [layer.__dict__ for layer in cache.layers]
+    while stack:
+        obj = stack.pop()
+        for v in obj.values() if isinstance(obj, dict) else obj:
+            if isinstance(v, torch.Tensor):
+                ptr = v.untyped_storage().data_ptr()
+                if ptr not in seen and ptr not in exclude:
+                    seen.add(ptr)
+                    total += v.untyped_storage().nbytes()
+            elif isinstance(v, (dict, list, tuple)):
+                stack.append(v)
+            elif type(v).__module__.startswith("kvhub") and hasattr(v, "__dict__"):
+                stack.append(v.__dict__)
+    return total
+
+
 class CompressedCache(Cache):
     """Drop-in cache for ``model.generate(..., cache=cache)`` / ``past_key_values=cache`` or a forward loop.
 

@@ -11,7 +11,7 @@ from transformers import DynamicCache
 import kvhub.attention as attention
 from kvhub import CacheCodec, CompressedCache, KVPreset, ModelShape, compressed_attention, load_model
 from kvhub.codec import LayerCodec, Segment, StreamCodec
-from kvhub.cache import shared_storages
+from kvhub.cache import shared_storages, walked_nbytes
 from kvhub.layer import CompressedLayer
 from kvhub.text import read_texts, token_windows
 from tests.paths import EVALUATION, PRESETS
@@ -204,26 +204,6 @@ def test_outlier_token_beyond_fp16_range_stays_finite():
 
 
 # --- 7. bytes actually allocated ---------------------------------------------------------------------------------------
-def _allocated(cache: CompressedCache, shared: set[int]) -> int:
-    """Bytes of every distinct tensor storage reachable from the cache's layers, walked from their attributes;
-    storages in ``shared`` (the preset's bases and their device copies) excluded."""
-    seen, total, stack = set(), 0, [layer.__dict__ for layer in cache.layers]
-    while stack:
-        obj = stack.pop()
-        items = obj.values() if isinstance(obj, dict) else obj
-        for v in items:
-            if isinstance(v, torch.Tensor):
-                ptr = v.untyped_storage().data_ptr()
-                if ptr not in seen and ptr not in shared:
-                    seen.add(ptr)
-                    total += v.untyped_storage().nbytes()
-            elif isinstance(v, (dict, list, tuple)):
-                stack.append(v)
-            elif hasattr(v, "__dict__") and not isinstance(v, type) and type(v).__module__.startswith("kvhub"):
-                stack.append(v.__dict__)
-    return total
-
-
 @pytest.mark.parametrize("tokens", [2048, 8192])
 def test_allocated_bytes_per_sequence_within_5_percent_of_held(tokens):
     model, codec, bases = tiny_setup()
@@ -240,7 +220,7 @@ def test_allocated_bytes_per_sequence_within_5_percent_of_held(tokens):
             cache.update(kv[0], kv[1], i)
     shared = set(shared_storages(cache.bases)) | {t.untyped_storage().data_ptr() for b in bases.values()
                                                     for t in (b.mean, b.basis, b.variance)}
-    allocated, held = _allocated(cache, shared), cache.nbytes()["total"]
+    allocated, held = walked_nbytes(cache, shared), cache.nbytes()["total"]
     assert held <= allocated <= 1.05 * held
     assert cache.reserved_nbytes() == pytest.approx(allocated, rel=1e-9)
 
