@@ -30,6 +30,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from . import kernels
+from .kernels import cpu
 from .layer import MASKED
 from .stream import _scratch
 
@@ -65,12 +66,34 @@ def _additive(mask: torch.Tensor | None, query_length: int) -> torch.Tensor | No
     return mask.float()
 
 
-def _coefficients(stream, history: int, slot: str) -> torch.Tensor:
-    """The stream's augmented coefficients (:meth:`CompressedStream.augmented_coefficients`) over the first
-    ``history`` tokens, in a reused per-thread buffer (valid until the next layer's call)."""
-    z = stream.codes[0].view(0, history)
-    cols = stream.codec.rank + 1 + stream.n_quantized
-    return stream.augmented_coefficients(0, history, out=_scratch(slot, (z.shape[0], z.shape[1], history, cols), torch.float32, z.device))
+def _history_scores(g: torch.Tensor, raw: list[torch.Tensor], scales: torch.Tensor | None, decoder) -> torch.Tensor:
+    """``q . x_t`` [B*H, M, T] for every stored token, from ``g = q @ decoder.matrix`` [B*H, M, cols] and the raw
+    values of each segment [B*H, planes, T, width]: per segment one product per plane (batched) with its offset
+    added, then its per-token scale (on the small score matrix, never on the history), accumulated onto ``q . mean``."""
+    scores = g[..., -1:]
+    for grp, c in zip(decoder.groups, raw):
+        gq = g[..., grp.start : grp.end].unflatten(-1, (grp.planes, grp.width)).transpose(1, 2)
+        part = torch.matmul(gq, c.transpose(-1, -2)).sum(1)
+        if grp.offset is not None:
+            part += g[..., grp.offset : grp.offset + 1]
+        if grp.scale is None:
+            scores = part.add_(scores)
+        else:
+            scores = torch.addcmul(scores, part, scales[..., grp.scale].unsqueeze(-2))
+    return scores
+
+
+def _history_values(p: torch.Tensor, raw: list[torch.Tensor], scales: torch.Tensor | None, decoder) -> torch.Tensor:
+    """The coordinates [B*H, M, cols] of ``sum_t p_t x_t`` against ``decoder.matrix``: the weights (times each
+    segment's per-token scale) against each plane of raw values, then the weights' sums for the offsets and the
+    mean."""
+    parts, offsets = [], []
+    for grp, c in zip(decoder.groups, raw):
+        w = p if grp.scale is None else p * scales[..., grp.scale].unsqueeze(-2)
+        parts.append(torch.matmul(w.unsqueeze(1), c).transpose(1, 2).flatten(-2))
+        if grp.offset is not None:
+            offsets.append(w.sum(-1, keepdim=True))
+    return torch.cat([*parts, *offsets, p.sum(-1, keepdim=True)], -1)
 
 
 def _attend_compressed(layer, query, key, value, attention_mask, scaling, softcap):
@@ -92,30 +115,46 @@ def _attend_compressed(layer, query, key, value, attention_mask, scaling, softca
             exact_mask = torch.cat([mask[..., :n_sink], mask[..., n_sink + history :]], -1)
         out = kernels.decode_attention(query, keys, values, history, key, value, history_mask, exact_mask, scaling, softcap)
         return out.transpose(1, 2).contiguous(), None
-    u_k = keys.augmented_basis()  # q [U | mean | S] . [q * step, 1, -h * step]: the score
-    w_v = values.augmented_basis().transpose(-1, -2)  # sum_t p_t [q * step, 1, -h * step] [U | mean | S]^T
-    z_k, z_v = _coefficients(keys, history, "zk"), _coefficients(values, history, "zv")
-    exact_k, exact_v = key.float(), value.float()
-    q = query.float().view(bsz, kv_heads, group, q_len, dim)
+    # Scores in the order [history | sink, recent, new]: one product for the history, one for the exact tokens.
+    if mask is not None:
+        mask = torch.cat([mask[..., n_sink : n_sink + history], mask[..., :n_sink], mask[..., n_sink + history :]], -1)
+    heads = bsz * kv_heads
+    native = q_len <= kernels.MAX_QUERY_TOKENS and kernels.backend(query.device) == "native"
+    native = native and cpu.supports(keys) and cpu.supports(values)
+    dec_k, dec_v = keys.decoder(), values.decoder()
+    if not native:
+        raw_k = [r.flatten(0, 1) for r in keys.raw(0, history, slot="zk")]
+        raw_v = [r.flatten(0, 1) for r in values.raw(0, history, slot="zv")]
+        scales_k, scales_v = (s.flatten(0, 1) if s is not None else None for s in (keys.token_scales(0, history), values.token_scales(0, history)))
+    w_v = dec_v.matrix.transpose(-1, -2)
+    exact_k, exact_v = key.float().flatten(0, 1), value.float().flatten(0, 1)
+    q = (query.float() * scaling).view(bsz, kv_heads, group, q_len, dim)  # scaled once: scores come out scaled
     tile = max(1, SCORE_ELEMENTS // (bsz * q_heads * total))
     tiles = []
     for m0 in range(0, q_len, tile):
         m1 = min(q_len, m0 + tile)
-        q_t = q[:, :, :, m0:m1].reshape(bsz, kv_heads, group * (m1 - m0), dim)
-        s_exact = q_t @ exact_k.transpose(-1, -2)
-        s_hist = (q_t @ u_k) @ z_k.transpose(-1, -2)
-        scores = torch.cat([s_exact[..., :n_sink], s_hist, s_exact[..., n_sink:]], dim=-1).mul_(scaling)
-        del s_exact, s_hist
+        rows = group * (m1 - m0)
+        q_t = q[:, :, :, m0:m1].reshape(bsz, kv_heads, rows, dim)
+        g = torch.matmul(q_t, dec_k.matrix).view(heads, rows, -1)
+        s_exact = torch.bmm(q_t.reshape(heads, rows, dim), exact_k.transpose(-1, -2))
+        if native:
+            scores = torch.empty(heads, rows, total, device=query.device)
+            cpu.history_scores(g, keys, history, scores)
+            scores[..., history:] = s_exact
+        else:
+            scores = torch.cat([_history_scores(g, raw_k, scales_k, dec_k), s_exact], -1)
         if softcap:
             scores = scores.div_(softcap).tanh_().mul_(softcap)
         if mask is not None:
             scores.view(bsz, kv_heads, group, m1 - m0, total).add_(mask[:, :, None, m0:m1])
         probs = torch.softmax(scores, dim=-1)
         del scores
-        o = (probs[..., n_sink : n_sink + history] @ z_v) @ w_v
-        o += probs[..., n_sink + history :] @ exact_v[:, :, n_sink:]
-        if n_sink:
-            o += probs[..., :n_sink] @ exact_v[:, :, :n_sink]
+        if native:
+            partial = _scratch("partial", (heads * cpu.value_splits(heads, history) * rows * w_v.shape[-2],), torch.float32, query.device)
+            coords = cpu.history_values(probs, values, history, partial)
+        else:
+            coords = _history_values(probs[..., :history], raw_v, scales_v, dec_v)
+        o = torch.matmul(coords.view(bsz, kv_heads, rows, -1), w_v).view(heads, rows, dim).baddbmm_(probs[..., history:], exact_v)
         tiles.append(o.view(bsz, kv_heads, group, m1 - m0, dim))
     out = tiles[0] if len(tiles) == 1 else torch.cat(tiles, dim=3)
     return out.view(bsz, q_heads, q_len, dim).transpose(1, 2).contiguous().to(query.dtype), None

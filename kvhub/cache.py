@@ -11,6 +11,7 @@ from .attention import is_compressed_attention
 from .bases import Bases
 from .codec import CacheCodec, ModelShape
 from .layer import CompressedLayer
+from .stream import derived_tensors
 
 COMPRESSIBLE = ("full_attention", "sliding_attention")
 FP16_BYTES = 2
@@ -30,9 +31,7 @@ def shared_storages(bases: Bases) -> dict[int, int]:
     (:mod:`kvhub.stream` keeps those on each basis): what every cache of a preset shares."""
     storages = {}
     for basis in bases.values():
-        derived = [t for made in basis.__dict__.get("_on_device", {}).values()
-                   for t in (made if isinstance(made, tuple) else (made,))]
-        for t in (basis.mean, basis.basis, basis.variance, *derived):
+        for t in (basis.mean, basis.basis, basis.variance, *derived_tensors(basis)):
             storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
     return storages
 

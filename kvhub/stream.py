@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from functools import lru_cache
+
 import torch
 
 from .bases import StreamBasis
 from .codec import StreamCodec
+from .layout import stream_layout
 from .quant import CODES_PER_BYTE, pack
 from .quantizers import QUANTIZERS, SCALES
 from .storage import GrowableTensor
@@ -47,7 +50,7 @@ def _device_basis(basis: StreamBasis, rank: int, device: torch.device) -> tuple[
 @lru_cache(maxsize=None)
 def _levels(quantizer: str, bits: int, statistic: str) -> tuple[float, float] | None:
     """``(step, lowest level)`` of a uniform level set for a unit scale (level ``q`` is ``lowest + q * step``), or
-    None for a non-uniform one (Lloyd-Max), which decodes through :func:`_level_table`."""
+    None for a non-uniform one (Lloyd-Max), whose codes are read through :func:`_level_table`."""
     levels = QUANTIZERS[quantizer].levels(bits, statistic)
     steps = levels.diff()
     if not torch.allclose(steps, steps[0].expand_as(steps), rtol=1e-9, atol=0):
@@ -57,48 +60,115 @@ def _levels(quantizer: str, bits: int, statistic: str) -> tuple[float, float] | 
 
 @lru_cache(maxsize=None)
 def _level_table(quantizer: str, bits: int, statistic: str, device: torch.device) -> torch.Tensor:
-    """``[256, codes per byte]``: every byte value unpacked into the levels of its codes for a unit scale, for level
-    sets no arithmetic unpacks (a gather is ~2.5x slower per element than shifts on CPU, so uniform sets skip it)."""
-    per = CODES_PER_BYTE[bits]
-    byte = torch.arange(256, dtype=torch.int64)
-    codes = torch.stack([(byte >> (bits * j)) & ((1 << bits) - 1) for j in range(per)], dim=-1)
-    return QUANTIZERS[quantizer].levels(bits, statistic)[codes].float().to(device)
+    """``[2**bits]`` levels of a non-uniform set for a unit scale, indexed by code."""
+    return QUANTIZERS[quantizer].levels(bits, statistic).float().to(device)
 
 
-def _augmented(u: torch.Tensor, mean: torch.Tensor, sigma: torch.Tensor | None, codec: StreamCodec) -> torch.Tensor:
-    """``[U | mean | S]`` [H, d, r + 1 + q] for a stream with ``q`` quantized segments, ``S_j`` the sum of segment
-    ``j``'s columns of ``U`` (weighted by the static steps of the ``channel`` scheme).
+def _unit_levels(codec: StreamCodec, bits: int) -> tuple[float, float]:
+    """``(step, lowest)`` that turn what :meth:`CompressedStream.raw` reads for a ``bits``-bit segment into its level
+    for a unit scale: codes of uniform sets, ``(1, 0)`` for tabled sets (read as levels already) and 16-bit data."""
+    if bits == 16:
+        return 1.0, 0.0
+    return _levels(codec.quantizer, bits, SCALES[codec.scale].statistic) or (1.0, 0.0)
 
-    Against it, coefficients are read as ``[q * step * scale, 1, lowest * scale_j]`` for uniform levels
-    ``lowest + q * step`` (``q`` the raw code), so ``[...] @ [U | mean | S]^T`` is the reconstruction, and
-    ``q [U | mean | S] . [...]`` is the score. Centring and the mean cost a few columns in the matmuls that run
-    anyway, instead of passes over the history: at short contexts step time is made of such passes and ops."""
-    sums, start = [], 0
+
+def _plane(data: torch.Tensor, dst: torch.Tensor, shift: int, mask: int) -> None:
+    """``dst = (data >> shift) & mask`` for packed bytes [B, H, T, width], on 32-bit words when the width allows it
+    (4x fewer elements; bits a word shift carries in from the neighbouring byte, or a sign extension, fall outside
+    the mask)."""
+    if data.shape[-1] % 4 == 0 and data.storage_offset() % 4 == 0 and dst.storage_offset() % 4 == 0:
+        data, dst, mask = data.view(torch.int32), dst.view(torch.int32), mask * 0x01010101
+    if shift:
+        torch.bitwise_right_shift(data, shift, out=dst).bitwise_and_(mask)
+    else:
+        torch.bitwise_and(data, mask, out=dst)
+
+
+@dataclass(frozen=True)
+class ReadGroup:
+    """One kept segment: storage columns ``[start, end)``, ``planes`` code planes of ``width`` columns each (1 plane
+    for 8- and 16-bit data), read against one per-token scale (column ``scale`` of the stored scales; None where the
+    scale is static and folded into the decoder), with the decoder column of its levels' offset (``lowest *
+    scale``; None where there is none to add per token)."""
+
+    start: int
+    end: int
+    planes: int
+    width: int
+    scale: int | None
+    offset: int | None
+
+
+@dataclass(frozen=True)
+class StreamDecoder:
+    """How a stream's stored tokens become vectors, shared by every cache of a preset on a device.
+
+    ``matrix`` [H, d, r + o + 1] is ``[W | O | mean]`` in storage order (:mod:`kvhub.layout`): ``W`` the basis with
+    each segment's quantization step (and static per-component scale) folded in, ``O`` one offset vector per group
+    with a per-token scale (``lowest`` times the sum of its ``W`` columns over the step), ``mean`` the stream mean
+    (plus the offsets of statically scaled segments). A token with raw values ``c`` (:meth:`CompressedStream.raw`)
+    and per-token scales ``s_g`` is ``sum_g s_g (W_g c_g + O_g) + mean``: the scales multiply small ``[queries,
+    tokens]`` products in attention, never the history itself."""
+
+    matrix: torch.Tensor
+    groups: tuple[ReadGroup, ...]
+
+
+def _decoder(u: torch.Tensor, mean: torch.Tensor, sigma: torch.Tensor | None, codec: StreamCodec) -> StreamDecoder:
+    order = torch.tensor(stream_layout(codec).order, device=u.device)
+    per_token = SCALES[codec.scale].per_token
+    columns, offsets, groups = [], [], []
+    start = scale_index = 0
     for seg in codec.kept:
-        if seg.bits < 16:
-            cols = u[..., start : start + seg.size]
-            if not SCALES[codec.scale].per_token:
-                cols = cols * sigma[:, None, start : start + seg.size]
-            sums.append(cols.sum(-1, keepdim=True))
-        start += seg.size
-    return torch.cat([u, mean[..., None], *sums], -1).contiguous()
+        end = start + seg.size
+        cols = order[start:end]
+        w = u.index_select(-1, cols)
+        planes = CODES_PER_BYTE.get(seg.bits, 1)
+        if seg.bits == 16:
+            columns.append(w)
+            groups.append(ReadGroup(start, end, planes, seg.size // planes, None, None))
+        else:
+            if not per_token:
+                w = w * sigma.index_select(-1, cols)[:, None, :]
+            step, lowest = _unit_levels(codec, seg.bits)
+            columns.append(w * step)
+            offset = w.sum(-1) * lowest
+            if not per_token:
+                mean = mean + offset
+                groups.append(ReadGroup(start, end, planes, seg.size // planes, None, None))
+            else:
+                offset_column = codec.rank + len(offsets) if lowest else None
+                groups.append(ReadGroup(start, end, planes, seg.size // planes, scale_index, offset_column))
+                if lowest:
+                    offsets.append(offset)
+                scale_index += 1
+        start = end
+    matrix = torch.cat([*columns, *(o[..., None] for o in offsets), mean[..., None]], -1).contiguous()
+    return StreamDecoder(matrix, tuple(groups))
 
 
-def _shared_augmented(basis: StreamBasis | None, codec: StreamCodec, heads: int, device: torch.device) -> torch.Tensor:
-    """:func:`_augmented` made once per (basis, codec, device) and shared by every cache of a preset; for an identity
+def _shared_decoder(basis: StreamBasis | None, codec: StreamCodec, heads: int, device: torch.device) -> StreamDecoder:
+    """:func:`_decoder` made once per (basis, codec, device) and shared by every cache of a preset; for an identity
     projection (no basis) once per (codec, heads, device)."""
     memo = basis.__dict__.setdefault("_on_device", {}) if basis is not None else _IDENTITY
-    key = ("augmented", torch.device(device), codec, heads)
+    key = ("decoder", torch.device(device), codec, heads)
     if key not in memo:
         if basis is None:
-            u, mean, sigma = torch.eye(codec.rank, device=device).expand(heads, -1, -1), torch.zeros(heads, codec.rank, device=device), None
+            eye = torch.eye(codec.rank, device=device)
+            u, mean, sigma = eye.expand(heads, -1, -1), torch.zeros(heads, codec.rank, device=device), torch.ones(heads, codec.rank, device=device)
         else:
             mean, u, sigma = _device_basis(basis, codec.rank, device)
-        memo[key] = _augmented(u, mean, sigma, codec)
+        memo[key] = _decoder(u, mean, sigma, codec)
     return memo[key]
 
 
 _IDENTITY: dict = {}
+
+
+def derived_tensors(basis: StreamBasis) -> list[torch.Tensor]:
+    """What streams derived from ``basis`` once per device (device copies, decoders): shared by every cache."""
+    made = basis.__dict__.get("_on_device", {}).values()
+    return [t for m in made for t in (m if isinstance(m, tuple) else (m.matrix,))]
 
 
 class CompressedStream:
@@ -125,17 +195,17 @@ class CompressedStream:
             self.mean = self.basis = self.sigma = None
         self._source = basis
         if basis is not None:  # made now, not at the first decode: what a preset costs a device is known up front
-            _shared_augmented(basis, codec, basis.mean.shape[0], torch.device(device))
+            _shared_decoder(basis, codec, basis.mean.shape[0], torch.device(device))
         self.n_quantized = sum(1 for s in self.segments if s.bits < 16)
         self.codes = [GrowableTensor() for _ in self.segments]
         self.quantizer, self.scale = QUANTIZERS[codec.quantizer], SCALES[codec.scale]
         self.n_scaled = sum(1 for s in self.segments if s.bits < 16) if self.scale.per_token else 0
         self.scales = GrowableTensor()
 
-    def augmented_basis(self) -> torch.Tensor:
-        """``[U | mean | S]`` [H, d, r + 1 + q], shared by every cache of the preset: see :func:`_augmented`."""
+    def decoder(self) -> StreamDecoder:
+        """The :class:`StreamDecoder` of this stream's tokens, shared by every cache of the preset."""
         buf = self.codes[0].buf
-        return _shared_augmented(self._source, self.codec, buf.shape[1], buf.device)
+        return _shared_decoder(self._source, self.codec, buf.shape[1], buf.device)
 
     # --- writing -------------------------------------------------------------------------------------------
     def project(self, x: torch.Tensor) -> torch.Tensor:
@@ -168,84 +238,90 @@ class CompressedStream:
     def length(self) -> int:
         return self.codes[0].length
 
-    @staticmethod
-    def _raw_codes(data: torch.Tensor, bits: int) -> torch.Tensor:
-        """uint8 codes [B, H, T, size] in component order from packed bytes: each code position shifted and masked
-        into a plane, planes stacked (byte-sized passes; the float pass comes after, once)."""
-        per = CODES_PER_BYTE[bits]
-        if per == 1:
-            return data
-        planes = []
-        for j in range(per):
-            plane = data
-            if j:
-                plane = torch.bitwise_right_shift(data, bits * j, out=_scratch(f"p{j}", data.shape, torch.uint8, data.device))
-            if j < per - 1:  # the top code position needs no mask
-                plane = torch.bitwise_and(plane, (1 << bits) - 1, out=_scratch(f"p{j}", data.shape, torch.uint8, data.device))
-            planes.append(plane)
-        levels = torch.stack(planes, -1, out=_scratch("codes", (*data.shape, per), torch.uint8, data.device))
-        return levels.flatten(-2)
-
-    def augmented_coefficients(self, start: int = 0, length: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-        """``[q * step * scale, 1, lowest * scale_j]`` [B, H, T, r + 1 + q] in float32 for stored tokens
-        ``[start, start + length)`` (see :func:`_augmented`), written into ``out`` or a fresh tensor.
-
-        Uniform levels: the codes are unpacked in byte-sized passes, then converted and scaled in one float pass.
-        Non-uniform levels (Lloyd-Max) go through a byte->levels table, already centred (their offset column is 0)."""
+    def raw(self, start: int = 0, length: int | None = None, slot: str | None = None) -> list[torch.Tensor]:
+        """What is stored for tokens ``[start, start + length)``, per kept segment, as float32 [B, H, planes, T,
+        width] (plane-major: the segment's storage-order columns, :mod:`kvhub.layout`): the codes of uniform levels,
+        the unit levels of tabled (Lloyd-Max) ones, 16-bit data as stored; per-token scales not applied
+        (:meth:`token_scales`). Every pass runs over whole contiguous planes (a shift and a mask on 32-bit words, one
+        converting copy), the only passes over the history a decode step makes before its matmuls. ``slot``: write
+        into reused per-thread buffers (valid until the next call with that slot) instead of fresh tensors."""
         length = self.length - start if length is None else length
-        data0 = self.codes[0].view(start, length)
-        batch, heads = data0.shape[:2]
-        device, rank = data0.device, self.codec.rank
-        z = out if out is not None else torch.empty(batch, heads, length, rank + 1 + self.n_quantized, device=device)
-        scales = self.scales.view(start, length) if self.n_scaled else None
-        scale_idx = quantized = 0
-        for seg, (a, b), store in zip(self.segments, self.bounds, self.codes):
+        out = []
+        for i, (seg, store) in enumerate(zip(self.segments, self.codes)):
             data = store.view(start, length)
-            if seg.bits == 16:
-                z[..., a:b].copy_(data)
-                continue
-            offset = z[..., rank + 1 + quantized : rank + 2 + quantized]
-            if self.scale.per_token:
-                scale = scales[..., scale_idx : scale_idx + 1].float()
-                scale_idx += 1
+            batch, heads, _, width = data.shape
+            planes = CODES_PER_BYTE.get(seg.bits, 1)
+            shape = (batch, heads, planes, length, width)
+            dst = _scratch(f"{slot}{i}", shape, torch.float32, data.device) if slot else torch.empty(shape, device=data.device)
+            if planes == 1:
+                dst[:, :, 0].copy_(data)
             else:
-                scale = self.sigma[:, None, a:b]
-            uniform = _levels(self.codec.quantizer, seg.bits, self.scale.statistic)
-            if uniform is None:  # tabled levels, already centred: nothing to offset
-                table = _level_table(self.codec.quantizer, seg.bits, self.scale.statistic, device)
-                idx = _scratch("idx", data.shape, torch.int32, device).copy_(data)
-                levels = torch.index_select(table, 0, idx.view(-1), out=_scratch("lv", (idx.numel(), table.shape[1]), torch.float32, device))
-                torch.mul(levels.view(batch, heads, length, seg.size), scale, out=z[..., a:b])
-                offset.fill_(0.0)
-            else:
-                step, lowest = uniform
-                torch.mul(self._raw_codes(data, seg.bits), scale * step, out=z[..., a:b])
-                if self.scale.per_token:
-                    torch.mul(scale, lowest, out=offset)
-                else:
-                    offset.fill_(lowest)
-            quantized += 1
-        z[..., rank].fill_(1.0)
-        return z
+                codes = _scratch("codes", shape, torch.uint8, data.device)
+                for j in range(planes):
+                    _plane(data, codes[:, :, j], j * seg.bits, (1 << seg.bits) - 1)
+                dst.copy_(codes)
+            table = self.level_table(seg.bits)
+            if table is not None:
+                dst.copy_(table[dst.long()])
+            out.append(dst)
+        return out
+
+    def level_table(self, bits: int) -> torch.Tensor | None:
+        """The ``[2**bits]`` unit levels a ``bits``-bit segment's codes index, for non-uniform level sets; None where
+        the code itself is the raw value (uniform levels, 16-bit data)."""
+        if bits == 16 or _levels(self.codec.quantizer, bits, self.scale.statistic) is not None:
+            return None
+        return _level_table(self.codec.quantizer, bits, self.scale.statistic, self.codes[0].buf.device)
+
+    def token_scales(self, start: int = 0, length: int | None = None) -> torch.Tensor | None:
+        """Stored per-token scales [B, H, T, groups] (fp16, a view), or None for a static scheme."""
+        if not self.n_scaled:
+            return None
+        return self.scales.view(start, self.length - start if length is None else length)
+
+    def rows(self, start: int = 0, length: int | None = None) -> torch.Tensor:
+        """:meth:`raw` as one float32 [B, H, T, r] tensor in storage order (a fresh tensor)."""
+        return torch.cat([r.permute(0, 1, 3, 2, 4).flatten(-2) for r in self.raw(start, length)], -1)
+
+    def tokens(self, start: int = 0, length: int | None = None) -> torch.Tensor:
+        """Stored tokens ``[start, start + length)`` as rows against the decoder's matrix, float32 [B, H, T, r + o +
+        1] (a fresh tensor): raw values times their per-token scales, the scales again in the offset columns, 1."""
+        decoder = self.decoder()
+        raw = self.rows(start, length)
+        out = torch.empty(*raw.shape[:-1], decoder.matrix.shape[-1], device=raw.device)
+        out[..., : raw.shape[-1]] = raw
+        scales = self.token_scales(start, length)
+        for g in decoder.groups:
+            if g.scale is not None:
+                s = scales[..., g.scale : g.scale + 1]
+                out[..., g.start : g.end].mul_(s)
+                if g.offset is not None:
+                    out[..., g.offset : g.offset + 1].copy_(s)
+        out[..., -1].fill_(1.0)
+        return out
 
     def coefficients(self, start: int = 0, length: int | None = None) -> torch.Tensor:
-        """Dequantized coefficients ``z`` [B, H, T, r] of stored tokens ``[start, start + length)`` (a fresh tensor):
-        :meth:`augmented_coefficients` with each segment's offset column added back."""
-        z = self.augmented_coefficients(start, length)
-        rank, quantized = self.codec.rank, 0
-        out = z[..., :rank].clone()
-        for seg, (a, b) in zip(self.segments, self.bounds):
-            if seg.bits == 16:
-                continue
-            offset = z[..., rank + 1 + quantized : rank + 2 + quantized]
-            out[..., a:b] += offset if self.scale.per_token else offset * self.sigma[:, None, a:b]
-            quantized += 1
-        return out
+        """Dequantized coefficients ``z`` [B, H, T, r] of stored tokens ``[start, start + length)`` in component
+        order (a fresh tensor)."""
+        z = self.rows(start, length)
+        scales = self.token_scales(start, length)
+        order = torch.tensor(stream_layout(self.codec).order, device=z.device)
+        a = scale_column = 0
+        for seg in self.segments:
+            b = a + seg.size
+            step, lowest = _unit_levels(self.codec, seg.bits)
+            part = z[..., a:b].mul_(step).add_(lowest)
+            if seg.bits < 16 and self.scale.per_token:
+                part.mul_(scales[..., scale_column : scale_column + 1])
+                scale_column += 1
+            elif seg.bits < 16:
+                part.mul_(self.sigma.index_select(-1, order[a:b])[:, None, :])
+            a = b
+        return torch.empty_like(z).index_copy_(-1, order, z)
 
     def decode(self, dtype: torch.dtype, start: int = 0, length: int | None = None) -> torch.Tensor:
         """Reconstructed vectors [B, H, T, d] (a fresh tensor)."""
-        x = self.augmented_coefficients(start, length) @ self.augmented_basis().transpose(-1, -2)
-        return x.to(dtype)
+        return (self.tokens(start, length) @ self.decoder().matrix.transpose(-1, -2)).to(dtype)
 
     # --- bookkeeping ---------------------------------------------------------------------------------------
     def _stores(self) -> list[GrowableTensor]:

@@ -14,11 +14,9 @@ import sys
 import pytest
 import torch
 
-from kvhub.bases import StreamBasis
-from kvhub.codec import Segment, StreamCodec
 from kvhub.kernels import backend, decode_attention
-from kvhub.stream import CompressedStream
 from tests.paths import ROOT
+from tests.tiny_models import random_stream as stream
 
 pytest.importorskip("triton")
 
@@ -29,28 +27,6 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # exact dots; with 16-bit queries the operands of every tensor-core dot (q U_k, the softmax weights, the exact
 # tokens, the coefficient accumulator) are rounded to the query's dtype, as SDPA rounds its softmax weights.
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
-
-
-def stream(segments, projection, scale, heads, dim, bsz, tokens, passthrough, seed, device=DEVICE):
-    """A stream with a random orthonormal basis whose components have decreasing variance (as calibrated ones do),
-    filled in two appends so the stored views are narrower than their allocation."""
-    codec = StreamCodec(tuple(Segment(*s) for s in segments), projection, scale)
-    gen = torch.Generator().manual_seed(seed)
-    variance = torch.logspace(0.5, -1.5, dim).expand(heads, dim).contiguous()
-    basis = None
-    if projection == "pca":
-        u, _ = torch.linalg.qr(torch.randn(heads, dim, dim, generator=gen, dtype=torch.float64))
-        mean = torch.randn(heads, dim, generator=gen)
-        basis = StreamBasis(mean, u.float()[..., : codec.rank].contiguous(), variance[..., : codec.rank].contiguous())
-        z = torch.randn(bsz, heads, tokens, dim, generator=gen) * variance.sqrt()[:, None]
-        x = torch.einsum("bhtr,hdr->bhtd", z, u.float()) + mean[:, None]
-    else:
-        x = torch.randn(bsz, heads, tokens, dim, generator=gen)
-    s = CompressedStream(codec, basis, device, passthrough)
-    cut = tokens // 3
-    s.append(x[:, :, :cut].to(device))
-    s.append(x[:, :, cut:].to(device))
-    return s
 
 
 def reference(query, keys, values, length, exact_k, exact_v, history_mask, exact_mask, scaling, softcap):
@@ -135,7 +111,7 @@ def test_backend_choice(monkeypatch):
     monkeypatch.setenv("KVHUB_KERNELS", "triton")
     assert backend(DEVICE) == "triton"
     monkeypatch.setenv("KVHUB_KERNELS", "auto")
-    assert backend(torch.device("cpu")) == "torch"
+    assert backend(torch.device("cpu")) != "triton"  # CPU tensors: the C kernels, or PyTorch (test_cpu_kernels.py)
     monkeypatch.setenv("KVHUB_KERNELS", "fast")
     with pytest.raises(ValueError):
         backend(DEVICE)
@@ -159,31 +135,12 @@ def test_kernels_compile_for_hopper():
 def test_model_decodes_through_the_kernels_as_through_pytorch(arch, monkeypatch):
     """Wired into kvhub.attention: a tiny model's decode steps in a left-padded batch (Gemma-2: softcap, sliding
     layers) give the same logits through the fused kernels as through the PyTorch path."""
-    from kvhub import CacheCodec, CompressedCache, ModelShape, compressed_attention
-    from tests.tiny_models import VOCAB, tiny_bases, tiny_model
-
-    model = tiny_model(arch)
-    shape = ModelShape.from_config(model.config)
-    codec = CacheCodec.uniform(shape, 4, 4, value_rank=12, sink=2, window=2)
-    bases = tiny_bases(model).rotated_for(codec, shape)
-    ids = torch.randint(3, VOCAB, (2, 36), generator=torch.Generator().manual_seed(9))
-    mask = torch.ones_like(ids)
-    mask[1, :5] = 0
     import kvhub.kernels
+    from tests.tiny_models import decode_logits_by_path, tiny_model
 
     calls = []
     real = kvhub.kernels.decode_attention
     monkeypatch.setattr(kvhub.kernels, "decode_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
-    logits = {}
-    for path in ("torch", "triton"):
-        monkeypatch.setenv("KVHUB_KERNELS", path)
-        cache = CompressedCache(model.config, codec, bases)
-        outs = []
-        with torch.no_grad(), compressed_attention(model):
-            model(input_ids=ids[:, :30], attention_mask=mask[:, :30], cache=cache, use_cache=True)
-            for t in range(30, 36):
-                outs.append(model(input_ids=ids[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=cache,
-                                  use_cache=True).logits)
-        logits[path] = torch.cat(outs, 1)
-    assert len(calls) == 6 * model.config.num_hidden_layers  # every decode step of every layer took the kernel
+    logits = decode_logits_by_path(arch, 6, ("torch", "triton"), monkeypatch)
+    assert len(calls) == 6 * tiny_model(arch).config.num_hidden_layers  # every decode step of every layer took it
     assert (logits["torch"] - logits["triton"]).abs().max().item() <= 1e-4

@@ -267,7 +267,8 @@ def test_zoo_links_only_commits_on_the_public_hub():
 def shared_bases_bytes(folder: Path) -> int:
     """What a device holds for a preset's bases, counted from its files alone: every tensor of the .safetensors file
     in fp32 (how kvhub loads them, whatever the file stores), plus per stream what is derived once per device: the
-    per-component deviations [H, r] and the augmented ``[U | mean | S]`` [H, d, r + 1 + quantized segments]."""
+    per-component deviations [H, r] and the decoder matrix ``[W | O | mean]`` [H, d, r + offsets + 1], one offset
+    column per quantized segment with a per-token scale and uniform levels."""
     raw = (folder / BASES_NAME).read_bytes()
     header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
     tensors = {name: t["shape"] for name, t in header.items() if name != "__metadata__"}
@@ -275,9 +276,10 @@ def shared_bases_bytes(folder: Path) -> int:
     total = sum(4 * math.prod(shape) for shape in tensors.values())
     for name, (heads, dim, rank) in ((n, s) for n, s in tensors.items() if n.endswith(".basis")):
         _, layer, stream, _ = name.split(".")
-        segments = codec.get("layers", {}).get(layer, codec["default"])[stream]["segments"]
-        quantized = sum(1 for _, bits in segments if 0 < bits < 16)
-        total += 4 * heads * rank + 4 * heads * dim * (rank + 1 + quantized)
+        spec = codec.get("layers", {}).get(layer, codec["default"])[stream]
+        per_token = spec.get("scale", "token") != "channel" and spec.get("quantizer", "uniform") == "uniform"
+        offsets = sum(1 for _, bits in spec["segments"] if 0 < bits < 16) if per_token else 0
+        total += 4 * heads * rank + 4 * heads * dim * (rank + offsets + 1)
     return total
 
 

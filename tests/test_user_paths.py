@@ -4,6 +4,8 @@ Tiny random models prove mechanics; the lossy cases use the real SmolLM2 checkpo
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from transformers import DynamicCache
@@ -45,6 +47,21 @@ def decode(model, ids, cache, prefill: int, mask=None):
             kw = {} if mask is None else {"attention_mask": mask[:, : t + 1]}
             outs.append(model(input_ids=ids[:, t : t + 1], cache=cache, use_cache=True, **kw).logits.float())
     return torch.cat(outs, 1)
+
+
+def decode_lockstep(model, ids, cache, prefill: int, mask=None):
+    """Like :func:`decode` through kvhub's attention, and at every step the same logits with K/V rebuilt for the
+    model's own kernel from a copy of the same cache: ``(rebuilt, compressed)``. The two paths round differently in
+    the last bits, and fed back, that can move a later token's code by one level (quantization is a step function):
+    holding the stored codes common keeps the comparison to the attention itself."""
+    ref, got = [], []
+    with torch.no_grad():
+        for start, end in [(0, prefill), *((t, t + 1) for t in range(prefill, ids.shape[1]))]:
+            kw = {} if mask is None else {"attention_mask": mask[:, :end]}
+            ref.append(model(input_ids=ids[:, start:end], cache=copy.deepcopy(cache), use_cache=True, **kw).logits)
+            with compressed_attention(model):
+                got.append(model(input_ids=ids[:, start:end], cache=cache, use_cache=True, **kw).logits)
+    return torch.cat(ref, 1).float(), torch.cat(got, 1).float()
 
 
 # --- 1. single-shot prefill -------------------------------------------------------------------------------------
@@ -94,10 +111,8 @@ def test_sliding_layers_decode_from_codes_in_a_padded_batch(arch):
     ids = torch.randint(3, VOCAB, (2, 90), generator=torch.Generator().manual_seed(2))
     mask = torch.ones_like(ids)
     mask[1, :7] = 0
-    ref = decode(model, ids, CompressedCache(model.config, codec, bases), 20, mask)
     cache = CompressedCache(model.config, codec, bases)
-    with compressed_attention(model):
-        got = decode(model, ids, cache, 20, mask)
+    ref, got = decode_lockstep(model, ids, cache, 20, mask)
     real = mask.bool()
     assert (ref[real] - got[real]).abs().max().item() <= 1e-4
     sliding = [layer for layer in cache.layers if layer.is_sliding]

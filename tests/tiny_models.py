@@ -15,7 +15,10 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from kvhub.bases import StreamBasis
 from kvhub.calibration import calibrate
+from kvhub.codec import Segment, StreamCodec
+from kvhub.stream import CompressedStream
 
 VOCAB = 128
 _COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
@@ -45,3 +48,52 @@ def tiny_bases(model, seed: int = 1):
     gen = torch.Generator().manual_seed(seed)
     windows = [torch.randint(3, VOCAB, (1, 64), generator=gen) for _ in range(4)]
     return calibrate(model, windows, sink=2, progress=False)[0]
+
+
+def random_stream(segments, projection, scale, heads, dim, bsz, tokens, passthrough, seed, device="cpu",
+                  quantizer="uniform"):
+    """A stream with a random orthonormal basis whose components have decreasing variance (as calibrated ones do),
+    filled in two appends so the stored views are narrower than their allocation."""
+    codec = StreamCodec(tuple(Segment(*s) for s in segments), projection, scale, quantizer)
+    gen = torch.Generator().manual_seed(seed)
+    variance = torch.logspace(0.5, -1.5, dim).expand(heads, dim).contiguous()
+    basis = None
+    if projection == "pca":
+        u, _ = torch.linalg.qr(torch.randn(heads, dim, dim, generator=gen, dtype=torch.float64))
+        mean = torch.randn(heads, dim, generator=gen)
+        basis = StreamBasis(mean, u.float()[..., : codec.rank].contiguous(), variance[..., : codec.rank].contiguous())
+        z = torch.randn(bsz, heads, tokens, dim, generator=gen) * variance.sqrt()[:, None]
+        x = torch.einsum("bhtr,hdr->bhtd", z, u.float()) + mean[:, None]
+    else:
+        x = torch.randn(bsz, heads, tokens, dim, generator=gen)
+    s = CompressedStream(codec, basis, torch.device(device), passthrough)
+    cut = tokens // 3
+    s.append(x[:, :, :cut].to(device))
+    s.append(x[:, :, cut:].to(device))
+    return s
+
+
+def decode_logits_by_path(arch: str, steps: int, paths: tuple[str, ...], monkeypatch) -> dict:
+    """A tiny ``arch`` model's logits over ``steps`` decode steps of a left-padded batch of 2 after a 30-token
+    prefill, once per ``KVHUB_KERNELS`` path (lossy 4/2-bit codec, sink 2, window 2): ``{path: logits}``."""
+    from kvhub import CacheCodec, CompressedCache, ModelShape, compressed_attention
+
+    model = tiny_model(arch)
+    shape = ModelShape.from_config(model.config)
+    codec = CacheCodec.uniform(shape, 4, 2, value_rank=12, sink=2, window=2)
+    bases = tiny_bases(model).rotated_for(codec, shape)
+    ids = torch.randint(3, VOCAB, (2, 30 + steps), generator=torch.Generator().manual_seed(9))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    logits = {}
+    for path in paths:
+        monkeypatch.setenv("KVHUB_KERNELS", path)
+        cache = CompressedCache(model.config, codec, bases)
+        outs = []
+        with torch.no_grad(), compressed_attention(model):
+            model(input_ids=ids[:, :30], attention_mask=mask[:, :30], cache=cache, use_cache=True)
+            for t in range(30, 30 + steps):
+                outs.append(model(input_ids=ids[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=cache,
+                                  use_cache=True).logits)
+        logits[path] = torch.cat(outs, 1)
+    return logits

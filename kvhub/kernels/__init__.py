@@ -1,9 +1,10 @@
-"""Fused GPU kernels for decoding on the compressed storage, and the choice of when to use them.
+"""Fused kernels for decoding on the compressed storage (Triton on GPU, C on CPU), and the choice of when to use them.
 
 ``KVHUB_KERNELS`` picks the decode path: ``auto`` (default) uses the Triton kernels when the tensors are on CUDA and
-Triton imports, PyTorch otherwise; ``triton`` forces the kernels (on CPU tensors only under ``TRITON_INTERPRET=1``,
-Triton's interpreter, which is how the tests prove them without a GPU); ``torch`` never uses them. Triton is imported
-only when the kernels are used, so CPU runs never pay for it.
+Triton imports, the C kernels of :mod:`kvhub.kernels.cpu` for CPU tensors where a C compiler built them, PyTorch
+otherwise; ``triton`` forces the Triton kernels (on CPU tensors only under ``TRITON_INTERPRET=1``, Triton's
+interpreter, which is how the tests prove them without a GPU); ``native`` forces the C kernels (CPU tensors);
+``torch`` never uses kernels. Triton is imported only when its kernels are used, so CPU runs never pay for it.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ import os
 
 import torch
 
+from . import cpu
+
 ENV = "KVHUB_KERNELS"
-CHOICES = ("auto", "triton", "torch")
+CHOICES = ("auto", "triton", "native", "torch")
 MAX_QUERY_TOKENS = 16  # decode and small speculative batches; prefill keeps the model's own attention
 
 
@@ -25,7 +28,8 @@ def triton_available() -> bool:
 
 
 def backend(device: torch.device) -> str:
-    """``"triton"`` or ``"torch"``: which decode path to take for tensors on ``device``, following ``KVHUB_KERNELS``."""
+    """``"triton"``, ``"native"`` or ``"torch"``: which decode path to take for tensors on ``device``, following
+    ``KVHUB_KERNELS``."""
     choice = os.environ.get(ENV, "auto").strip().lower() or "auto"
     if choice not in CHOICES:
         raise ValueError(f"{ENV}={choice!r} is not one of {CHOICES}")
@@ -37,7 +41,16 @@ def backend(device: torch.device) -> str:
         if torch.device(device).type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise RuntimeError(f"{ENV}=triton on {device} tensors needs TRITON_INTERPRET=1 (Triton's CPU interpreter)")
         return "triton"
-    return "triton" if torch.device(device).type == "cuda" and triton_available() else "torch"
+    cpu_tensors = torch.device(device).type == "cpu"
+    if choice == "native":
+        if not cpu_tensors:
+            raise RuntimeError(f"{ENV}=native runs on CPU tensors, not {device}; fix: unset {ENV} or use triton")
+        if cpu.library() is None:
+            raise RuntimeError(f"{ENV}=native but no C compiler built the CPU kernels; fix: install gcc or set CC")
+        return "native"
+    if torch.device(device).type == "cuda" and triton_available():
+        return "triton"
+    return "native" if cpu_tensors and cpu.library() is not None else "torch"
 
 
 def decode_attention(query, keys, values, length, exact_k, exact_v, history_mask, exact_mask, scaling, softcap=None,

@@ -1,10 +1,9 @@
 """What the fused decode kernels need to know about a compressed stream, prepared once on the host.
 
-The kernels never unpack codes into component order. A ``b``-bit segment packs ``8/b`` consecutive components per
-byte, low bits first, so shifting a byte tile by ``j*b`` bits gives *plane* ``j``: components ``a+j, a+j+8/b, ...``.
-The kernels work in this *storage order* (segment by segment, plane by plane), and the host reorders the small
-per-head matrices to match instead: the key projection ``U_k`` (with ``mean_k`` as one extra column, so one matmul
-gives both ``q U_k`` and ``q . mean_k``) and the value rotation ``U_v``. Static per-component steps (the ``channel``
+The kernels never unpack codes into component order: they work in storage order (:mod:`kvhub.layout`, segment by
+segment, plane by plane), and the host reorders the small per-head matrices to match instead: the key projection
+``U_k`` (with ``mean_k`` as one extra column, so one matmul gives both ``q U_k`` and ``q . mean_k``) and the value
+rotation ``U_v``. Static per-component steps (the ``channel``
 scheme) are folded into those columns too, so inside the kernels a level is scaled only by its token's step.
 
 Segment and plane descriptions are plain tuples of ints: Triton specializes the kernels on them (``tl.constexpr``),
@@ -13,57 +12,13 @@ which unrolls the loops over segments and planes at compile time.
 
 from __future__ import annotations
 
-import functools
 import weakref
 from dataclasses import dataclass
 
 import torch
 
-from ..codec import StreamCodec
-from ..quant import CODES_PER_BYTE
-from ..quantizers.uniform import GAUSSIAN_STEP, half_levels
-
-
-def pow2(n: int, floor: int = 16) -> int:
-    """Smallest power of two >= n and >= floor (tl.arange and tl.dot need powers of two, tl.dot at least 16)."""
-    return max(floor, 1 << (max(n, 1) - 1).bit_length())
-
-
-@dataclass(frozen=True)
-class StreamLayout:
-    """``segments``: per kept segment ``(bits, width, width_pad, scale_index, step_factor)`` where ``width`` is the
-    stored row length (bytes, or 16-bit coefficients), ``scale_index`` the column of its per-token scale (-1: none)
-    and ``step_factor`` what turns that scale into the quantization step.
-    ``planes``: per code plane ``(segment, bits, shift, n, n_pad, column)``, ``column`` its first storage-order
-    column. ``order[c]``: the component stored in storage column ``c``."""
-
-    segments: tuple[tuple, ...]
-    planes: tuple[tuple, ...]
-    order: tuple[int, ...]
-
-    @property
-    def rank(self) -> int:
-        return len(self.order)
-
-
-@functools.lru_cache(maxsize=None)
-def stream_layout(codec: StreamCodec) -> StreamLayout:
-    segments, planes, order = [], [], []
-    start, scale_index = 0, 0
-    for i, seg in enumerate(codec.kept):
-        per = 1 if seg.bits == 16 else CODES_PER_BYTE[seg.bits]
-        width = seg.size // per
-        if seg.bits == 16 or codec.scale == "channel":
-            index, factor = -1, 1.0
-        else:
-            index, factor = scale_index, (1.0 / half_levels(seg.bits) if codec.scale == "token" else GAUSSIAN_STEP[seg.bits])
-            scale_index += 1
-        segments.append((seg.bits, width, pow2(width), index, factor))
-        for j in range(per):
-            planes.append((i, seg.bits, j * seg.bits, width, pow2(width), len(order)))
-            order.extend(range(start + j, start + seg.size, per))
-        start += seg.size
-    return StreamLayout(tuple(segments), tuple(planes), tuple(order))
+from ..layout import pow2, stream_layout
+from ..quantizers.uniform import GAUSSIAN_STEP
 
 
 @dataclass

@@ -27,7 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .plan import pow2, stream_layout, stream_matrices
+from ..layout import pow2, stream_layout
+from .plan import stream_matrices
 
 _DOT_OPERAND = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "ieee"}
 

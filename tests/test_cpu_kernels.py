@@ -1,0 +1,87 @@
+"""The C decode kernels of ``kvhub/kernels/cpu_decode.c`` against an independent float64 reference.
+
+The reference rebuilds every stored token with ``CompressedStream.decode`` and takes plain products with it; the
+kernels read the packed bytes themselves. Every codec shape the engine stores is tried: uniform and Lloyd-Max levels,
+2/4/8-bit and 16-bit segments (fp16 and bf16), per-token absmax and RMS scales and static per-component scales,
+PCA and identity projections, a dropped tail, batch 2 with narrowed views."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvhub.kernels import backend, cpu
+from tests.tiny_models import decode_logits_by_path, random_stream, tiny_model
+
+pytestmark = pytest.mark.skipif(cpu.library() is None, reason="no C compiler here")
+
+# (segments, projection, scale, quantizer, 16-bit passthrough dtype)
+STREAMS = {
+    "keys-4bit-token": ([(64, 4)], "pca", "token", "uniform", torch.float16),
+    "values-4-2-rms": ([(32, 4), (32, 2)], "pca", "rms", "uniform", torch.float16),
+    "every-width-channel": ([(8, 16), (8, 8), (16, 4), (16, 2), (16, 0)], "pca", "channel", "uniform", torch.bfloat16),
+    "identity-16-4": ([(32, 16), (32, 4)], "identity", "rms", "uniform", torch.float16),
+    "lloyd-max-rms": ([(32, 4), (32, 2)], "pca", "rms", "lloyd-max", torch.float16),
+}
+
+
+@pytest.mark.parametrize("name", sorted(STREAMS))
+@pytest.mark.parametrize("history", [1, 150])
+def test_scores_and_values_match_the_rebuilt_tokens(name, history):
+    segments, projection, scale, quantizer, passthrough = STREAMS[name]
+    stream = random_stream(segments, projection, scale, 3, 64, 2, 170, passthrough, 5, quantizer=quantizer)
+    matrix = stream.decoder().matrix  # [H, d, cols]
+    gen = torch.Generator().manual_seed(3)
+    rows = 5  # query rows per KV head
+    q = torch.randn(2, 3, rows, 64, generator=gen)
+    x = stream.decode(torch.float32, 0, history).double()  # [B, H, T, d]: rebuilt through the decoder matrix
+
+    out = torch.full((6, rows, history + 7), float("nan"))
+    cpu.history_scores(torch.matmul(q, matrix).reshape(6, rows, -1).contiguous(), stream, history, out)
+    ref = (q.double() @ x.transpose(-1, -2)).reshape(6, rows, history)
+    assert (out[..., :history].double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+    assert out[..., history:].isnan().all()  # nothing written past the history
+
+    p = torch.rand(6, rows, history + 7, generator=gen)
+    partial = torch.empty(6 * cpu.value_splits(6, history) * rows * matrix.shape[-1])
+    coords = cpu.history_values(p, stream, history, partial)
+    got = coords.view(2, 3, rows, -1).double() @ matrix.double().transpose(-1, -2)
+    ref = p[..., :history].double().view(2, 3, rows, history) @ x
+    assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "mistral"])
+def test_model_decodes_through_the_c_kernels_as_through_pytorch(arch, monkeypatch):
+    """Wired into kvhub.attention: a tiny model's decode steps in a left-padded batch (Gemma-2: softcap, sliding
+    layers; Mistral: every layer sliding) give the same logits through the C kernels as through PyTorch."""
+    calls = []
+    real = cpu.history_scores
+    monkeypatch.setattr(cpu, "history_scores", lambda *a: calls.append(1) or real(*a))
+    logits = decode_logits_by_path(arch, 30, ("torch", "native"), monkeypatch)
+    assert len(calls) == 30 * tiny_model(arch).config.num_hidden_layers  # every decode step of every layer
+    assert (logits["torch"] - logits["native"]).abs().max().item() <= 1e-4
+
+
+def test_backend_choice_on_cpu(monkeypatch):
+    monkeypatch.delenv("KVHUB_KERNELS", raising=False)
+    assert backend(torch.device("cpu")) == "native"
+    monkeypatch.setenv("KVHUB_KERNELS", "native")
+    assert backend(torch.device("cpu")) == "native"
+    with pytest.raises(RuntimeError, match="CPU tensors"):
+        backend(torch.device("cuda"))
+    monkeypatch.setenv("KVHUB_KERNELS", "torch")
+    assert backend(torch.device("cpu")) == "torch"
+
+
+def test_without_a_compiler_the_torch_path_stays(monkeypatch, tmp_path):
+    """No C compiler: one warning, and decoding keeps the PyTorch path (not an error)."""
+    monkeypatch.setattr(cpu, "_compiler", lambda: None)
+    monkeypatch.setenv("KVHUB_CACHE", str(tmp_path))
+    cpu.library.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="no C compiler"):
+            assert cpu.library() is None
+        monkeypatch.delenv("KVHUB_KERNELS", raising=False)
+        assert backend(torch.device("cpu")) == "torch"
+    finally:
+        cpu.library.cache_clear()
