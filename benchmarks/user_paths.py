@@ -35,7 +35,7 @@ from kvhub.text import read_texts, token_windows  # noqa: E402
 
 EVALUATION = ROOT / "corpora" / "evaluation"
 MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
-STEPS = 9
+STEPS = 15
 
 
 def text_ids(tok, tokens: int, batch: int) -> torch.Tensor:
@@ -145,8 +145,9 @@ def main() -> None:
     parts = args.only.split(",")
     out_path = Path(args.out)
     result = json.loads(out_path.read_text()) if out_path.exists() else {}
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     result.update({"hardware": f"{platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads",
-                   "dtype": "float32", "command": "python " + " ".join(sys.argv)})
+                   "dtype": "float32", "command": "python " + " ".join(sys.argv), "commit": commit or "unknown"})
     preset = KVPreset.from_pretrained(str(PRESET))
     if "peak" in parts:
         result["peak_generate_8k"] = peak()
