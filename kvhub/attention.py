@@ -68,14 +68,18 @@ def _additive(mask: torch.Tensor | None, query_length: int) -> torch.Tensor | No
 
 def _history_scores(g: torch.Tensor, raw: list[torch.Tensor], scales: torch.Tensor | None, decoder) -> torch.Tensor:
     """``q . x_t`` [B*H, M, T] for every stored token, from ``g = q @ decoder.matrix`` [B*H, M, cols] and the raw
-    values of each segment [B*H, planes, T, width]: per segment one product per plane (batched) with its offset
-    added, then its per-token scale (on the small score matrix, never on the history), accumulated onto ``q . mean``."""
+    values of each segment [B*H, planes, T, width]: per segment its offset plus one product per plane, accumulated
+    in place (no [planes, M, T] intermediate: in a prefill tile M*T is large), then its per-token scale (on the
+    score matrix, never on the history), onto ``q . mean``."""
     scores = g[..., -1:]
     for grp, c in zip(decoder.groups, raw):
-        gq = g[..., grp.start : grp.end].unflatten(-1, (grp.planes, grp.width)).transpose(1, 2)
-        part = torch.matmul(gq, c.transpose(-1, -2)).sum(1)
-        if grp.offset is not None:
-            part += g[..., grp.offset : grp.offset + 1]
+        part = torch.zeros((), device=g.device) if grp.offset is None else g[..., grp.offset : grp.offset + 1]
+        for j in range(grp.planes):
+            cols = g[..., grp.start + j * grp.width : grp.start + (j + 1) * grp.width]
+            if j == 0:
+                part = torch.baddbmm(part, cols, c[:, j].transpose(-1, -2))
+            else:
+                part.baddbmm_(cols, c[:, j].transpose(-1, -2))
         if grp.scale is None:
             scores = part.add_(scores)
         else:
@@ -90,7 +94,7 @@ def _history_values(p: torch.Tensor, raw: list[torch.Tensor], scales: torch.Tens
     parts, offsets = [], []
     for grp, c in zip(decoder.groups, raw):
         w = p if grp.scale is None else p * scales[..., grp.scale].unsqueeze(-2)
-        parts.append(torch.matmul(w.unsqueeze(1), c).transpose(1, 2).flatten(-2))
+        parts += [torch.bmm(w, c[:, j]) for j in range(grp.planes)]
         if grp.offset is not None:
             offsets.append(w.sum(-1, keepdim=True))
     return torch.cat([*parts, *offsets, p.sum(-1, keepdim=True)], -1)
