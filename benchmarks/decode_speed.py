@@ -174,6 +174,12 @@ class RssSampler:
             return int(f.read().split()[1]) * resource.getpagesize()
 
 
+def git_commit() -> str:
+    """The commit a result was measured at (short hash), or "unknown" outside a checkout."""
+    run = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False)
+    return run.stdout.strip() or "unknown"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="smollm2,7b")
@@ -236,6 +242,7 @@ def main() -> None:
                     f"{torch.get_num_threads()} threads" if args.device == "cpu" else torch.cuda.get_device_name(0),
         "dtype": args.dtype,
         "command": "python " + " ".join(sys.argv),
+        "commit": git_commit(),
         "rows": rows,
         "peak_generate": {"context": args.peak_context, "model": "smollm2", "methods": peak},
     }

@@ -27,7 +27,7 @@ import torch
 from transformers import DynamicCache, MistralConfig, MistralForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode_speed import PRESET, ROOT, RssSampler, interleaved_step_times, make_caches, random_bases, scaled_codec  # noqa: E402
+from decode_speed import PRESET, ROOT, RssSampler, git_commit, interleaved_step_times, make_caches, random_bases, scaled_codec  # noqa: E402
 
 from kvhub import CompressedCache, KVPreset, ModelShape, compressed_attention, load_model  # noqa: E402
 from kvhub.cache import FP16_BYTES, shared_storages, walked_nbytes  # noqa: E402
@@ -145,9 +145,8 @@ def main() -> None:
     parts = args.only.split(",")
     out_path = Path(args.out)
     result = json.loads(out_path.read_text()) if out_path.exists() else {}
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     result.update({"hardware": f"{platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads",
-                   "dtype": "float32", "command": "python " + " ".join(sys.argv), "commit": commit or "unknown"})
+                   "dtype": "float32", "command": "python " + " ".join(sys.argv), "commit": git_commit()})
     preset = KVPreset.from_pretrained(str(PRESET))
     if "peak" in parts:
         result["peak_generate_8k"] = peak()
