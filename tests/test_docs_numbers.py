@@ -158,14 +158,22 @@ CLAIMS = [
     Claim(README, "{}", BYTES, lambda d: bytes_table_row(1)),
     Claim(README, "{}", BYTES, lambda d: bytes_table_row(4)),
     # ... decode speed (decode_speed.json)
-    Claim(README, "took from {}x (faster)", DECODE, lambda d: min(kvhub_steps())),
+    Claim(README, "takes from\n{}x (faster)", DECODE, lambda d: min(kvhub_steps())),
     Claim(README, "to {}x (slower)", DECODE, lambda d: max(kvhub_steps())),
+    # ... user paths (user_paths.json)
+    Claim(README, "(1k tokens, batch 1)\n{}x DynamicCache's", USER, ("decode_1k_batch1", "ratio_vs_dynamic", "kvhub")),
+    Claim(README, "after a real prefill {}x, a", USER, ("decode_4k_batch4_real_prefill", "ratio_vs_dynamic", "kvhub")),
+    Claim(README, "and batch 4 {}x, and", USER, ("sliding_8k_batch4", "ratio_vs_dynamic", "kvhub")),
+    Claim(README, "8k-token prompt {}x.", USER, ("peak_generate_8k", "ratio_vs_dynamic")),
     Claim(README, "the bytes allocated are {}x to", DECODE, lambda d: min(map(decode_fp16_ratio, d["rows"]))),
     Claim(README, "to {}x fewer than", DECODE, lambda d: max(map(decode_fp16_ratio, d["rows"]))),
     # benchmarks/README.md
     Claim(BENCH, "{}", DECODE, lambda d: decode_table()),
     Claim(BENCH, "{}", USER, lambda d: user_paths_table()),
     Claim(BENCH, "measured at commit {} on", USER, ("commit",)),
+    Claim(BENCH, "(commit {},\nsame kernels)", USER, ("repeat", "commit")),
+    Claim(BENCH, "measured {}x and", USER, ("repeat", "decode_1k_batch1", "ratio_vs_dynamic", "kvhub")),
+    Claim(BENCH, "x and {}x:", USER, ("repeat", "decode_4k_batch4_real_prefill", "ratio_vs_dynamic", "kvhub")),
     Claim(BENCH, "kvhub's 1% preset: {}x at", FRONTIER, PRESET + ("ratio",)),
     Claim(BENCH, "kvhub's 1% preset: 4.10x at {}% mean PPL", FRONTIER, PRESET + ("mean_delta_pct",), "+.2f"),
     Claim(BENCH, "QuantizedCache int4: {}x at", FRONTIER, ("rows", "QuantizedCache quanto int4", "ratio")),
