@@ -20,6 +20,9 @@ from kvhub.eval import hardware
 from kvhub.eval.agreement import greedy_agreement
 from kvhub.text import read_texts, token_windows
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decode_speed import git_commit  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 NEW_TOKENS = 32
 
@@ -52,7 +55,7 @@ def main() -> None:
                 "tokens_held": cache.get_seq_length(),
             }
             print(name, corpus, rows[name][corpus], flush=True)
-    out = {"hardware": hardware(), "command": "python " + " ".join(sys.argv), "new_tokens": NEW_TOKENS, "rows": rows}
+    out = {"hardware": hardware(), "command": "python " + " ".join(sys.argv), "commit": git_commit(), "new_tokens": NEW_TOKENS, "rows": rows}
     path = ROOT / "benchmarks" / "results" / "agreement.json"
     path.write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {path}")

@@ -1,15 +1,16 @@
 """Attention computed from the compressed storage, so decoding never rebuilds K or V.
 
 With keys stored as coefficients ``Z_k`` of a basis ``U_k`` (post-RoPE, so the rotation is already inside the
-data) and values as ``Z_v`` of ``U_v``::
+data) and values as ``Z_v`` of ``U_v`` (read through each stream's :class:`~kvhub.stream.StreamDecoder`)::
 
     q . k_t         = (q U_k) . z_t + q . mean_k          (scores: one d x r product per query, not per key)
     sum_t p_t v_t   = (sum_t p_t z_t) U_v^T + (sum_t p_t) mean_v
 
 Grouped-query heads are handled by viewing the queries as ``[batch, kv_heads, group * q_len, d]``, so K/V are never
 repeated. Sink and recent tokens (exact) join the same softmax. Long query chunks are tiled so the score matrix stays
-bounded (``SCORE_ELEMENTS``). On CUDA with Triton, decode steps (up to ``kernels.MAX_QUERY_TOKENS`` queries) run the
-fused kernels of :mod:`kvhub.kernels` instead (``KVHUB_KERNELS`` forces either path).
+bounded (``SCORE_ELEMENTS``). Decode steps (up to ``kernels.MAX_QUERY_TOKENS`` queries) run fused kernels of
+:mod:`kvhub.kernels` that unpack the codes inside the products: Triton on CUDA, C on CPU (``KVHUB_KERNELS`` forces a
+path).
 
 The switch is scoped and keeps the user's kernel: ``with compressed_attention(model):`` sets the model's attention
 implementation to ``kvhub_<kernel>`` (``kvhub_sdpa``, ``kvhub_eager``, ``kvhub_flash_attention_2``, ...), whose mask is
@@ -117,7 +118,8 @@ def _attend_compressed(layer, query, key, value, attention_mask, scaling, softca
             mask = mask[:, 0].expand(bsz, q_len, total)
             history_mask = mask[..., n_sink : n_sink + history]
             exact_mask = torch.cat([mask[..., :n_sink], mask[..., n_sink + history :]], -1)
-        out = kernels.decode_attention(query, keys, values, history, key, value, history_mask, exact_mask, scaling, softcap)
+        out = kernels.decode_attention(query, keys, values, history, key, value, history_mask, exact_mask, scaling,
+                                       softcap)
         return out.transpose(1, 2).contiguous(), None
     # Scores in the order [history | sink, recent, new]: one product for the history, one for the exact tokens.
     if mask is not None:
@@ -129,7 +131,8 @@ def _attend_compressed(layer, query, key, value, attention_mask, scaling, softca
     if not native:
         raw_k = [r.flatten(0, 1) for r in keys.raw(0, history, slot="zk")]
         raw_v = [r.flatten(0, 1) for r in values.raw(0, history, slot="zv")]
-        scales_k, scales_v = (s.flatten(0, 1) if s is not None else None for s in (keys.token_scales(0, history), values.token_scales(0, history)))
+        scales_k, scales_v = (s.flatten(0, 1) if s is not None else None
+                              for s in (keys.token_scales(0, history), values.token_scales(0, history)))
     w_v = dec_v.matrix.transpose(-1, -2)
     exact_k, exact_v = key.float().flatten(0, 1), value.float().flatten(0, 1)
     q = (query.float() * scaling).view(bsz, kv_heads, group, q_len, dim)  # scaled once: scores come out scaled
@@ -154,11 +157,13 @@ def _attend_compressed(layer, query, key, value, attention_mask, scaling, softca
         probs = torch.softmax(scores, dim=-1)
         del scores
         if native:
-            partial = _scratch("partial", (heads * cpu.value_splits(heads, history) * rows * w_v.shape[-2],), torch.float32, query.device)
+            size = heads * cpu.value_splits(heads, history) * rows * w_v.shape[-2]
+            partial = _scratch("partial", (size,), torch.float32, query.device)
             coords = cpu.history_values(probs, values, history, partial)
         else:
             coords = _history_values(probs[..., :history], raw_v, scales_v, dec_v)
-        o = torch.matmul(coords.view(bsz, kv_heads, rows, -1), w_v).view(heads, rows, dim).baddbmm_(probs[..., history:], exact_v)
+        o = torch.matmul(coords.view(bsz, kv_heads, rows, -1), w_v).view(heads, rows, dim)
+        o.baddbmm_(probs[..., history:], exact_v)
         tiles.append(o.view(bsz, kv_heads, group, m1 - m0, dim))
     out = tiles[0] if len(tiles) == 1 else torch.cat(tiles, dim=3)
     return out.view(bsz, q_heads, q_len, dim).transpose(1, 2).contiguous().to(query.dtype), None

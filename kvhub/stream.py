@@ -155,7 +155,8 @@ def _shared_decoder(basis: StreamBasis | None, codec: StreamCodec, heads: int, d
     if key not in memo:
         if basis is None:
             eye = torch.eye(codec.rank, device=device)
-            u, mean, sigma = eye.expand(heads, -1, -1), torch.zeros(heads, codec.rank, device=device), torch.ones(heads, codec.rank, device=device)
+            u, mean = eye.expand(heads, -1, -1), torch.zeros(heads, codec.rank, device=device)
+            sigma = torch.ones(heads, codec.rank, device=device)
         else:
             mean, u, sigma = _device_basis(basis, codec.rank, device)
         memo[key] = _decoder(u, mean, sigma, codec)
@@ -252,7 +253,10 @@ class CompressedStream:
             batch, heads, _, width = data.shape
             planes = CODES_PER_BYTE.get(seg.bits, 1)
             shape = (batch, heads, planes, length, width)
-            dst = _scratch(f"{slot}{i}", shape, torch.float32, data.device) if slot else torch.empty(shape, device=data.device)
+            if slot:
+                dst = _scratch(f"{slot}{i}", shape, torch.float32, data.device)
+            else:
+                dst = torch.empty(shape, device=data.device)
             if planes == 1:
                 dst[:, :, 0].copy_(data)
             else:

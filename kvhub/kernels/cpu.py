@@ -129,8 +129,9 @@ def history_scores(g: torch.Tensor, stream, history: int, out: torch.Tensor) -> 
     batch, heads = stream.codes[0].buf.shape[:2]
     segs, nseg, scales, strides = _segments(stream, history)
     assert g.is_contiguous() and out.stride(-1) == 1
-    library().kvhub_scores(_i64(batch, heads, g.shape[1], history, g.shape[-1], stream.codec.rank), _ptr(g), ctypes.c_int64(nseg), segs,
-                           _ptr(scales), strides, _ptr(out), ctypes.c_int64(out.stride(0)), ctypes.c_int64(out.stride(1)))
+    shape = _i64(batch, heads, g.shape[1], history, g.shape[-1], stream.codec.rank)
+    library().kvhub_scores(shape, _ptr(g), ctypes.c_int64(nseg), segs, _ptr(scales), strides, _ptr(out),
+                           ctypes.c_int64(out.stride(0)), ctypes.c_int64(out.stride(1)))
 
 
 def history_values(p: torch.Tensor, stream, history: int, partial: torch.Tensor) -> torch.Tensor:
@@ -143,9 +144,10 @@ def history_values(p: torch.Tensor, stream, history: int, partial: torch.Tensor)
     assert p.stride(-1) == 1
     splits = value_splits(batch * heads, history)
     coords = torch.empty(p.shape[0], p.shape[1], cols)
-    library().kvhub_values(_i64(batch, heads, p.shape[1], history, cols, stream.codec.rank), _ptr(p), ctypes.c_int64(p.stride(0)),
-                           ctypes.c_int64(p.stride(1)), ctypes.c_int64(nseg), segs, _ptr(scales), strides,
-                           _ptr(partial), ctypes.c_int64(splits), _ptr(coords))
+    shape = _i64(batch, heads, p.shape[1], history, cols, stream.codec.rank)
+    library().kvhub_values(shape, _ptr(p), ctypes.c_int64(p.stride(0)), ctypes.c_int64(p.stride(1)),
+                           ctypes.c_int64(nseg), segs, _ptr(scales), strides, _ptr(partial), ctypes.c_int64(splits),
+                           _ptr(coords))
     return coords
 
 
