@@ -80,7 +80,7 @@ def test_bundled_preset_greedy_agreement_matches_the_benchmark(smollm2, evaluati
     new_tokens = recorded["new_tokens"]
     expected = next(row for name, row in recorded["rows"].items() if "kvhub 1% preset" in name)["austen_emma"]
     ids = token_windows(tok, evaluation["austen_emma"], 2048 - new_tokens, 1)[0]
-    agreed = greedy_agreement(model, ids, preset.build_cache(model), new_tokens)
+    agreed = greedy_agreement(model, ids, lambda: preset.build_cache(model), new_tokens)
     print(f"\nbundled preset, Emma, {ids.shape[1]} + {new_tokens} tokens: {agreed} (recorded {expected})")
     assert agreed.generated == new_tokens
     assert agreed.leading_equal >= expected["leading_equal"] - AGREEMENT_MARGIN, (agreed, expected)
