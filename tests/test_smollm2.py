@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 BUNDLED = PRESETS / "HuggingFaceTB--SmolLM2-135M-Instruct"
 AGREEMENT = ROOT / "benchmarks" / "results" / "agreement.json"
 PPL_BUDGET_PCT = 2.0  # the preset is tuned for +1% (mean of 3 corpora x 3 windows); one window gets twice that
-AGREEMENT_MARGIN = 8  # of 32 greedy tokens: a re-run on other hardware may flip a near-tie late in the text
+FORCED_MARGIN = 2  # of 32 teacher-forced positions: other hardware may flip a near tie or two
 RANK48_MIN_LEADING = 2  # measured 5/32 (2-core CPU, torch 2.13): cutting rank to 48/64 costs quality (docs/field.md)
 
 
@@ -72,7 +72,8 @@ def test_bundled_preset_perplexity_within_budget_on_an_evaluation_window(smollm2
 
 def test_bundled_preset_greedy_agreement_matches_the_benchmark(smollm2, evaluation):
     """benchmarks/agreement.py's protocol on Emma (2016-token prompt, 32 greedy tokens), asserted against what
-    benchmarks/results/agreement.json recorded for the bundled preset, less a margin."""
+    benchmarks/results/agreement.json recorded for the bundled preset, less a margin. The teacher-forced count is the
+    one asserted: a free-running continuation follows whichever side of a near tie the last bits pick."""
     model, tok = smollm2
     enable(model)
     preset = KVPreset.from_pretrained(BUNDLED)
@@ -83,7 +84,7 @@ def test_bundled_preset_greedy_agreement_matches_the_benchmark(smollm2, evaluati
     agreed = greedy_agreement(model, ids, lambda: preset.build_cache(model), new_tokens)
     print(f"\nbundled preset, Emma, {ids.shape[1]} + {new_tokens} tokens: {agreed} (recorded {expected})")
     assert agreed.generated == new_tokens
-    assert agreed.leading_equal >= expected["leading_equal"] - AGREEMENT_MARGIN, (agreed, expected)
+    assert agreed.forced_equal >= expected["forced_equal"] - FORCED_MARGIN, (agreed, expected)
 
 
 def test_bundled_preset_generates_with_compressed_attention(smollm2, evaluation):
