@@ -670,5 +670,7 @@ def test_push_to_hub_from_the_python_api(local_hub, api, tiny_preset):
     assert pulled.config["codec"] == preset.config["codec"] and pulled.base_model == preset.base_model
     original, received = preset.bases.to_tensors(), pulled.bases.to_tensors()
     assert original.keys() == received.keys() and all(torch.equal(original[k], received[k]) for k in original)
-    pr = KVPreset.from_pretrained(PRESET_REPO).push_to_hub(PRESET_REPO, token=DEFAULT_TOKEN, create_pr=True)
+    edited = KVPreset.from_pretrained(PRESET_REPO)
+    edited.config["license"] = "mit"  # a real change: the Hub client skips a commit that changes nothing
+    pr = edited.push_to_hub(PRESET_REPO, token=DEFAULT_TOKEN, create_pr=True)
     assert pr.pr_revision == "refs/pr/1"
