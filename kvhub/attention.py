@@ -33,7 +33,6 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from . import kernels
 from .kernels import cpu
 from .layer import MASKED
-from .stream import _scratch
 
 PREFIX = "kvhub_"
 SCORE_ELEMENTS = 1 << 26  # fp32 scores of one query tile: 256 MB at most, whatever the chunk and context
@@ -157,9 +156,7 @@ def _attend_compressed(layer, query, key, value, attention_mask, scaling, softca
         probs = torch.softmax(scores, dim=-1)
         del scores
         if native:
-            size = heads * cpu.value_splits(heads, history) * rows * w_v.shape[-2]
-            partial = _scratch("partial", (size,), torch.float32, query.device)
-            coords = cpu.history_values(probs, values, history, partial)
+            coords = cpu.history_values(probs, values, history)
         else:
             coords = _history_values(probs[..., :history], raw_v, scales_v, dec_v)
         o = torch.matmul(coords.view(bsz, kv_heads, rows, -1), w_v).view(heads, rows, dim)

@@ -283,17 +283,19 @@ class CompressedStream:
             return None
         return self.scales.view(start, self.length - start if length is None else length)
 
-    def rows(self, start: int = 0, length: int | None = None) -> torch.Tensor:
-        """:meth:`raw` as one float32 [B, H, T, r] tensor in storage order (a fresh tensor)."""
-        return torch.cat([r.permute(0, 1, 3, 2, 4).flatten(-2) for r in self.raw(start, length)], -1)
+    def rows(self, start: int = 0, length: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`raw` as one float32 [B, H, T, r] tensor in storage order, written into ``out`` (or a fresh one)."""
+        parts = [r.permute(0, 1, 3, 2, 4).flatten(-2) for r in self.raw(start, length)]
+        return torch.cat(parts, -1, out=out)
 
     def tokens(self, start: int = 0, length: int | None = None) -> torch.Tensor:
         """Stored tokens ``[start, start + length)`` as rows against the decoder's matrix, float32 [B, H, T, r + o +
         1] (a fresh tensor): raw values times their per-token scales, the scales again in the offset columns, 1."""
         decoder = self.decoder()
-        raw = self.rows(start, length)
-        out = torch.empty(*raw.shape[:-1], decoder.matrix.shape[-1], device=raw.device)
-        out[..., : raw.shape[-1]] = raw
+        length = self.length - start if length is None else length
+        stored = self.codes[0].view(start, length)
+        out = torch.empty(*stored.shape[:3], decoder.matrix.shape[-1], device=stored.device)
+        self.rows(start, length, out=out[..., : self.codec.rank])
         scales = self.token_scales(start, length)
         for g in decoder.groups:
             if g.scale is not None:

@@ -134,15 +134,16 @@ def history_scores(g: torch.Tensor, stream, history: int, out: torch.Tensor) -> 
                            ctypes.c_int64(out.stride(0)), ctypes.c_int64(out.stride(1)))
 
 
-def history_values(p: torch.Tensor, stream, history: int, partial: torch.Tensor) -> torch.Tensor:
+def history_values(p: torch.Tensor, stream, history: int) -> torch.Tensor:
     """The coordinates [B*H, M, cols] of ``sum_t p_t x_t`` (:func:`kvhub.attention._history_values`) for weights
-    ``p`` [B*H, M, >= history] (the first ``history`` columns; tokens contiguous). ``partial``: a float32 scratch of
-    at least ``B*H * splits * M * cols`` elements, ``splits`` from :func:`value_splits`."""
+    ``p`` [B*H, M, >= history] (the first ``history`` columns; tokens contiguous). The token splits' partial sums
+    take ``B*H * splits * M * cols`` floats: a few KB at decode."""
     batch, heads = stream.codes[0].buf.shape[:2]
     cols = stream.decoder().matrix.shape[-1]
     segs, nseg, scales, strides = _segments(stream, history)
     assert p.stride(-1) == 1
     splits = value_splits(batch * heads, history)
+    partial = torch.empty(batch * heads * splits * p.shape[1] * cols)
     coords = torch.empty(p.shape[0], p.shape[1], cols)
     shape = _i64(batch, heads, p.shape[1], history, cols, stream.codec.rank)
     library().kvhub_values(shape, _ptr(p), ctypes.c_int64(p.stride(0)), ctypes.c_int64(p.stride(1)),
