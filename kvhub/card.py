@@ -125,5 +125,12 @@ def model_card(config: dict[str, Any]) -> str:
     ]
     for row in codec.describe():
         k, v = row["keys"], row["values"]
-        out.append(f"| {row['layer']} | {k['layout']} ({k['scale']}) | {v['layout']} ({v['scale']}) | {row['sink']} | {row['window']} |")
+        out.append(f"| {row['layer']} | {_stream_cell(k)} | {_stream_cell(v)} | {row['sink']} | {row['window']} |")
     return "\n".join(out) + "\n"
+
+
+def _stream_cell(stream: dict) -> str:
+    """Layout and scale scheme, plus the quantizer and the scale format where they are not the defaults."""
+    extras = [x for x, default in ((stream["quantizer"], "uniform"), (f"{stream['scale_format']} scales", "fp16 scales"))
+              if x != default]
+    return f"{stream['layout']} ({', '.join([stream['scale'], *extras])})"

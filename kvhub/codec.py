@@ -21,6 +21,8 @@ Projection = Literal["pca", "identity"]
 ScaleScheme = Literal["token", "rms", "channel"]
 # Level sets of kvhub.quantizers (named here so a preset validates without torch); lloyd-max needs a deviation scale.
 QUANTIZERS = ("uniform", "lloyd-max")
+# How a per-token scale is stored (kvhub.quantizers), and its bits.
+SCALE_FORMATS = {"fp16": 16, "log8": 8}
 _DEVIATION_SCALES = ("rms", "channel")
 STREAMS = ("keys", "values")
 _PACK = {2: 4, 4: 2}
@@ -43,6 +45,7 @@ class StreamCodec:
     projection: Projection = "pca"
     scale: ScaleScheme = "token"
     quantizer: str = "uniform"
+    scale_format: str = "fp16"
 
     @property
     def rank(self) -> int:
@@ -58,9 +61,11 @@ class StreamCodec:
         return tuple(s for s in self.segments if s.bits > 0)
 
     def bits_per_token(self) -> int:
-        """Bits one token of one head costs: codes plus one fp16 scale per quantized segment (per-token schemes)."""
+        """Bits one token of one head costs: codes plus one scale (16 or 8 bits: ``scale_format``) per quantized
+        segment (per-token schemes)."""
         codes = sum(s.size * s.bits for s in self.segments)
-        scales = 16 * sum(1 for s in self.kept if s.bits < 16) if self.scale != "channel" else 0
+        width = SCALE_FORMATS.get(self.scale_format, 16)
+        scales = width * sum(1 for s in self.kept if s.bits < 16) if self.scale != "channel" else 0
         return codes + scales
 
     def check(self, where: str, head_dim: int) -> None:
@@ -97,6 +102,11 @@ class StreamCodec:
             raise CodecError(f"{where}: scale '{self.scale}' is not 'token', 'rms' or 'channel'")
         if self.quantizer not in QUANTIZERS:
             raise CodecError(f"{where}: quantizer '{self.quantizer}' is not one of {QUANTIZERS}")
+        if self.scale_format not in SCALE_FORMATS:
+            raise CodecError(f"{where}: scale_format '{self.scale_format}' is not one of {tuple(SCALE_FORMATS)}")
+        if self.scale_format != "fp16" and self.scale == "channel":
+            raise CodecError(f"{where}: a 'channel' scale stores nothing per token; fix: drop scale_format or use "
+                             "scale 'token' or 'rms'")
         if self.quantizer == "lloyd-max" and self.scale not in _DEVIATION_SCALES:
             raise CodecError(f"{where}: Lloyd-Max levels are those of a unit Gaussian; fix: use scale 'rms' or 'channel'")
         if self.quantizer == "lloyd-max" and any(s.bits == 8 for s in self.segments):
@@ -112,11 +122,13 @@ class StreamCodec:
         return cls(tuple(segs), **kw)
 
     def to_dict(self) -> dict[str, Any]:
-        """The quantizer is written only when it is not the default, so presets made before it existed re-save
-        byte for byte."""
+        """The quantizer and scale format are written only when they are not the default, so presets made before
+        they existed re-save byte for byte."""
         out = {"segments": [[s.size, s.bits] for s in self.segments], "projection": self.projection, "scale": self.scale}
         if self.quantizer != "uniform":
             out["quantizer"] = self.quantizer
+        if self.scale_format != "fp16":
+            out["scale_format"] = self.scale_format
         return out
 
     @classmethod
@@ -126,6 +138,7 @@ class StreamCodec:
             projection=d.get("projection", "pca"),
             scale=d.get("scale", "token"),
             quantizer=d.get("quantizer", "uniform"),
+            scale_format=d.get("scale_format", "fp16"),
         )
 
 
@@ -262,6 +275,6 @@ class CacheCodec:
             for name in STREAMS:
                 s = layer.stream(name)
                 row[name] = {"rank": s.rank, "layout": "+".join(f"{g.size}x{g.bits}b" for g in s.kept),
-                             "scale": s.scale, "quantizer": s.quantizer, "projection": s.projection, "bits_per_token": s.bits_per_token()}
+                             "scale": s.scale, "scale_format": s.scale_format, "quantizer": s.quantizer, "projection": s.projection, "bits_per_token": s.bits_per_token()}
             rows.append(row)
         return rows

@@ -12,7 +12,7 @@ from .bases import StreamBasis
 from .codec import StreamCodec
 from .layout import stream_layout
 from .quant import CODES_PER_BYTE, pack
-from .quantizers import QUANTIZERS, SCALES
+from .quantizers import QUANTIZERS, SCALE_FORMATS, SCALES
 from .storage import GrowableTensor
 
 _TINY = 1e-8
@@ -167,9 +167,10 @@ _IDENTITY: dict = {}
 
 
 def derived_tensors(basis: StreamBasis) -> list[torch.Tensor]:
-    """What streams derived from ``basis`` once per device (device copies, decoders): shared by every cache."""
+    """What streams derived from ``basis`` once per device (device copies, decoders, scale references): shared by
+    every cache."""
     made = basis.__dict__.get("_on_device", {}).values()
-    return [t for m in made for t in (m if isinstance(m, tuple) else (m.matrix,))]
+    return [t for m in made for t in (m if isinstance(m, tuple) else (m,) if isinstance(m, torch.Tensor) else (m.matrix,))]
 
 
 class CompressedStream:
@@ -200,6 +201,7 @@ class CompressedStream:
         self.n_quantized = sum(1 for s in self.segments if s.bits < 16)
         self.codes = [GrowableTensor() for _ in self.segments]
         self.quantizer, self.scale = QUANTIZERS[codec.quantizer], SCALES[codec.scale]
+        self.scale_format = SCALE_FORMATS[codec.scale_format]
         self.n_scaled = sum(1 for s in self.segments if s.bits < 16) if self.scale.per_token else 0
         self.scales = GrowableTensor()
 
@@ -216,23 +218,40 @@ class CompressedStream:
             return x
         return torch.einsum("bhnd,hdr->bhnr", x - self.mean[:, None, :], self.basis)
 
+    def reference(self, heads: int, device: torch.device) -> torch.Tensor:
+        """[H, groups]: per head and scaled segment, the RMS of the segment's calibrated deviations (1 without a
+        basis), what a relative scale format (``log8``) codes its scales against; shared like the decoder."""
+        memo = self._source.__dict__.setdefault("_on_device", {}) if self._source is not None else _IDENTITY
+        key = ("reference", torch.device(device), self.codec, heads)
+        if key not in memo:
+            if self.sigma is None:
+                memo[key] = torch.ones(heads, self.n_scaled, device=device)
+            else:
+                memo[key] = torch.stack([self.sigma[:, a:b].pow(2).mean(-1).sqrt()
+                                         for seg, (a, b) in zip(self.segments, self.bounds) if seg.bits < 16], -1)
+        return memo[key]
+
     def append(self, x: torch.Tensor) -> None:
         z = self.project(x)
-        scales = []
+        if self.n_scaled:  # the scales as the decoders will read them, rounded to the stored format first
+            ref = self.reference(z.shape[1], z.device)
+            stats = torch.cat([self.scale.token_statistic(z[..., a:b])
+                               for seg, (a, b) in zip(self.segments, self.bounds) if seg.bits < 16], -1)
+            stored = self.scale_format.store(stats, ref, self.scale.statistic)
+            self.scales.append(stored)
+            loaded = self.scale_format.load(stored, ref).float()
+        group = 0
         for seg, (a, b), store in zip(self.segments, self.bounds, self.codes):
             zs = z[..., a:b]
             if seg.bits == 16:
                 store.append(zs.to(self.passthrough_dtype))
                 continue
-            if self.scale.per_token:
-                stored = self.scale.token_scale(zs)
-                scales.append(stored)
-                scale = stored.float()
+            if self.n_scaled:
+                scale = loaded[..., group : group + 1]
+                group += 1
             else:
                 scale = self.sigma[:, None, a:b]
             store.append(pack(self.quantizer.encode(zs, scale, seg.bits, self.scale.statistic), seg.bits))
-        if scales:
-            self.scales.append(torch.cat(scales, dim=-1))
 
     # --- reading -------------------------------------------------------------------------------------------
     @property
@@ -278,10 +297,12 @@ class CompressedStream:
         return _level_table(self.codec.quantizer, bits, self.scale.statistic, self.codes[0].buf.device)
 
     def token_scales(self, start: int = 0, length: int | None = None) -> torch.Tensor | None:
-        """Stored per-token scales [B, H, T, groups] (fp16, a view), or None for a static scheme."""
+        """Per-token scales [B, H, T, groups] as fp16 (a view of what is stored for the fp16 format, converted for
+        others: 1/64 of a token's codes at most), or None for a static scheme."""
         if not self.n_scaled:
             return None
-        return self.scales.view(start, self.length - start if length is None else length)
+        stored = self.scales.view(start, self.length - start if length is None else length)
+        return self.scale_format.load(stored, self.reference(stored.shape[1], stored.device))
 
     def rows(self, start: int = 0, length: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """:meth:`raw` as one float32 [B, H, T, r] tensor in storage order, written into ``out`` (or a fresh one)."""

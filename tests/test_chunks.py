@@ -88,3 +88,18 @@ def test_another_preset_and_another_slice_are_refused(tiny_llama, kv):
         one = torch.empty(codec.nbytes(part.shape, part.dtype, HeadSlice(1, 1)), dtype=torch.uint8)
         codec.encode(part, one, HeadSlice(1, 1))
         codec.decode(one, torch.empty_like(part), HeadSlice(0, 1))
+
+
+def test_log8_scales_travel_as_one_byte_each(tiny_llama, kv):
+    """Keys 8x4 + 8x2-bit, values 16x4-bit, per-token scales as 8-bit log codes: the chunk decodes to what the
+    stream itself decodes, and its size counts one byte per scale."""
+    keys = StreamCodec((Segment(8, 4), Segment(8, 2)), scale="token", scale_format="log8")
+    values = StreamCodec((Segment(16, 4),), scale="rms", scale_format="log8")
+    preset = make_preset(tiny_llama, CacheCodec((LayerCodec(keys, values, sink=2),) * 2))
+    for chunk in kv:
+        out, n = round_trip(preset, chunk)
+        assert torch.equal(out[:, :, :2], chunk[:, :, :2])
+        err = ((out.float() - chunk.float()).norm() / chunk.float().norm()).item()
+        assert 0 < err < 0.2, err
+        # per layer: indices 2x2 + exact 2x2x2x16x2 + 30 tokens x 2 heads x (K 4+2 codes + 2 scales, V 8 + 1) bytes
+        assert n == HEADER_BYTES + 2 * (4 + 256 + 30 * 2 * (4 + 2 + 2 + 8 + 1))

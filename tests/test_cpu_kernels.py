@@ -2,7 +2,8 @@
 
 The reference rebuilds every stored token with ``CompressedStream.decode`` and takes plain products with it; the
 kernels read the packed bytes themselves. Every codec shape the engine stores is tried: uniform and Lloyd-Max levels,
-2/4/8-bit and 16-bit segments (fp16 and bf16), per-token absmax and RMS scales and static per-component scales,
+2/4/8-bit and 16-bit segments (fp16 and bf16), per-token absmax and RMS scales (stored as fp16 or as 8-bit log
+codes) and static per-component scales,
 PCA and identity projections, a dropped tail, batch 2 with narrowed views."""
 
 from __future__ import annotations
@@ -15,21 +16,25 @@ from tests.tiny_models import decode_logits_by_path, random_stream, tiny_model
 
 pytestmark = pytest.mark.skipif(cpu.library() is None, reason="no C compiler here")
 
-# (segments, projection, scale, quantizer, 16-bit passthrough dtype)
+# (segments, projection, scale, quantizer, 16-bit passthrough dtype, scale format)
 STREAMS = {
-    "keys-4bit-token": ([(64, 4)], "pca", "token", "uniform", torch.float16),
-    "values-4-2-rms": ([(32, 4), (32, 2)], "pca", "rms", "uniform", torch.float16),
-    "every-width-channel": ([(8, 16), (8, 8), (16, 4), (16, 2), (16, 0)], "pca", "channel", "uniform", torch.bfloat16),
-    "identity-16-4": ([(32, 16), (32, 4)], "identity", "rms", "uniform", torch.float16),
-    "lloyd-max-rms": ([(32, 4), (32, 2)], "pca", "rms", "lloyd-max", torch.float16),
+    "keys-4bit-token": ([(64, 4)], "pca", "token", "uniform", torch.float16, "fp16"),
+    "values-4-2-rms": ([(32, 4), (32, 2)], "pca", "rms", "uniform", torch.float16, "fp16"),
+    "every-width-channel": ([(8, 16), (8, 8), (16, 4), (16, 2), (16, 0)], "pca", "channel", "uniform", torch.bfloat16,
+                            "fp16"),
+    "identity-16-4": ([(32, 16), (32, 4)], "identity", "rms", "uniform", torch.float16, "fp16"),
+    "lloyd-max-rms": ([(32, 4), (32, 2)], "pca", "rms", "lloyd-max", torch.float16, "fp16"),
+    "log8-scales": ([(16, 8), (16, 4), (32, 2)], "pca", "token", "uniform", torch.float16, "log8"),
+    "log8-identity-rms": ([(32, 16), (32, 4)], "identity", "rms", "uniform", torch.float16, "log8"),
 }
 
 
 @pytest.mark.parametrize("name", sorted(STREAMS))
 @pytest.mark.parametrize("history", [1, 150])
 def test_scores_and_values_match_the_rebuilt_tokens(name, history):
-    segments, projection, scale, quantizer, passthrough = STREAMS[name]
-    stream = random_stream(segments, projection, scale, 3, 64, 2, 170, passthrough, 5, quantizer=quantizer)
+    segments, projection, scale, quantizer, passthrough, scale_format = STREAMS[name]
+    stream = random_stream(segments, projection, scale, 3, 64, 2, 170, passthrough, 5, quantizer=quantizer,
+                           scale_format=scale_format)
     matrix = stream.decoder().matrix  # [H, d, cols]
     gen = torch.Generator().manual_seed(3)
     rows = 5  # query rows per KV head

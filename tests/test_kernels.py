@@ -41,14 +41,19 @@ def reference(query, keys, values, length, exact_k, exact_v, history_mask, exact
     return torch.softmax(s, -1) @ v
 
 
-# (head_dim, GQA group, query tokens, key segments, key projection/scale, value segments, value projection/scale)
+# (head_dim, GQA group, query tokens, key segments, key projection/scale[/scale format], value segments, value ...)
 CASES = {
     "llama-shaped": (128, 4, 1, [(128, 4)], ("pca", "token"), [(64, 4), (64, 2)], ("pca", "rms")),
     "every-width-dropped-tail": (64, 1, 3, [(8, 16), (8, 8), (16, 4), (16, 2), (16, 0)], ("pca", "channel"),
                                  [(8, 16), (24, 8), (12, 4), (20, 2)], ("pca", "token")),
     "identity-gqa8": (64, 8, 2, [(64, 8)], ("identity", "token"), [(32, 16), (32, 4)], ("identity", "rms")),
     "speculative-16": (128, 2, 16, [(32, 8), (96, 2)], ("pca", "rms"), [(96, 4), (32, 0)], ("pca", "channel")),
+    "log8-scales": (64, 2, 1, [(16, 8), (48, 4)], ("pca", "token", "log8"), [(32, 4), (32, 2)], ("pca", "rms", "log8")),
 }
+
+
+def fmt(kind: tuple[str, ...]) -> str:
+    return kind[2] if len(kind) > 2 else "fp16"
 
 
 def inputs(case, dtype, length, padded, softcap, device=DEVICE):
@@ -59,8 +64,8 @@ def inputs(case, dtype, length, padded, softcap, device=DEVICE):
     bsz, kv_heads, stored, n_exact = 2, 2, 211, 6 + q_len
     gen = torch.Generator().manual_seed(7)
     passthrough = dtype if dtype != torch.float32 else torch.float16
-    keys = stream(k_segs, *k_kind, kv_heads, dim, bsz, stored, passthrough, 1, device)
-    values = stream(v_segs, *v_kind, kv_heads, dim, bsz, stored, torch.float16, 2, device)
+    keys = stream(k_segs, *k_kind[:2], kv_heads, dim, bsz, stored, passthrough, 1, device, scale_format=fmt(k_kind))
+    values = stream(v_segs, *v_kind[:2], kv_heads, dim, bsz, stored, torch.float16, 2, device, scale_format=fmt(v_kind))
     query = torch.randn(bsz, kv_heads * group, q_len, dim, generator=gen).to(device, dtype)
     exact_k = torch.randn(bsz, kv_heads, n_exact, dim, generator=gen).to(device, dtype)
     exact_v = torch.randn(bsz, kv_heads, n_exact, dim, generator=gen).to(device, dtype)
@@ -82,6 +87,7 @@ RUNS = [
     ("identity-gqa8", torch.float16, 77, True, None, 32),
     ("speculative-16", torch.bfloat16, 95, True, 20.0, None),
     ("every-width-dropped-tail", torch.float16, 0, True, None, None),
+    ("log8-scales", torch.float16, 120, True, None, None),
 ]
 
 

@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from kvhub.codec import QUANTIZERS as CODEC_QUANTIZERS
+from kvhub.codec import SCALE_FORMATS as CODEC_SCALE_FORMATS
 from kvhub.codec import Segment, StreamCodec
 from kvhub.errors import CodecError
 from kvhub.preset import KVPreset
 from kvhub.quant import unpack
-from kvhub.quantizers import QUANTIZERS, SCALES
+from kvhub.quantizers import QUANTIZERS, SCALE_FORMATS, SCALES
 from kvhub.schema import load_schema
 from kvhub.stream import CompressedStream
 from tests.paths import PRESETS
@@ -102,6 +103,8 @@ def test_registry_codec_and_schema_name_the_same_quantizers():
     stream = schema["$defs"]["stream"]["properties"]
     assert set(QUANTIZERS) == set(CODEC_QUANTIZERS) == set(stream["quantizer"]["enum"])
     assert set(SCALES) == set(stream["scale"]["enum"])
+    assert set(SCALE_FORMATS) == set(CODEC_SCALE_FORMATS) == set(stream["scale_format"]["enum"])
+    assert all(SCALE_FORMATS[f].bits == bits for f, bits in CODEC_SCALE_FORMATS.items())
 
 
 def test_codec_names_the_quantizer_only_when_not_default():
@@ -117,3 +120,70 @@ def test_codec_names_the_quantizer_only_when_not_default():
 def test_codec_refuses_quantizers_it_cannot_run(scale, bits, quantizer):
     with pytest.raises(CodecError):
         StreamCodec((Segment(16, bits),), "pca", scale, quantizer).check("s", 16)
+
+
+# --- scale formats -------------------------------------------------------------------------------------------------
+STEP = 2 ** (1 / 16)  # the log8 grid's ratio between neighbouring codes
+FP16_ROUNDING = 1 + 2**-10
+
+
+def _stats(n: int = 20000) -> tuple[torch.Tensor, torch.Tensor]:
+    """Statistics spread over 2**-6 .. 2**6 times a per head and group reference, [1, H=3, n, groups=2]."""
+    gen = torch.Generator().manual_seed(1)
+    reference = torch.tensor([[0.01, 3.0], [1.0, 40.0], [0.2, 0.2]])
+    ratio = torch.exp2(torch.rand(1, 3, n, 2, generator=gen) * 12 - 6)
+    return ratio * reference[None, :, None, :], reference
+
+
+def test_log8_absmax_scale_is_never_below_the_absmax_and_at_most_one_step_above():
+    stat, reference = _stats()
+    fmt = SCALE_FORMATS["log8"]
+    stored = fmt.store(stat, reference, "absmax")
+    assert stored.dtype == torch.uint8
+    loaded = fmt.load(stored, reference).float()
+    assert (loaded >= stat).all()  # the outer level still reaches the largest coefficient: nothing clips
+    assert (loaded <= stat * STEP * FP16_ROUNDING).all()
+
+
+def test_log8_deviation_scale_rounds_to_the_nearest_step():
+    stat, reference = _stats()
+    fmt = SCALE_FORMATS["log8"]
+    loaded = fmt.load(fmt.store(stat, reference, "deviation"), reference).float()
+    assert (loaded / stat).log2().abs().max() <= 1 / 32 + 2**-10
+
+
+def test_log8_saturates_at_the_ends_of_its_grid():
+    reference = torch.ones(1, 1)
+    fmt = SCALE_FORMATS["log8"]
+    stat = torch.tensor([2.0**-12, 2.0**12, 0.0]).view(1, 1, 3, 1)
+    loaded = fmt.load(fmt.store(stat, reference, "deviation"), reference).float().flatten()
+    assert loaded.tolist() == pytest.approx([2.0**-8, 2 ** (127 / 16), 2.0**-8], rel=1e-3)
+
+
+@pytest.mark.parametrize("scale", ["token", "rms"])
+def test_log8_stream_stores_one_byte_per_scale_at_nearly_the_fp16_error(scale):
+    """Bytes counted independently: 2 x 3 heads x 50 tokens x 2 segments scales; codes 16 + 8 bytes per token."""
+    gen = torch.Generator().manual_seed(4)
+    z = torch.randn(2, 3, 50, 64, generator=gen) * torch.logspace(0.5, -1, 64)
+    errors = {}
+    for fmt in ("fp16", "log8"):
+        codec = StreamCodec((Segment(32, 4), Segment(32, 2)), "identity", scale, scale_format=fmt)
+        codec.check("s", 64)
+        stream = CompressedStream(codec, None, z.device)
+        stream.append(z)
+        assert stream.nbytes()["scales"] == 2 * 3 * 50 * 2 * (2 if fmt == "fp16" else 1)
+        assert stream.nbytes()["codes"] == 2 * 3 * 50 * (16 + 8)
+        errors[fmt] = (stream.coefficients() - z).pow(2).mean().item()
+    assert codec.bits_per_token() == 32 * 4 + 32 * 2 + 2 * 8
+    assert errors["fp16"] * 0.9 < errors["log8"] < errors["fp16"] * 1.12  # absmax steps at most 4.4% wider
+
+
+def test_codec_names_the_scale_format_only_when_not_default_and_refuses_what_it_cannot_store():
+    default = StreamCodec((Segment(16, 4),), "pca", "rms")
+    assert "scale_format" not in default.to_dict()
+    log8 = StreamCodec((Segment(16, 4),), "pca", "rms", scale_format="log8")
+    assert StreamCodec.from_dict(log8.to_dict()) == log8 and log8.to_dict()["scale_format"] == "log8"
+    for bad in (StreamCodec((Segment(16, 4),), "pca", "channel", scale_format="log8"),
+                StreamCodec((Segment(16, 4),), "pca", "rms", scale_format="log4")):
+        with pytest.raises(CodecError, match="scale_format|scale"):
+            bad.check("s", 16)

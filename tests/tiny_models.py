@@ -51,10 +51,10 @@ def tiny_bases(model, seed: int = 1):
 
 
 def random_stream(segments, projection, scale, heads, dim, bsz, tokens, passthrough, seed, device="cpu",
-                  quantizer="uniform"):
+                  quantizer="uniform", scale_format="fp16"):
     """A stream with a random orthonormal basis whose components have decreasing variance (as calibrated ones do),
     filled in two appends so the stored views are narrower than their allocation."""
-    codec = StreamCodec(tuple(Segment(*s) for s in segments), projection, scale, quantizer)
+    codec = StreamCodec(tuple(Segment(*s) for s in segments), projection, scale, quantizer, scale_format)
     gen = torch.Generator().manual_seed(seed)
     variance = torch.logspace(0.5, -1.5, dim).expand(heads, dim).contiguous()
     basis = None

@@ -40,6 +40,7 @@ from ..errors import (
     ChunkTruncatedError,
     CodecError,
 )
+from ..quantizers import SCALE_FORMATS
 from ..stream import CompressedStream
 
 MAGIC = b"KVHC"
@@ -138,7 +139,7 @@ def _stream_parts(stream: StreamCodec, heads: int, n: int, exact_dtype: torch.dt
         else:
             parts.append(((heads, n, _segment_bytes(seg.size, seg.bits)), torch.uint8))
     if _scaled(stream):
-        parts.append(((heads, n, _scaled(stream)), torch.float16))
+        parts.append(((heads, n, _scaled(stream)), SCALE_FORMATS[stream.scale_format].dtype))
     return parts
 
 

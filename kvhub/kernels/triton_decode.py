@@ -259,7 +259,7 @@ def _stored(stream, length: int):
 def _scales(stream, length: int, fallback: torch.Tensor):
     if not stream.n_scaled:
         return fallback, (0, 0, 0)
-    s = stream.scales.view().narrow(2, 0, length)
+    s = stream.token_scales(0, length)
     assert s.stride(-1) == 1
     return s, tuple(s.stride()[:3])
 

@@ -1,7 +1,8 @@
-"""What a quantizer and a scale scheme are. A stream stores, per quantized segment, packed codes and (for per-token
-schemes) one scale per token; decoding is ``level_table[code] * scale``. The split: the *scale scheme* says which
-statistic of a token's segment is stored (its absmax, its RMS, or nothing: a static per-component deviation), the
-*quantizer* says where the ``2**bits`` levels sit in units of that statistic and which code a coefficient gets."""
+"""What a quantizer, a scale scheme and a scale format are. A stream stores, per quantized segment, packed codes and
+(for per-token schemes) one scale per token; decoding is ``level_table[code] * scale``. The split: the *scale
+scheme* says which statistic of a token's segment is measured (its absmax, its RMS, or nothing: a static
+per-component deviation), the *scale format* how that per-token number is stored (fp16, or an 8-bit code), the
+*quantizer* where the ``2**bits`` levels sit in units of the scale and which code a coefficient gets."""
 
 from __future__ import annotations
 
@@ -36,6 +37,27 @@ class ScaleScheme(ABC):
     statistic: ClassVar[Statistic]
     per_token: ClassVar[bool]
 
-    def token_scale(self, zs: torch.Tensor) -> torch.Tensor:
-        """The per-token statistic of a segment's coefficients ``zs`` [..., n, size] as stored, [..., n, 1]."""
+    def token_statistic(self, zs: torch.Tensor) -> torch.Tensor:
+        """The per-token statistic of a segment's coefficients ``zs`` [..., n, size], float32 [..., n, 1] (the scale
+        format rounds it to what is stored)."""
         raise NotImplementedError(f"the '{self.name}' scale stores nothing per token")
+
+
+class ScaleFormat(ABC):
+    """How one per-token scale is stored: ``dtype`` elements, ``bits`` each. ``store`` turns statistics into what is
+    stored, ``load`` turns that back into the fp16 scales the decoders multiply by. ``reference`` [H, groups] is a
+    per head and segment typical size of the statistic (from the calibrated variances), for formats that code a
+    scale relative to it; rounding is upward for an absmax (the outer level still reaches the largest coefficient)
+    and to the nearest for a deviation."""
+
+    name: ClassVar[str]
+    dtype: ClassVar[torch.dtype]
+    bits: ClassVar[int]
+
+    @abstractmethod
+    def store(self, stat: torch.Tensor, reference: torch.Tensor, statistic: Statistic) -> torch.Tensor:
+        """``stat`` float32 [B, H, n, groups] -> stored [B, H, n, groups] of ``dtype``."""
+
+    @abstractmethod
+    def load(self, stored: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        """Stored [B, H, n, groups] -> fp16 scales of the same shape (a view where nothing needs converting)."""

@@ -1,4 +1,4 @@
-"""``rms``: per token and segment, the root mean square of the coefficients, stored as fp16; levels are then placed
+"""``rms``: per token and segment, the root mean square of the coefficients (stored in the stream's scale format); levels are then placed
 for a unit-deviation source (the MSE-optimal uniform step, or Lloyd-Max levels). Better than absmax where errors
 average out (values at 2 bits); clips the rare coefficient beyond the outer level."""
 
@@ -7,7 +7,6 @@ from __future__ import annotations
 import torch
 
 from .base import ScaleScheme
-from .token_absmax import fp16_scale
 
 
 class TokenRMS(ScaleScheme):
@@ -15,5 +14,5 @@ class TokenRMS(ScaleScheme):
     statistic = "deviation"
     per_token = True
 
-    def token_scale(self, zs: torch.Tensor) -> torch.Tensor:
-        return fp16_scale(zs.pow(2).mean(-1, keepdim=True).sqrt())
+    def token_statistic(self, zs: torch.Tensor) -> torch.Tensor:
+        return zs.pow(2).mean(-1, keepdim=True).sqrt()
