@@ -231,10 +231,13 @@ class CompressedStream:
                                          for seg, (a, b) in zip(self.segments, self.bounds) if seg.bits < 16], -1)
         return memo[key]
 
+    def _reference_for(self, heads: int, device: torch.device) -> torch.Tensor | None:
+        return self.reference(heads, device) if self.scale_format.relative else None
+
     def append(self, x: torch.Tensor) -> None:
         z = self.project(x)
         if self.n_scaled:  # the scales as the decoders will read them, rounded to the stored format first
-            ref = self.reference(z.shape[1], z.device)
+            ref = self._reference_for(z.shape[1], z.device)
             stats = torch.cat([self.scale.token_statistic(z[..., a:b])
                                for seg, (a, b) in zip(self.segments, self.bounds) if seg.bits < 16], -1)
             stored = self.scale_format.store(stats, ref, self.scale.statistic)
@@ -302,7 +305,7 @@ class CompressedStream:
         if not self.n_scaled:
             return None
         stored = self.scales.view(start, self.length - start if length is None else length)
-        return self.scale_format.load(stored, self.reference(stored.shape[1], stored.device))
+        return self.scale_format.load(stored, self._reference_for(stored.shape[1], stored.device))
 
     def rows(self, start: int = 0, length: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """:meth:`raw` as one float32 [B, H, T, r] tensor in storage order, written into ``out`` (or a fresh one)."""

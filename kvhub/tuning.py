@@ -32,17 +32,19 @@ from .eval.ppl import perplexity
 from .passthrough import PassThroughLayer
 from .stream import CompressedStream
 
-def stream_ladders(head_dim: int, quantizer: str = "uniform") -> dict[str, list[StreamCodec]]:
+def stream_ladders(head_dim: int, quantizer: str = "uniform", scale_format: str = "log8") -> dict[str, list[StreamCodec]]:
     """Per-stream layouts from fewest to most bits. No rank cuts: on SmolLM2 dropping a quarter of V's components
     cost +35% PPL, far more than 2-bit codes for them. Keys keep >= 2.5 bits per component (2-bit keys change
     attention non-linearly) and per-token absmax scales (4-bit K: +0.53% with absmax, +0.66% with RMS); values use
     RMS scales, MSE-optimal at 2 bits, and ``quantizer``'s levels (``kvhub.quantizers``) wherever a layout has no
-    8-bit segment (Lloyd-Max levels exist for 2 and 4 bits). Segment sizes are multiples of 4 so 2-bit codes pack."""
+    8-bit segment (Lloyd-Max levels exist for 2 and 4 bits). Segment sizes are multiples of 4 so 2-bit codes pack.
+    Per-token scales are stored in ``scale_format`` (log8: one byte each, no measurable loss against fp16 on
+    SmolLM2, see kvhub/quantizers/scale_log8.py)."""
     d, q, e = head_dim, head_dim // 4, 4 * max(1, round(3 * head_dim / 32))  # e: 3/8 of head_dim, packable
 
     def lay(plan, scale, levels="uniform"):
         levels = levels if all(b != 8 for _, b in plan) else "uniform"
-        return StreamCodec(tuple(Segment(n, b) for n, b in plan), "pca", scale, levels)
+        return StreamCodec(tuple(Segment(n, b) for n, b in plan), "pca", scale, levels, scale_format)
 
     keys = [[(q, 4), (d - q, 2)], [(2 * q, 4), (d - 2 * q, 2)], [(3 * q, 4), (d - 3 * q, 2)], [(d, 4)],
             [(q, 8), (d - q, 4)], [(d, 8)]]
@@ -169,12 +171,13 @@ def search(
     flush_block: int = 16,
     log: Callable[[str], None] = print,
     quantizer: str = "uniform",
+    scale_format: str = "log8",
 ) -> TuneResult:
     """Steps 2-4 of the module docstring. ``target_delta`` is a fraction (0.01 = +1% perplexity)."""
     t0 = time.time()
     shape = ModelShape.from_config(model.config)
     n = shape.num_layers
-    ladders = stream_ladders(shape.head_dim, quantizer)
+    ladders = stream_ladders(shape.head_dim, quantizer, scale_format)
     log(f"measuring sensitivity of {n} layers x 2 streams (one distorted stream per forward pass)")
     sens = sensitivities(model, tune_windows[0][:, :1024], bases, sink)
     log("most sensitive: " + ", ".join(f"L{i}.{s[0].upper()} +{d:.4f} nats" for (i, s), d in
@@ -264,6 +267,7 @@ class TuneConfig:
     sink: int = 4
     windows: tuple[int, ...] = (0, 32)
     quantizer: str = "uniform"  # level set of the values' 2/4-bit segments (kvhub.quantizers)
+    scale_format: str = "log8"  # how per-token scales are stored (kvhub.quantizers)
     device: str | None = None
     dtype: str = "float32"
     progress: bool = True
@@ -299,7 +303,8 @@ def tune(cfg: TuneConfig, out: str | None = None, log: Callable[[str], None] = p
     fit, held = split_calibration(tokenizer, cfg.calib_files, cfg)
     log(f"calibrating on {sum(w.shape[-1] for w in fit)} tokens ({len(fit)} windows of {cfg.calib_seq_len})")
     bases, stats = calibrate(model, fit, sink=cfg.sink, progress=cfg.progress)
-    result = search(model, bases, held, cfg.target_ppl_delta, cfg.sink, cfg.windows, log=log, quantizer=cfg.quantizer)
+    result = search(model, bases, held, cfg.target_ppl_delta, cfg.sink, cfg.windows, log=log, quantizer=cfg.quantizer,
+                    scale_format=cfg.scale_format)
     log(f"tuning took {time.time() - t0:.0f} s")
     metrics = None
     if cfg.eval_files:

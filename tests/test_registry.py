@@ -268,7 +268,8 @@ def shared_bases_bytes(folder: Path) -> int:
     """What a device holds for a preset's bases, counted from its files alone: every tensor of the .safetensors file
     in fp32 (how kvhub loads them, whatever the file stores), plus per stream what is derived once per device: the
     per-component deviations [H, r] and the decoder matrix ``[W | O | mean]`` [H, d, r + offsets + 1], one offset
-    column per quantized segment with a per-token scale and uniform levels."""
+    column per quantized segment with a per-token scale and uniform levels; with log8 scales, one reference per head
+    and scaled segment [H, groups]."""
     raw = (folder / BASES_NAME).read_bytes()
     header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
     tensors = {name: t["shape"] for name, t in header.items() if name != "__metadata__"}
@@ -278,8 +279,10 @@ def shared_bases_bytes(folder: Path) -> int:
         _, layer, stream, _ = name.split(".")
         spec = codec.get("layers", {}).get(layer, codec["default"])[stream]
         per_token = spec.get("scale", "token") != "channel" and spec.get("quantizer", "uniform") == "uniform"
-        offsets = sum(1 for _, bits in spec["segments"] if 0 < bits < 16) if per_token else 0
-        total += 4 * heads * rank + 4 * heads * dim * (rank + offsets + 1)
+        scaled = sum(1 for _, bits in spec["segments"] if 0 < bits < 16) if spec.get("scale", "token") != "channel" else 0
+        offsets = scaled if per_token else 0
+        references = scaled if spec.get("scale_format", "fp16") == "log8" else 0
+        total += 4 * heads * rank + 4 * heads * dim * (rank + offsets + 1) + 4 * heads * references
     return total
 
 

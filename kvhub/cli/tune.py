@@ -46,14 +46,16 @@ def _from_recipe(path: Path, model: str | None, target: float | None, out: str |
 @click.option("--windows", default="0,32", show_default=True, help="Recent-window sizes to try.")
 @click.option("--quantizer", type=click.Choice(["uniform", "lloyd-max"]), default="uniform", show_default=True,
               help="Levels of the values' 2/4-bit segments: uniform, or Lloyd-Max (MSE-optimal for Gaussian coefficients).")
+@click.option("--scale-format", type=click.Choice(["log8", "fp16"]), default="log8", show_default=True,
+              help="How per-token scales are stored: one byte on a log grid (log8), or fp16 (as presets made before log8 existed).")
 @click.option("--calib-windows-per-file", default=8, show_default=True)
 @click.option("--calib-seq-len", default=1024, show_default=True, help="Tokens per calibration window.")
 @click.option("--tune-window-tokens", default=2048, show_default=True,
               help="Tokens per held-out window the search measures perplexity on.")
 @click.option("--device", default=None, help="cpu, cuda, auto ...")
 @click.option("--dtype", default="float32", show_default=True)
-def tune(model, recipe_path, calib_files, target_ppl_delta, out, eval_files, needle, windows, quantizer, calib_windows_per_file,
-         calib_seq_len, tune_window_tokens, device, dtype):
+def tune(model, recipe_path, calib_files, target_ppl_delta, out, eval_files, needle, windows, quantizer, scale_format,
+         calib_windows_per_file, calib_seq_len, tune_window_tokens, device, dtype):
     """Search ranks, bits and windows per layer for the most compression within --target-ppl-delta."""
     from ..tuning import TuneConfig, tune as run_tune
 
@@ -70,7 +72,8 @@ def tune(model, recipe_path, calib_files, target_ppl_delta, out, eval_files, nee
         raise click.UsageError(f"--target-ppl-delta {target_ppl_delta} must be a fraction in (0, 1), e.g. 0.01 for +1%")
     cfg = TuneConfig(model, list(calib_files), target_ppl_delta, list(eval_files) or None, needle,
                      calib_windows_per_file, calib_seq_len=calib_seq_len, tune_window_tokens=tune_window_tokens,
-                     windows=tuple(int(w) for w in windows.split(",")), quantizer=quantizer, device=device, dtype=dtype, model_id=model_id)
+                     windows=tuple(int(w) for w in windows.split(",")), quantizer=quantizer, scale_format=scale_format, device=device,
+                     dtype=dtype, model_id=model_id)
     out = out or f"presets/{(model_id or model).replace('/', '--')}"
     run_tune(cfg, out, log=click.echo, command="kvhub " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
 

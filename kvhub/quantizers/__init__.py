@@ -1,6 +1,6 @@
 """Pluggable scalar quantizers, scale schemes and scale formats, one class per module, selected by the names a
-preset's codec stores (``quantizer``, ``scale`` and ``scale_format`` of each stream). A new code is one module and one entry here (and its name in
-``kvhub.codec`` and the preset schema, which validate presets without importing torch)."""
+preset's codec stores (``quantizer``, ``scale`` and ``scale_format`` of each stream). A new code is one module and one
+entry here (and its name in ``kvhub.codec`` and the preset schema, which validate presets without importing torch)."""
 
 from __future__ import annotations
 

@@ -53,11 +53,12 @@ class ScaleFormat(ABC):
     name: ClassVar[str]
     dtype: ClassVar[torch.dtype]
     bits: ClassVar[int]
+    relative: ClassVar[bool]  # codes scales against ``reference`` (else it is ignored and never computed)
 
     @abstractmethod
-    def store(self, stat: torch.Tensor, reference: torch.Tensor, statistic: Statistic) -> torch.Tensor:
+    def store(self, stat: torch.Tensor, reference: torch.Tensor | None, statistic: Statistic) -> torch.Tensor:
         """``stat`` float32 [B, H, n, groups] -> stored [B, H, n, groups] of ``dtype``."""
 
     @abstractmethod
-    def load(self, stored: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    def load(self, stored: torch.Tensor, reference: torch.Tensor | None) -> torch.Tensor:
         """Stored [B, H, n, groups] -> fp16 scales of the same shape (a view where nothing needs converting)."""

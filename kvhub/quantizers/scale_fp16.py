@@ -16,9 +16,10 @@ class Fp16Scale(ScaleFormat):
     name = "fp16"
     dtype = torch.float16
     bits = 16
+    relative = False
 
-    def store(self, stat: torch.Tensor, reference: torch.Tensor, statistic: Statistic) -> torch.Tensor:
+    def store(self, stat: torch.Tensor, reference: torch.Tensor | None, statistic: Statistic) -> torch.Tensor:
         return stat.clamp(_TINY, FP16_MAX).half()
 
-    def load(self, stored: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    def load(self, stored: torch.Tensor, reference: torch.Tensor | None) -> torch.Tensor:
         return stored

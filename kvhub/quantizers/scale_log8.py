@@ -25,6 +25,7 @@ class Log8Scale(ScaleFormat):
     name = "log8"
     dtype = torch.uint8
     bits = 8
+    relative = True
 
     def store(self, stat: torch.Tensor, reference: torch.Tensor, statistic: Statistic) -> torch.Tensor:
         ref = reference[None, :, None, :]
