@@ -20,7 +20,6 @@ import json
 import shlex
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -39,12 +38,13 @@ ROOT = Path(__file__).resolve().parents[1]
 EVALUATION = [CORPORA / "evaluation", CORPORA / "extra" / "evaluation"]  # books + out-of-domain (corpora/extra/README.md)
 RESULTS = ROOT / "benchmarks" / "results"
 PRESETS = {"kvhub 1% preset (bundled)": ROOT / "presets" / "HuggingFaceTB--SmolLM2-135M-Instruct",
+           # the bundled preset until log8 scales and Lloyd-Max values: same bases, same codes, fp16 scales
+           "kvhub 1% preset, fp16 scales (bundled before)": ROOT / "benchmarks" / "presets" / "smollm2-1pct-fp16",
            "kvhub 3% preset": ROOT / "benchmarks" / "presets" / "smollm2-3pct",
+           "kvhub 3% preset, log8 scales + Lloyd-Max V": ROOT / "benchmarks" / "presets" / "smollm2-3pct-log8",
            # tuned with Lloyd-Max values and the widened calibration (books + Python docs and source)
-           "kvhub 1% Lloyd-Max preset": ROOT / "benchmarks" / "presets" / "smollm2-1pct-lloydmax",
-           "kvhub 3% Lloyd-Max preset": ROOT / "benchmarks" / "presets" / "smollm2-3pct-lloydmax"}
-NEEDLE_ROWS = ("DynamicCache (fp)", "QuantizedCache quanto int4", "kvhub 1% preset (bundled)",
-               "kvhub 1% Lloyd-Max preset", "kvhub 3% Lloyd-Max preset")
+           "kvhub 1% Lloyd-Max preset, widened calibration": ROOT / "benchmarks" / "presets" / "smollm2-1pct-lloydmax"}
+NEEDLE_ROWS = ("DynamicCache (fp)", "kvhub 1% preset (bundled)", "kvhub 3% preset, log8 scales + Lloyd-Max V")
 
 
 # --- KIVI, simulated ---------------------------------------------------------------------------------------------
@@ -156,24 +156,9 @@ def methods(model, tok) -> dict:
         "KIVI-2 (simulated)": ("simulated", lambda: kivi_cache(cfg, 2)),
     }
     for name, folder in PRESETS.items():
-        if (folder / "kvhub_preset.json").exists():
-            preset = KVPreset.from_pretrained(folder)
-            out[name] = ("real", lambda p=preset: p.build_cache(model))
-    bundled = KVPreset.from_pretrained(PRESETS["kvhub 1% preset (bundled)"])
-    for name, codec in lloyd_max_variants(bundled.codec).items():
-        out[name] = ("real", lambda c=codec: CompressedCache(cfg, c, bundled.bases))
+        preset = KVPreset.from_pretrained(folder)
+        out[name] = ("real", lambda p=preset: p.build_cache(model))
     return out
-
-
-def lloyd_max_variants(codec: CacheCodec) -> dict[str, CacheCodec]:
-    """The bundled preset's layout and bases with Lloyd-Max levels: on the values (RMS scales, as tuned), and on
-    keys too (their absmax scale becomes RMS, which Lloyd-Max levels need). Same bytes, other levels."""
-    def swap(layer, keys: bool):
-        values = replace(layer.values, quantizer="lloyd-max")
-        return replace(layer, values=values, keys=replace(layer.keys, scale="rms", quantizer="lloyd-max") if keys else layer.keys)
-
-    return {f"kvhub 1% preset + Lloyd-Max {what}": replace(codec, layers=tuple(swap(layer, keys) for layer in codec.layers))
-            for what, keys in (("V", False), ("K+V", True))}
 
 
 def main() -> None:

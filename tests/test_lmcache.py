@@ -105,9 +105,10 @@ def test_store_evict_prefetch_read_on_real_kv(smollm2, window, chunks, preset, t
     assert restored is not None and fp8 is not None
 
     # Bytes, from the preset's layout by hand: per layer 4 exact tokens (int16 index + 3 heads x K,V x 64 x 2 bytes)
-    # and 252 coded tokens x 3 heads x (K 64x4 bits + 1 scale, V 32x4 + 32x2 bits + 2 scales = 34 + 28 bytes);
+    # and 252 coded tokens x 3 heads x (K 64x4 bits + 1 one-byte log8 scale, V 32x4 + 32x2 bits + 2 scales = 33 + 26
+    # bytes);
     # a 64-byte header. >= 3.5x under the fp16 chunk and ~2x under fp8's one byte per element.
-    assert on_disk == [64 + 30 * (4 * 2 + 4 * 3 * 2 * 64 * 2 + 252 * 3 * (34 + 28))] * 2
+    assert on_disk == [64 + 30 * (4 * 2 + 4 * 3 * 2 * 64 * 2 + 252 * 3 * (33 + 26))] * 2
     assert fp8_disk == [src[0].numel()] * 2
     assert fp16_bytes / on_disk[0] >= 3.5 and fp8_disk[0] / on_disk[0] >= 1.9
 
@@ -224,8 +225,8 @@ def test_first_tokens_of_every_chunk_are_kept_exact(chunks, preset):
         assert torch.equal(out[:, :, :4], src[:, :, :4]) and not torch.equal(out[:, :, 4:8], src[:, :, 4:8])
         none, n0 = encode_decode(preset, src, exact=0)
         assert not torch.equal(none[:, :, :4], src[:, :, :4])
-        # per layer: 4 int16 indices + 4 tokens x 3 heads x (K+V 64 x 2 bytes exact - 62 bytes of codes and scales)
-        assert n - n0 == 30 * (4 * 2 + 4 * 3 * (256 - 62))
+        # per layer: 4 int16 indices + 4 tokens x 3 heads x (K+V 64 x 2 bytes exact - 59 bytes of codes and scales)
+        assert n - n0 == 30 * (4 * 2 + 4 * 3 * (256 - 59))
 
 
 def test_tensor_parallel_ranks_encode_their_head_slice(chunks, preset, tmp_path):
