@@ -251,12 +251,13 @@ def per_layer_damage(model, calib: list[dict], evals: dict[str, dict]) -> dict:
         for s, stream, (cheap, dear), stat in ((1, "keys", ([(48, 4), (16, 2)], [(64, 4)]), "absmax"),
                                               (2, "values", ([(16, 4), (48, 2)], [(32, 4), (32, 2)]), "deviation")):
             x = torch.cat([r[i][s][:, SINK:] for r in calib], 1)
+            coders = {id(layout): coder(x, layout, None) for layout in (cheap, dear)}  # fitted once, not per corpus
             grow = 0.0
             for rec in evals.values():
                 exact = attention_output(*rec[i], w_o)
                 for sign, layout in ((1, cheap), (-1, dear)):
                     kv = [rec[i][1].clone(), rec[i][2].clone()]
-                    kv[s - 1][:, SINK:] = code(kv[s - 1][:, SINK:], coder(x, layout, None), layout, stat)
+                    kv[s - 1][:, SINK:] = code(kv[s - 1][:, SINK:], coders[id(layout)], layout, stat)
                     err = attention_output(rec[i][0], *kv, w_o) - exact
                     grow += sign * (err.pow(2).sum() / exact.pow(2).sum()).item()
             out[stream].append(round(grow, 6))
