@@ -143,7 +143,8 @@ def _packaged_fallback(entry: RegistryEntry | None, revision: str | None, exc: E
     logger.warning("%s: %s; using the preset packaged with kvhub %s (%s)", entry.model, why, __version__, folder)
     shipped = packaged_index().find(entry.model)
     pins = shipped if shipped is not None and shipped.status == "validated" and shipped.files else None
-    files, config = _verify(folder, pins, "reinstall kvhub (the packaged preset was changed)")
+    files, config = _verify(folder, pins, f"the packaged preset was changed: restore it (in a checkout, `git checkout -- "
+                                         f"presets/{folder.name}`; else reinstall kvhub)")
     return PresetDownload(folder, None, None, files, pins or entry, config, PACKAGED_SOURCE, pins is not None,
                           packaged=True)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,6 +29,7 @@ from transformers.cache_utils import Cache
 from .bases import Bases, rotate_segments
 from .cache import CompressedCache
 from .codec import STREAMS, CacheCodec, LayerCodec, ModelShape, Segment, StreamCodec
+from .errors import PresetExistsError
 from .eval.ppl import perplexity
 from .passthrough import PassThroughLayer
 from .stream import CompressedStream
@@ -289,14 +291,61 @@ def split_calibration(tokenizer, calib_files: list[str], cfg: TuneConfig):
     return fit, [held[i] for i in picks]
 
 
-def tune(cfg: TuneConfig, out: str | None = None, log: Callable[[str], None] = print, command: str | None = None):
-    """Calibrate, search and (with ``eval_files``) evaluate; write a complete preset to ``out``. Returns the preset."""
+# --- where the preset goes ----------------------------------------------------------------------------------------
+def validated_by_registry(folder: Path) -> str | None:
+    """What the registry (the index packaged with kvhub) validated of the preset in ``folder``, in a few words
+    (``4.31x at +0.70%``), when an entry with status ``validated`` pins this very ``kvhub_preset.json``; else None."""
+    from .preset import CONFIG_NAME, sha256_file
+    from .registry import packaged_index
+
+    digest = sha256_file(folder / CONFIG_NAME)
+    for entry in packaged_index().entries:
+        if entry.status == "validated" and any(f.name == CONFIG_NAME and f.sha256 == digest for f in entry.files):
+            m = entry.metrics
+            return f"{m.compression_total:.2f}x at {m.ppl_delta_pct:+.2f}%" if m else "validated"
+    return None
+
+
+def check_output(folder: str | Path, overwrite: bool = False) -> None:
+    """Refuse to write over a preset in ``folder`` unless ``overwrite``: a tune never replaces a preset (least of all
+    one the registry validated) without being told to. A folder holding only a recipe, or nothing, is free."""
+    from .preset import CONFIG_NAME
+
+    folder = Path(folder)
+    if overwrite or not (folder / CONFIG_NAME).is_file():
+        return
+    validated = validated_by_registry(folder)
+    what = f"the preset the registry validated ({validated})" if validated else "a preset"
+    raise PresetExistsError(f"{folder} already holds {what}; fix: pass --out NEW_FOLDER, or --overwrite to replace it")
+
+
+def default_output(folder: str | Path) -> Path:
+    """Where ``kvhub tune`` writes without ``--out``: ``folder`` when it holds no preset yet (absent, or a pending
+    model's recipe alone), else the first free sibling ``<folder>.tuned-N``, so a default run never replaces one."""
+    from .preset import CONFIG_NAME
+
+    folder = Path(folder)
+    n = 0
+    candidate = folder
+    while (candidate / CONFIG_NAME).exists() or (n and candidate.exists()):
+        n += 1
+        candidate = folder.with_name(f"{folder.name}.tuned-{n}")
+    return candidate
+
+
+def tune(cfg: TuneConfig, out: str | None = None, log: Callable[[str], None] = print, command: str | None = None,
+         overwrite: bool = False):
+    """Calibrate, search and (with ``eval_files``) evaluate; write a complete preset to ``out``. Returns the preset.
+
+    A preset already in ``out`` is refused before any work (and again before writing) unless ``overwrite``."""
     from .calibration import calibrate
     from .eval import EvalConfig, evaluate, metrics_block
     from .models import benchmark_provenance, is_benchmark_model, load_model
     from .preset import KVPreset
     from .text import corpus_sha256
 
+    if out:
+        check_output(out, overwrite)
     t0 = time.time()
     model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
     shape = ModelShape.from_config(model.config)
@@ -334,6 +383,7 @@ def tune(cfg: TuneConfig, out: str | None = None, log: Callable[[str], None] = p
     preset = KVPreset.create(model.config, result.codec, bases, calibration, model_id, provenance=provenance,
                              metrics=metrics, license="apache-2.0" if provenance else None)
     if out:
-        preset.save_pretrained(out, overwrite=True)
+        check_output(out, overwrite)  # a preset written there while this one was tuned is not replaced either
+        preset.save_pretrained(out, overwrite=True)  # beside a recipe.json, which stays
         log(f"wrote {out}")
     return preset

@@ -11,6 +11,7 @@ from kvhub.cache import CompressedCache
 from kvhub.codec import STREAMS, ModelShape
 from kvhub.eval.ppl import perplexity
 from kvhub.tuning import LEVELS, reallocate, search, stream_ladders
+from tests.test_registry import eval_text, model_dir  # noqa: F401  (session fixtures: the tiny model on disk)
 from tests.tiny_models import VOCAB, tiny_bases
 
 
@@ -97,3 +98,65 @@ def test_bytes_fall_along_the_ladder(searched):
     assert len(uniform) >= 3
     ratios = [ratio for _, ratio in uniform]
     assert ratios == sorted(ratios, reverse=True) and len(set(ratios)) == len(ratios)
+
+
+# --- where `kvhub tune` writes ---------------------------------------------------------------------------------
+
+def _tree(folder) -> dict:
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_tune_refuses_to_replace_a_validated_preset_before_any_work(tmp_path, capsys, monkeypatch):
+    """`--out` naming a folder that holds the bundled (validated) preset: one line naming it, nothing written, and
+    the model never loaded (the refusal comes first, not after a 16-minute run)."""
+    import shutil
+
+    import kvhub.models
+    from kvhub.cli import main
+    from tests.paths import CALIBRATION, PRESETS
+
+    folder = tmp_path / "HuggingFaceTB--SmolLM2-135M-Instruct"
+    shutil.copytree(PRESETS / folder.name, folder)
+    before = _tree(folder)
+    monkeypatch.setattr(kvhub.models, "load_model", lambda *a, **k: pytest.fail("loaded the model before refusing"))
+    code = main(["tune", "--model", "smollm2", "--calib", str(CALIBRATION), "--out", str(folder)])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err, err
+    [line] = [line for line in err.splitlines() if line.startswith("error:")]
+    assert "the preset the registry validated (4.31x at +0.70%)" in line and "--overwrite" in line and "--out" in line
+    assert _tree(folder) == before
+
+
+def test_tune_writes_beside_an_existing_preset_by_default_and_replaces_it_only_when_told(
+        tmp_path, capsys, tiny_preset, model_dir, eval_text):  # noqa: F811
+    """Without --out, a recipe's folder that already holds a preset keeps it: the new preset goes to a new folder,
+    <folder>.tuned-1; an explicit --out holding a preset is refused; --overwrite replaces it."""
+    import shutil
+
+    from kvhub.cli import main
+    from kvhub.preset import CONFIG_NAME
+    from kvhub.recipe import Recipe
+    from tests.test_contributing import TINY_TUNE
+
+    folder = tmp_path / "presets" / "test--tiny-llama"
+    shutil.copytree(tiny_preset, folder)
+    Recipe(model="test/tiny-llama", target_ppl_delta=0.05).save(folder / "recipe.json")
+    before = _tree(folder)
+    calib = tmp_path / "calib.txt"
+    calib.write_text(eval_text.read_text() * 8, encoding="utf-8")
+    args = ["tune", "--recipe", str(folder / "recipe.json"), "--model", str(model_dir), "--calib", str(calib), *TINY_TUNE]
+
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    new = folder.with_name("test--tiny-llama.tuned-1")
+    assert f"{folder} already holds a preset, which stays; writing to {new}" in out and f"wrote {new}" in out
+    assert _tree(folder) == before and (new / CONFIG_NAME).is_file()
+
+    assert main([*args, "--out", str(new)]) == 1
+    [line] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert line == f"error: {new} already holds a preset; fix: pass --out NEW_FOLDER, or --overwrite to replace it"
+
+    assert main([*args, "--overwrite"]) == 0
+    assert f"wrote {folder}\n" in capsys.readouterr().out
+    after = _tree(folder)
+    assert after["recipe.json"] == before["recipe.json"] and after[CONFIG_NAME] != before[CONFIG_NAME]

@@ -11,8 +11,8 @@ import click
 from ..corpora import CORPORA, default_corpus
 
 
-def _from_recipe(path: Path, model: str | None, target: float | None, out: str | None):
-    """(model to load, model id, target, out folder) from a pending model's recipe, the options overriding it."""
+def _from_recipe(path: Path, model: str | None, target: float | None):
+    """(model to load, model id, target, the recipe's folder) from a pending model's recipe, the options overriding it."""
     from ..errors import PresetFormatError
     from ..recipe import Recipe
 
@@ -23,7 +23,7 @@ def _from_recipe(path: Path, model: str | None, target: float | None, out: str |
     if target is None:
         raise PresetFormatError(f"{path}: fixes the codec (no target_ppl_delta), so there is nothing to tune; fix: "
                                 "set target_ppl_delta in the recipe, or pass --target-ppl-delta")
-    return model or recipe.model, recipe.model, target, out or str(path.parent)
+    return model or recipe.model, recipe.model, target, path.parent
 
 
 @click.command()
@@ -39,7 +39,10 @@ def _from_recipe(path: Path, model: str | None, target: float | None, out: str |
 @click.option("--target-ppl-delta", type=float, default=None,
               help="Perplexity budget as a fraction: 0.01 = +1% (default: the recipe's, else 0.01).")
 @click.option("--out", type=click.Path(), default=None,
-              help="Preset folder to write (default: the recipe's folder, else presets/<org>--<name>).")
+              help="Preset folder to write (default: the recipe's folder, else presets/<org>--<name>; when that "
+                   "already holds a preset, a new folder beside it, <folder>.tuned-N).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace the preset already in the output folder (refused without it, checked before tuning).")
 @click.option("--eval", "eval_files", multiple=True, type=click.Path(exists=True),
               help="Evaluation text to measure the winner on (repeatable).")
 @click.option("--needle/--no-needle", default=True, help="Run the needle grid in the final evaluation.")
@@ -54,14 +57,17 @@ def _from_recipe(path: Path, model: str | None, target: float | None, out: str |
               help="Tokens per held-out window the search measures perplexity on.")
 @click.option("--device", default=None, help="cpu, cuda, auto ...")
 @click.option("--dtype", default="float32", show_default=True)
-def tune(model, recipe_path, calib_files, target_ppl_delta, out, eval_files, needle, windows, quantizer, scale_format,
-         calib_windows_per_file, calib_seq_len, tune_window_tokens, device, dtype):
-    """Search ranks, bits and windows per layer for the most compression within --target-ppl-delta."""
-    from ..tuning import TuneConfig, tune as run_tune
+def tune(model, recipe_path, calib_files, target_ppl_delta, out, overwrite, eval_files, needle, windows, quantizer,
+         scale_format, calib_windows_per_file, calib_seq_len, tune_window_tokens, device, dtype):
+    """Search ranks, bits and windows per layer for the most compression within --target-ppl-delta.
 
-    model_id = None
+    Never replaces a preset without --overwrite: by default it writes to a folder holding none."""
+    from ..models import BENCHMARK_MODEL_ID, is_benchmark_model
+    from ..tuning import TuneConfig, default_output, tune as run_tune
+
+    model_id, folder = None, None
     if recipe_path is not None:
-        model, model_id, target_ppl_delta, out = _from_recipe(recipe_path, model, target_ppl_delta, out)
+        model, model_id, target_ppl_delta, folder = _from_recipe(recipe_path, model, target_ppl_delta)
     elif model is None:
         raise click.UsageError("pass --model (a local folder or Hub id) or --recipe presets/<org>--<name>/recipe.json")
     target_ppl_delta = 0.01 if target_ppl_delta is None else target_ppl_delta
@@ -74,8 +80,14 @@ def tune(model, recipe_path, calib_files, target_ppl_delta, out, eval_files, nee
                      calib_windows_per_file, calib_seq_len=calib_seq_len, tune_window_tokens=tune_window_tokens,
                      windows=tuple(int(w) for w in windows.split(",")), quantizer=quantizer, scale_format=scale_format, device=device,
                      dtype=dtype, model_id=model_id)
-    out = out or f"presets/{(model_id or model).replace('/', '--')}"
-    run_tune(cfg, out, log=click.echo, command="kvhub " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    if out is None:
+        folder = folder or Path("presets") / (BENCHMARK_MODEL_ID if is_benchmark_model(model) else model).replace("/", "--")
+        out = folder if overwrite else default_output(folder)
+        if out != folder:
+            click.echo(f"{folder} already holds a preset, which stays; writing to {out} (--out to choose, "
+                       "--overwrite to replace it)")
+    run_tune(cfg, str(out), log=click.echo, command="kvhub " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+             overwrite=overwrite)
 
 
 COMMANDS = [tune]
