@@ -16,6 +16,10 @@ class ModelLoadError(KVHubError):
     """A model that cannot be loaded."""
 
 
+class DeviceError(KVHubError, ValueError):
+    """A device (``--device``) that is not a device name, or that this machine or this torch build does not have."""
+
+
 class ChunkError(KVHubError, ValueError):
     """A serialized KV chunk (``kvhub.integrations``) that cannot be decoded. Subclasses name the kind of problem."""
 

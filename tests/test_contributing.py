@@ -21,6 +21,7 @@ from tests.test_registry import eval_text, model_dir  # noqa: F401  (session fix
 
 REPO = Path(__file__).resolve().parents[1]
 FOLDER = "presets/" + TINY_MODEL_ID.replace("/", "--")
+PLACEHOLDER = "presets/<org>--<name>"
 PRESET_REPO = "kvhub-test/tiny-llama-kvhub"
 # The tiny protocol added to CONTRIBUTING's commands: windows of 64 tokens instead of 1024-2048.
 TINY_TUNE = ("--calib-seq-len", "64", "--tune-window-tokens", "64", "--calib-windows-per-file", "4", "--windows", "0",
@@ -28,12 +29,16 @@ TINY_TUNE = ("--calib-seq-len", "64", "--tune-window-tokens", "64", "--calib-win
 TINY_EVAL = ("--windows", "1", "--window-tokens", "64", "--chunk", "16")
 
 
-def documented(command: str) -> str:
-    """``command`` with the placeholders CONTRIBUTING.md uses, asserted to be written there."""
+def documented(start: str, swap: dict[str, str] | None = None) -> list[str]:
+    """The words of the one command CONTRIBUTING.md shows starting with ``start``: its whole line, as a contributor
+    copies it (so an option written there, such as a device this machine lacks, is run too), with the folder
+    placeholder filled in and the words in ``swap`` replaced (the tiny evaluation text for corpora/evaluation)."""
     text = (REPO / "CONTRIBUTING.md").read_text(encoding="utf-8")
-    shown = command.replace(FOLDER, "presets/<org>--<name>")
-    assert shown in text, f"CONTRIBUTING.md no longer shows `{shown}`: update it and this test together"
-    return command
+    shown = start.replace(FOLDER, PLACEHOLDER)
+    lines = [line.strip() for line in text.splitlines() if line.strip().startswith(shown)]
+    assert len(lines) == 1, f"CONTRIBUTING.md shows {len(lines)} commands starting `{shown}`: update it and this test together"
+    words = lines[0].replace(PLACEHOLDER, FOLDER).split()
+    return [(swap or {}).get(word, word) for word in words]
 
 
 @pytest.fixture
@@ -45,7 +50,8 @@ def clone(tmp_path) -> Path:
 
 
 def run(clone: Path, env: dict[str, str], *words: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, *words] if words[0].endswith(".py") else [sys.executable, "-m", "kvhub.cli", *words[1:]]
+    """``kvhub ...`` or ``python script.py ...`` with this interpreter, in the clone."""
+    command = [sys.executable, *words[1:]] if words[0] == "python" else [sys.executable, "-m", "kvhub.cli", *words[1:]]
     result = subprocess.run(command, cwd=clone, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, f"{' '.join(words)}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result
@@ -62,23 +68,25 @@ def test_contributing_steps_from_a_fresh_clone(clone, model_dir, eval_text, tmp_
     env = {**os.environ, "PYTHONPATH": str(clone), "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
     env.pop("HF_ENDPOINT", None)
 
+    tiny_data = ["--model", str(model_dir), "--haystack", str(eval_text)]  # the tiny model, and its text as haystack
+
     # 1. tune from the recipe, offline, with a local model folder
-    run(clone, env, *documented(f"kvhub tune --recipe {FOLDER}/recipe.json").split(), "--model", str(model_dir),
+    run(clone, env, *documented(f"kvhub tune --recipe {FOLDER}/recipe.json"), "--model", str(model_dir),
         "--calib", str(calib), *TINY_TUNE)
     config = json.loads((clone / FOLDER / "kvhub_preset.json").read_text())
     assert config["base_model"]["id"] == TINY_MODEL_ID  # the recipe's model, not the folder it was loaded from
     assert config["calibration"]["tuning"]["target_ppl_delta"] == 0.05  # the recipe's budget
-    # 2. measure (the tiny protocol) and 3. re-measure exactly as CI will
-    run(clone, env, *documented(f"kvhub eval {FOLDER} --ppl").split(), str(eval_text), "--model", str(model_dir),
-        *TINY_EVAL, "--write-metrics")
-    verified = run(clone, env, *documented(f"kvhub registry verify {FOLDER}").split(), "--model", str(model_dir),
-                   "--ppl", str(eval_text))
-    assert "ok:" in verified.stdout
+    # 2. measure (the tiny protocol: one short window, one needle context) and 3. re-measure exactly as CI will
+    run(clone, env, *documented(f"kvhub eval {FOLDER}", {"corpora/evaluation": str(eval_text)}), *tiny_data,
+        *TINY_EVAL, "--context-lengths", "96")
+    assert "needle" in json.loads((clone / FOLDER / "kvhub_preset.json").read_text())["metrics"]
+    verified = run(clone, env, *documented(f"kvhub registry verify {FOLDER}"), *tiny_data, "--ppl", str(eval_text))
+    assert "ok:" in verified.stdout and "needle grid not re-run" not in verified.stdout
     assert (clone / "verify-reports" / FOLDER.split("/")[1] / "report.md").is_file()
     # 4. rehearse the publish against the bundled local Hub server, in one command (online: the local server)
     env["HF_HUB_OFFLINE"] = "0"
-    rehearsal = run(clone, env, *documented(f"scripts/rehearse_publish.py {FOLDER}").split(), "--repo-id", PRESET_REPO,
-                    "--model", str(model_dir), "--ppl", str(eval_text))
+    rehearsal = run(clone, env, *documented(f"python scripts/rehearse_publish.py {FOLDER}"), "--repo-id", PRESET_REPO,
+                    *tiny_data, "--ppl", str(eval_text))
     assert "local hub http://127.0.0.1:" in rehearsal.stdout and f"pushed   {PRESET_REPO} @ " in rehearsal.stdout
     out = clone / "rehearsal" / FOLDER.split("/")[1]
     index = RegistryIndex.parse(json.loads((out / "registry" / "index.json").read_text()), "rehearsal")

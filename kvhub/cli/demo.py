@@ -7,6 +7,8 @@ import time
 
 import click
 
+from .options import device_option
+
 DEFAULT_PRESET = "HuggingFaceTB--SmolLM2-135M-Instruct"
 PROMPT = ("Summarize the following passage in one sentence.\n\n"
           "Sir Walter Elliot, of Kellynch Hall, in Somersetshire, was a man who, for his own amusement, never took "
@@ -24,7 +26,8 @@ def bundled_preset_dir():
 @click.option("--preset", default=None, help="Preset folder, Hub repo or model name (default: the bundled SmolLM2 preset).")
 @click.option("--prompt", default=PROMPT, show_default=False, help="Text to continue.")
 @click.option("--max-new-tokens", default=48, show_default=True)
-def demo(preset: str | None, prompt: str, max_new_tokens: int) -> None:
+@device_option
+def demo(preset: str | None, prompt: str, max_new_tokens: int, device: str | None) -> None:
     """Generate with a compressed KV cache next to the uncompressed one and print the bytes saved."""
     import torch
     from transformers import DynamicCache
@@ -35,7 +38,7 @@ def demo(preset: str | None, prompt: str, max_new_tokens: int) -> None:
 
     p = KVPreset.from_pretrained(preset or str(bundled_preset_dir()))
     click.echo(f"preset: {p.base_model['id']} ({p.path})")
-    model, tokenizer = load_model(p.base_model["id"])
+    model, tokenizer = load_model(p.base_model["id"], device=device)
     text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
     ids = tokenizer(text, return_tensors="pt")["input_ids"]
     runs = {}

@@ -9,6 +9,7 @@ import sys
 import click
 
 from ..corpora import CORPORA, default_corpus
+from .options import device_option
 
 
 @click.command("eval")
@@ -23,7 +24,7 @@ from ..corpora import CORPORA, default_corpus
 @click.option("--needle/--no-needle", default=False, help="Also run the passkey retrieval grid.")
 @click.option("--context-lengths", default="1024,2048,4096", show_default=True, help="Needle prompt lengths.")
 @click.option("--haystack", type=click.Path(exists=True), default=None, help="Needle haystack (default: Persuasion).")
-@click.option("--device", default=None, help="cpu, cuda, auto (device_map) ...")
+@device_option
 @click.option("--json", "json_out", type=click.Path(), default=None, help="Write the metrics JSON here.")
 @click.option("--write-metrics", is_flag=True, help="Store the metrics in the preset folder's config.")
 def eval_cmd(preset, model_name, ppl_files, windows, window_tokens, chunk, needle, context_lengths, haystack, device,

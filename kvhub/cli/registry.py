@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from ..corpora import CORPORA, default_corpus
+from .options import device_option
 
 EVAL_ENV = "KVHUB_EVAL_CORPUS"
 
@@ -45,7 +46,7 @@ def _eval_options(f):
                           f"default: ${EVAL_ENV}, else {CORPORA / 'evaluation'}, the checkout's corpora/evaluation)."),
         click.option("--haystack", type=click.Path(exists=True), default=None,
                      help="Needle haystack (default: the Persuasion file among --ppl)."),
-        click.option("--device", default=None, help="cpu, cuda, auto (device_map) ..."),
+        device_option,
         click.option("--tolerance-ppl", type=float, default=0.25, show_default=True,
                      help="Allowed difference of the mean PPL delta, in percentage points."),
         click.option("--tolerance-compression", type=float, default=0.02, show_default=True,

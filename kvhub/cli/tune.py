@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from ..corpora import CORPORA, default_corpus
+from .options import device_option
 
 
 def _from_recipe(path: Path, model: str | None, target: float | None):
@@ -55,7 +56,7 @@ def _from_recipe(path: Path, model: str | None, target: float | None):
 @click.option("--calib-seq-len", default=1024, show_default=True, help="Tokens per calibration window.")
 @click.option("--tune-window-tokens", default=2048, show_default=True,
               help="Tokens per held-out window the search measures perplexity on.")
-@click.option("--device", default=None, help="cpu, cuda, auto ...")
+@device_option
 @click.option("--dtype", default="float32", show_default=True)
 def tune(model, recipe_path, calib_files, target_ppl_delta, out, overwrite, eval_files, needle, windows, quantizer,
          scale_format, calib_windows_per_file, calib_seq_len, tune_window_tokens, device, dtype):
