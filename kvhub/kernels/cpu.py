@@ -1,83 +1,22 @@
 """The CPU decode kernels of ``cpu_decode.c``: unpacking fused into the score and value products.
 
 A decode step on a short context is made of small ops, each costing ~5-10 us of dispatch on CPU whatever its size;
-the PyTorch path needs several per code plane. These two C functions walk a stream's stored rows once per call. The
-C file is compiled at first use with the system's C compiler (``$CC``, else ``cc``/``gcc``/``clang``), for this
-machine (``-march=native``) and with OpenMP where the compiler has it, into ``<kvhub cache>/native/`` under a name
-keyed by the source, compiler and CPU; loaded with :mod:`ctypes`. Without a compiler kvhub keeps the PyTorch path
-(``KVHUB_KERNELS=native`` makes that an error instead).
+the PyTorch path needs several per code plane. These two C functions walk a stream's stored rows once per call. How
+the C file is compiled, cached and loaded (only from a place no other user can write) is
+:mod:`kvhub.kernels.native_build`; without a compiler kvhub keeps the PyTorch path (``KVHUB_KERNELS=native`` makes
+that an error instead).
 """
 
 from __future__ import annotations
 
 import ctypes
-import functools
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import warnings
-from pathlib import Path
 
 import torch
 
-from ..models import cache_root
+from .native_build import library
 
-SOURCE = Path(__file__).with_name("cpu_decode.c")
 MAX_RANK, MAX_SEGMENTS = 256, 16  # stored components and segments per stream: the C buffers' sizes (cpu_decode.c)
-# Reassociation lets the dot products vectorize (cpu_decode.c); no -ffast-math: NaN and inf keep their meaning.
-_MATH = ["-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math"]
-_FLAGS = (["-march=native", "-fopenmp"], ["-march=native"], ["-fopenmp"], [])
 _HALF = {torch.float16: 1, torch.bfloat16: 2}
-
-
-def _compiler() -> str | None:
-    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-
-
-def _cpu_id() -> str:
-    """What ``-march=native`` compiles for: a shared cache folder must not hand one CPU's build to another."""
-    try:
-        text = Path("/proc/cpuinfo").read_text(errors="replace")
-    except OSError:
-        return platform.processor()
-    lines = [line for line in text.splitlines() if line.startswith(("flags", "Features", "model name"))]
-    return "\n".join(sorted(set(lines)))
-
-
-def _build(cc: str) -> Path | None:
-    source = SOURCE.read_bytes()
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
-    key = hashlib.sha256(b"\0".join([source, version.encode(), platform.machine().encode(), _cpu_id().encode()]))
-    target = cache_root() / "native" / f"cpu_decode-{key.hexdigest()[:16]}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    for flags in _FLAGS:
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            built = Path(tmp) / target.name
-            cmd = [cc, "-O3", "-std=c99", "-shared", "-fPIC", *_MATH, *flags, str(SOURCE), "-o", str(built), "-lm"]
-            if subprocess.run(cmd, capture_output=True, check=False).returncode == 0:
-                os.replace(built, target)  # atomic: a concurrent first use sees the whole file or none
-                return target
-    return None
-
-
-@functools.lru_cache(maxsize=None)
-def library() -> ctypes.CDLL | None:
-    """The compiled kernels, or None (with one warning) where no C compiler builds them."""
-    cc = _compiler()
-    path = _build(cc) if cc else None
-    if path is None:
-        warnings.warn("kvhub: no C compiler built the CPU decode kernels; decoding uses the slower PyTorch path "
-                      "(fix: install gcc or clang, or set CC)", RuntimeWarning, stacklevel=2)
-        return None
-    lib = ctypes.CDLL(str(path))
-    for name in ("kvhub_scores", "kvhub_values"):
-        getattr(lib, name).restype = None
-    return lib
 
 
 def supports(stream) -> bool:
