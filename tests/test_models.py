@@ -3,6 +3,7 @@ its order), and which device a model goes to."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -69,3 +70,46 @@ def test_a_missing_device_is_refused_in_one_line(command, device, capsys, monkey
     err = capsys.readouterr().err
     assert code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert err.startswith(f"error: device '{device}' ") and "fix: leave --device out (kvhub then uses" in err
+
+
+# --- the offline rule, for models ----------------------------------------------------------------------------
+
+def test_an_unreachable_hub_costs_one_short_attempt_and_one_line(tmp_path):
+    """A Hub model id with the endpoint on a closed port and an empty cache: one `error:` line naming what happened,
+    in seconds (transformers alone retries for about a minute, a line per retry)."""
+    import subprocess
+    import sys
+    import time
+
+    from tests.test_hub_client import closed_port_endpoint
+
+    env = {**os.environ, "HF_ENDPOINT": closed_port_endpoint(), "HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "0"}
+    env.pop("HF_HUB_CACHE", None)
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "kvhub.cli", "tune", "--model", "kvhub-test/no-such-model",
+                             "--calib", str(tmp_path), "--out", str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    seconds = time.monotonic() - start
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: cannot load model 'kvhub-test/no-such-model': http://127.0.0.1:")
+    assert "is unreachable" in lines[0] and "not in the Hub cache" in lines[0]
+    assert seconds < 20, f"{seconds:.0f} s to give up on an unreachable Hub"
+
+
+def test_a_cached_model_loads_at_once_when_the_hub_is_unreachable(local_hub, model_dir, caplog, monkeypatch):  # noqa: F811
+    import kvhub.hub as transport
+    from kvhub.hub import upload_files
+    from tests.hub_server import DEFAULT_TOKEN
+
+    repo = "kvhub-test/tiny-llama"
+    upload_files(repo, {p.name: p for p in model_dir.iterdir()}, message="model", token=DEFAULT_TOKEN)
+    first, _ = load_model(repo)
+    local_hub.stop()
+    monkeypatch.setattr(transport, "_REACHABLE", set())  # a new process: nothing known about the endpoint
+    caplog.clear()
+    again, _ = load_model(repo)
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values()))
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "is unreachable" in warnings[0] and f"loaded {repo} from the Hub cache" in warnings[0]
+    assert not any("Retrying" in r.getMessage() for r in caplog.records)
