@@ -32,6 +32,10 @@ class ChunkTruncatedError(ChunkError):
     """A buffer shorter than its header and shape say it must be."""
 
 
+class ChunkChecksumError(ChunkError):
+    """A chunk whose bytes are not the ones written (its CRC-32 fails): corrupted in a store, or altered."""
+
+
 class ChunkPresetMismatchError(ChunkError):
     """A chunk encoded with another preset than the one decoding it: refused, never decoded into garbage."""
 

@@ -17,8 +17,16 @@ Tensor parallelism: a rank holds a contiguous slice of the KV heads (:class:`Hea
 slice of every basis; the slice is written into the header and checked on decode.
 
 Layout (little endian): a 64-byte header (magic, format version, sha256 of the preset's config, layers, tokens,
-local heads, head_dim, first head, exact tokens, dtype) then, per layer, the exact tokens' indices (int16) and
+local heads, head_dim, first head, exact tokens, dtype, CRC-32) then, per layer, the exact tokens' indices (int16) and
 vectors, then for keys and values each segment's packed codes and the per-token scales.
+
+A chunk read back from a shared store is not trusted: LMCache reuses it for other users' prompts, and a wrong chunk
+would feed the model wrong KV where a refused one is only recomputed. So decoding checks, before writing anything,
+that the header agrees with this serde (preset, shape, head slice, dtype, exact-token count), that the buffer is
+exactly the size they imply (no trailing bytes), and the CRC-32 of the whole chunk (``zlib.crc32``, in the standard
+library: 0.35 ms for a 1.4 MB SmolLM2 chunk of 256 tokens, against 60 ms to encode and 41 ms to decode it on one
+core); exact-token indices must be increasing and in range, and the decoded values finite (0.6 ms more). Any mismatch is a typed :class:`~kvhub.errors.ChunkError`. The CRC catches corruption, not a forger: a store
+that can write chunks can also write well-formed wrong KV, so stores must be writable only by trusted engines.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +43,7 @@ import torch
 from ..bases import StreamBasis
 from ..codec import STREAMS, StreamCodec
 from ..errors import (
+    ChunkChecksumError,
     ChunkFormatError,
     ChunkPresetMismatchError,
     ChunkShapeError,
@@ -44,9 +54,11 @@ from ..quantizers import SCALE_FORMATS
 from ..stream import CompressedStream
 
 MAGIC = b"KVHC"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: CRC-32 in the header, exact size, header checked against the serde
 HEADER_BYTES = 64
-_HEADER = struct.Struct("<4sHH32sHIHHHHB")  # magic, version, header size, digest, L, T, H, d, head0, exact, dtype
+# magic, version, header size, digest, L, T, H, d, head0, exact, dtype, CRC-32 of the chunk with this field zeroed
+_HEADER = struct.Struct("<4sHH32sHIHHHHBI")
+_CRC = slice(_HEADER.size - 4, _HEADER.size)
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 _CODE_DTYPES = {v: k for k, v in _DTYPE_CODES.items()}
 _MAX_EXACT = 2**15 - 1  # exact-token indices are stored as int16
@@ -101,7 +113,7 @@ class ChunkHeader:
 
     def pack(self) -> bytes:
         raw = _HEADER.pack(MAGIC, FORMAT_VERSION, HEADER_BYTES, self.digest, self.layers, self.tokens, self.heads,
-                           self.head_dim, self.head_start, self.exact, _DTYPE_CODES[self.dtype])
+                           self.head_dim, self.head_start, self.exact, _DTYPE_CODES[self.dtype], 0)
         return raw + bytes(HEADER_BYTES - len(raw))
 
     @classmethod
@@ -109,7 +121,7 @@ class ChunkHeader:
         if len(buf) < HEADER_BYTES:
             raise ChunkTruncatedError(f"a kvhub chunk needs a {HEADER_BYTES}-byte header, got {len(buf)} bytes; "
                                       "fix: the stored object is truncated: drop it and recompute the KV")
-        magic, version, size, digest, layers, tokens, heads, head_dim, head0, exact, dtype = _HEADER.unpack_from(buf)
+        magic, version, size, digest, layers, tokens, heads, head_dim, head0, exact, dtype, _ = _HEADER.unpack_from(buf)
         if magic != MAGIC:
             raise ChunkFormatError(f"not a kvhub chunk (magic {magic!r}, want {MAGIC!r}); fix: decode it with the "
                                    "serde that wrote it")
@@ -119,6 +131,14 @@ class ChunkHeader:
         if dtype not in _CODE_DTYPES:
             raise ChunkFormatError(f"kvhub chunk header names unknown dtype code {dtype}; fix: the object is corrupted")
         return cls(digest, layers, tokens, heads, head_dim, head0, exact, _CODE_DTYPES[dtype])
+
+
+def _checksum(chunk: torch.Tensor) -> int:
+    """CRC-32 of the flat uint8 ``chunk``, its header's CRC field read as zero."""
+    data = chunk.cpu().numpy()
+    head = bytearray(data[:HEADER_BYTES].tobytes())
+    head[_CRC] = bytes(_CRC.stop - _CRC.start)
+    return zlib.crc32(data[HEADER_BYTES:], zlib.crc32(head))
 
 
 def _segment_bytes(size: int, bits: int) -> int:
@@ -195,12 +215,11 @@ class ChunkCodec:
             parts += _stream_parts(layer.stream(name), heads, tokens - e, sd)
         return parts
 
-    def nbytes(self, shape: torch.Size | tuple[int, ...], dtype: torch.dtype, heads: HeadSlice, exact: int | None = None) -> int:
+    def nbytes(self, shape: torch.Size | tuple[int, ...], dtype: torch.dtype, heads: HeadSlice) -> int:
         """Exact size of the encoded chunk: a function of the shape, dtype, head slice and this codec only."""
         layers, tokens = self._check_shape(shape, heads)
-        exact = self.exact if exact is None else exact
         return HEADER_BYTES + sum(_nbytes(s, t) for i in range(layers)
-                                  for s, t in self._layer_parts(i, heads.count, tokens, exact, dtype))
+                                  for s, t in self._layer_parts(i, heads.count, tokens, self.exact, dtype))
 
     # --- encoding ---------------------------------------------------------------------------------------------
     def _basis(self, i: int, name: str, heads: HeadSlice) -> StreamBasis | None:
@@ -261,6 +280,8 @@ class ChunkCodec:
                 if _scaled(stream.codec):
                     put(stream.scales.view()[0][:, keep])
         assert offset == total, (offset, total)  # the layout in _layer_parts and the writes above must agree
+        crc = struct.pack("<I", _checksum(out[:total]))
+        out[_CRC].copy_(torch.frombuffer(bytearray(crc), dtype=torch.uint8))
         return total
 
     def _header(self, layers: int, tokens: int, heads: HeadSlice, dtype: torch.dtype) -> ChunkHeader:
@@ -269,8 +290,10 @@ class ChunkCodec:
 
     # --- decoding ---------------------------------------------------------------------------------------------
     def decode(self, buf: torch.Tensor, out: torch.Tensor, heads: HeadSlice) -> None:
-        """Decode the flat uint8 ``buf`` into ``out`` [2, L, T, H*d] (any float dtype). Refuses, with a typed
-        :class:`~kvhub.errors.ChunkError`, a buffer from another preset, a truncated one, or one of another shape."""
+        """Decode the flat uint8 ``buf`` into ``out`` [2, L, T, H*d], of the dtype the chunk was encoded from.
+        Refuses, with a typed :class:`~kvhub.errors.ChunkError` and before writing anything, a buffer from another
+        preset, of another shape, dtype, head slice or exact-token count than this serde writes, a truncated or
+        over-long one, or one whose CRC-32 fails (see the module docstring)."""
         buf = buf.view(-1)
         header = ChunkHeader.unpack(buf[:HEADER_BYTES].cpu().numpy().tobytes())
         if header.digest != self.digest:
@@ -278,18 +301,26 @@ class ChunkCodec:
                 f"the chunk was encoded with another preset (config sha256 {header.digest.hex()[:12]}..., this preset "
                 f"is {self.digest.hex()[:12]}...); fix: configure the serde with the preset that wrote the cache, or clear it")
         layers, tokens = self._check_shape(out.shape, heads)
-        want = (layers, tokens, heads.count, self.shape.head_dim, heads.start)
-        got = (header.layers, header.tokens, header.heads, header.head_dim, header.head_start)
+        want = (layers, tokens, heads.count, self.shape.head_dim, heads.start, out.dtype)
+        got = (header.layers, header.tokens, header.heads, header.head_dim, header.head_start, header.dtype)
         if want != got:
             raise ChunkShapeError(
-                f"the chunk holds layers/tokens/heads/head_dim/first head {got}, the destination wants {want}; "
-                "fix: read it with the layout and tensor-parallel rank that wrote it")
-        if header.exact > tokens:
-            raise ChunkFormatError(f"the header keeps {header.exact} exact tokens of {tokens}; fix: the object is corrupted")
-        total = self.nbytes(out.shape, header.dtype, heads, header.exact)
+                f"the chunk holds layers/tokens/heads/head_dim/first head/dtype {got}, the destination wants {want}; "
+                "fix: read it with the layout, dtype and tensor-parallel rank that wrote it")
+        if header.exact != min(self.exact, tokens):
+            raise ChunkFormatError(f"the header keeps {header.exact} exact tokens, this serde writes "
+                                   f"{min(self.exact, tokens)}; fix: set the serde's 'exact' to the one that wrote the "
+                                   "cache, or drop the object and recompute the KV")
+        total = self.nbytes(out.shape, header.dtype, heads)
         if buf.numel() < total:
             raise ChunkTruncatedError(f"the chunk needs {total} bytes but the buffer holds {buf.numel()}; "
                                       "fix: the stored object is truncated: drop it and recompute the KV")
+        if buf.numel() > total:
+            raise ChunkFormatError(f"the buffer holds {buf.numel()} bytes, {buf.numel() - total} more than the chunk's "
+                                   f"{total}; fix: the stored object is corrupted: drop it and recompute the KV")
+        if _checksum(buf) != struct.unpack("<I", buf[_CRC].cpu().numpy().tobytes())[0]:
+            raise ChunkChecksumError("the chunk's CRC-32 does not match its bytes; fix: the stored object is corrupted "
+                                     "or was altered: drop it and recompute the KV")
         offset = HEADER_BYTES
 
         def take(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -310,9 +341,10 @@ class ChunkCodec:
             keep = torch.ones(tokens, dtype=torch.bool)
             if e:
                 idx = take((e,), torch.int16).long()
-                if (idx < 0).any() or (idx >= tokens).any() or idx.unique().numel() != e:
-                    raise ChunkFormatError(f"layer {i}: exact-token indices {idx.tolist()} are not distinct positions "
-                                           f"below {tokens}; fix: the object is corrupted: drop it and recompute the KV")
+                if idx[0] < 0 or idx[-1] >= tokens or (idx[1:] <= idx[:-1]).any():
+                    raise ChunkFormatError(f"layer {i}: exact-token indices {idx.tolist()[:8]} are not increasing "
+                                           f"positions below {tokens}; fix: the object is corrupted: drop it and "
+                                           "recompute the KV")
                 keep[idx] = False
                 for n in STREAMS:
                     dst[n][idx.to(out.device)] = take((heads.count, e, d), sd).permute(1, 0, 2).to(out.device, out.dtype)
@@ -323,6 +355,9 @@ class ChunkCodec:
                 for (shape, dtype), store in zip(_stream_parts(stream.codec, heads.count, tokens - e, sd), stores):
                     store.append(take(shape, dtype).unsqueeze(0).to(out.device))
                 dst[n][keep] = stream.decode(out.dtype)[0].permute(1, 0, 2)
+        if not out.abs().amax().isfinite():  # amax keeps NaN; ~10x faster than isfinite(out).all() on CPU
+            raise ChunkFormatError("the chunk decodes to NaN or inf; fix: the stored object is corrupted: drop it and "
+                                   "recompute the KV")
 
 
 def to_chunks(keys: list[torch.Tensor], values: list[torch.Tensor], tokens: int) -> list[torch.Tensor]:
