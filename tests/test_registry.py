@@ -395,6 +395,76 @@ def test_benchmark_preset_verifies_on_cpu(tmp_path, capsys):
     assert report["passed"] and report["needle_rerun"] == ("needle" in report["claimed"])
 
 
+def weaker_smollm2(tmp_path: Path) -> Path:
+    """The bundled SmolLM2 preset as the issue's rehearsal saw it: measured on one 512-token window at +4.10%
+    against its 1% target, to replace the validated entry measured on 3 x 2048 tokens."""
+    folder = tmp_path / "presets" / "HuggingFaceTB--SmolLM2-135M-Instruct"
+    shutil.copytree(REPO / "presets" / folder.name, folder)
+    edit_metrics(folder, lambda m: m["perplexity"].update(windows=1, window_tokens=512, mean_delta_pct=4.10))
+    return folder
+
+
+def test_verify_refuses_a_candidate_that_misses_its_target_or_is_weaker_than_the_entry(tmp_path, capsys, monkeypatch):
+    import kvhub.models
+    from kvhub.errors import ModelLoadError
+
+    folder = weaker_smollm2(tmp_path)
+    monkeypatch.setattr(kvhub.models, "load_model", lambda *a, **k: pytest.fail("measured a refused preset"))
+    error = cli_error(capsys, "registry", "verify", folder, "--ppl", EVALUATION, "--report-dir", tmp_path / "r")
+    assert "misses the target it was tuned for" in error and "--allow-weaker" in error
+    assert "windows 1 < 3" in error and "window tokens 512 < 2048" in error and "its preset's config" in error
+    report, markdown = read_report(tmp_path / "r")
+    assert failed(report) == ["own target", "protocol"] and report["measured"] is None
+    assert "| own target | +4.100% | - | at most +1.00% |" in markdown and "| protocol | windows 1, " in markdown
+
+    def unloadable(*args, **kwargs):
+        raise ModelLoadError("stub: not loaded in this test")
+
+    monkeypatch.setattr(kvhub.models, "load_model", unloadable)
+    cli(capsys, "registry", "verify", folder, "--ppl", EVALUATION, "--report-dir", tmp_path / "a", "--allow-weaker")
+    report, _ = read_report(tmp_path / "a")
+    assert failed(report) == ["model"]  # past the standing checks, which say they were let through
+    allowed = {c["name"]: c["detail"] for c in report["checks"] if "allowed by --allow-weaker" in c["detail"]}
+    assert set(allowed) == {"own target", "protocol"}
+
+
+def test_rehearsal_refuses_a_weaker_candidate_before_measuring(tmp_path):
+    """scripts/rehearse_publish.py, as CONTRIBUTING runs it, on the issue's candidate: exit 1, one line, nothing
+    pushed or written."""
+    import os
+    import subprocess
+    import sys
+
+    folder = weaker_smollm2(tmp_path)
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "rehearse_publish.py"), str(folder), "--ppl",
+                             str(EVALUATION), "--root", str(REPO), "--out", str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 1 and len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "not published, verification failed" in errors[0] and "misses the target" in errors[0]
+    assert "pushed" not in result.stdout and not (tmp_path / "out").exists()
+
+
+def test_protocol_against_an_entry_known_from_the_index_alone():
+    """An entry whose preset is not packaged: its window length and whether it ran a needle grid, from the index."""
+    from kvhub.registry import RegistryEntry
+    from kvhub.registry_tools.verify import standing_checks
+
+    entry = RegistryEntry.from_json({
+        "model": TINY_MODEL_ID, "aliases": [], "status": "validated", "recipe": "presets/test--tiny-llama/",
+        "preset": {"repo_id": PRESET_REPO, "revision": None, "files": []},
+        "metrics": {"context_length": 2048, "compression": {"total": 4, "keys": 4, "values": 4}, "ppl_delta_pct": 0.5,
+                    "needle": {"accuracy": 1.0, "baseline_accuracy": 1.0}}})
+    metrics = {"perplexity": {"windows": 3, "window_tokens": 2048, "chunk": 128, "mean_delta_pct": 0.9}}
+    config = {"metrics": metrics, "calibration": {"tuning": {"target_ppl_delta": 0.01}}}
+    [target, proto] = standing_checks(config, entry)
+    assert target.ok and not proto.ok and "needle cells 0 < 1" in proto.detail and "the registry index" in proto.detail
+    metrics["needle"] = {"context_lengths": [1024], "depths": [0.5]}
+    assert all(c.ok for c in standing_checks(config, entry))
+    assert standing_checks({"metrics": metrics, "calibration": {}}, None) == []  # no target, nothing replaced
+
+
 def needle_block(compressed, baseline) -> dict:
     cells = [h for row in compressed for h in row]
     base = [h for row in baseline for h in row]

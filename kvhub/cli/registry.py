@@ -55,6 +55,10 @@ def _eval_options(f):
                      help="Needle cells that may differ, only where the uncompressed baseline changed too."),
         click.option("--report-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
                      help="Where to write report.json and report.md (default: verify-reports/<preset folder name>)."),
+        click.option("--allow-weaker", is_flag=True,
+                     help="Accept a preset whose claim misses its own tuning target, or measured with a weaker "
+                          "protocol (fewer or shorter windows, a smaller needle grid) than the validated entry it "
+                          "replaces; the report says so."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -112,7 +116,7 @@ def check(root: Path) -> None:
 @click.option("--needle/--no-needle", default=None,
               help="Re-run the needle grid (default: when the preset claims one; --no-needle makes the check partial).")
 def verify(preset_dir: Path, model_name, ppl_files, haystack, device, tolerance_ppl, tolerance_compression,
-           needle_tolerance, report_dir, needle) -> None:
+           needle_tolerance, report_dir, allow_weaker, needle) -> None:
     """Check PRESET_DIR (schema, sha256s, model) and re-measure it with the protocol its metrics record.
 
     Writes report.json and report.md (a pull-request comment); exits 1 when a check fails."""
@@ -120,7 +124,8 @@ def verify(preset_dir: Path, model_name, ppl_files, haystack, device, tolerance_
 
     tolerances = _tolerances(tolerance_ppl, tolerance_compression, needle_tolerance)
     report = verify_preset(preset_dir, _ppl(ppl_files), model=model_name, needle=needle, haystack=haystack,
-                           device=device, tolerances=tolerances, command=_command(), progress=sys.stderr.isatty())
+                           device=device, tolerances=tolerances, command=_command(), progress=sys.stderr.isatty(),
+                           allow_weaker=allow_weaker)
     paths = report.write(report_dir or Path("verify-reports") / preset_dir.resolve().name)
     _echo_report(report, paths)
     if not report.passed:
@@ -144,7 +149,7 @@ def verify(preset_dir: Path, model_name, ppl_files, haystack, device, tolerance_
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="With --dry-run: folder for registry/index.json, MODEL_ZOO.md, registry/compression_vs_quality.png.")
 def publish(preset_dir: Path, repo_id, model_name, ppl_files, haystack, device, tolerance_ppl, tolerance_compression,
-            needle_tolerance, report_dir, endpoint, root, aliases, measured_by, dry_run, out) -> None:
+            needle_tolerance, report_dir, allow_weaker, endpoint, root, aliases, measured_by, dry_run, out) -> None:
     """Verify PRESET_DIR, push it to the Hub, and record it as validated in the index (commit, sha256s, metrics,
     provenance); then regenerate MODEL_ZOO.md. The needle grid is always re-run when the preset claims one."""
     from ..registry_tools.publish import publish_preset
@@ -157,6 +162,7 @@ def publish(preset_dir: Path, repo_id, model_name, ppl_files, haystack, device, 
         model=model_name, haystack=haystack, device=device,
         tolerances=_tolerances(tolerance_ppl, tolerance_compression, needle_tolerance), aliases=aliases,
         provenance_source=measured_by, report_dir=report_dir, command=_command(), progress=sys.stderr.isatty(),
+        allow_weaker=allow_weaker,
     )
     click.echo(f"verified {preset_dir} (report: {report_dir / 'report.md'})")
     click.echo(f"pushed   {result.repo_id} @ {result.commit}")

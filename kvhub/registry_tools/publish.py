@@ -142,10 +142,12 @@ def publish_preset(
     report_dir: str | Path | None = None,
     command: str | None = None,
     progress: bool = False,
+    allow_weaker: bool = False,
 ) -> PublishResult:
     """Verify, push, record and regenerate (see the module docstring). ``root`` is the repository holding the
     index; a dry run (``dry_run=True``) writes under ``out`` instead and needs an ``endpoint`` other than the
-    public Hub. ``provenance_source`` overrides :func:`measured_by`."""
+    public Hub. ``provenance_source`` overrides :func:`measured_by`; ``allow_weaker`` lets a preset that misses its
+    own target, or was measured with a weaker protocol than the entry it replaces, through (see verify)."""
     from ..hub_presets import push_preset
     from ..preset import _read_config
 
@@ -176,7 +178,7 @@ def publish_preset(
     RegistryIndex.parse(draft, str(source.index))
 
     report = verify_preset(folder, ppl_files, model=model, haystack=haystack, device=device, tolerances=tolerances,
-                           command=command, progress=progress)
+                           command=command, progress=progress, index=index, allow_weaker=allow_weaker)
     if report_dir is not None:
         report.write(report_dir)
     if not report.passed:

@@ -5,8 +5,12 @@ The checks, in order (a failure stops the ones that depend on it):
 1. the folder: schema, sha256 and size of every listed file, tensor shapes, orthonormal bases (``KVPreset.load_folder``);
 2. the model card is the one generated from the config (what ``kvhub push`` publishes);
 3. the preset records metrics, and the evaluation text given here is the text they were measured on (sha256);
-4. the model loads and matches the preset (layers, KV heads, head_dim, and the name when it is a Hub id);
-5. the evaluation is run again with the recorded protocol (windows, window length, chunk, needle contexts and
+4. the claim meets the preset's own perplexity target (``calibration.tuning.target_ppl_delta``), and its protocol is
+   no weaker (fewer windows, shorter windows, a smaller needle grid, or none) than the one behind the validated
+   registry entry it would replace (:func:`standing_checks`); ``allow_weaker`` lets such a preset through, said so in
+   the report;
+5. the model loads and matches the preset (layers, KV heads, head_dim, and the name when it is a Hub id);
+6. the evaluation is run again with the recorded protocol (windows, window length, chunk, needle contexts and
    depths) through :func:`kvhub.eval.evaluate`, the code ``kvhub eval`` runs, and compared with the claim:
    mean PPL delta within an absolute tolerance in percentage points, each compression ratio within a relative
    tolerance, and the needle grid cell by cell (see :class:`Tolerances`).
@@ -25,6 +29,7 @@ from typing import Any
 
 from .. import __version__
 from ..errors import KVHubError, RegistryError
+from ..registry import RegistryEntry, RegistryIndex
 from ..text_safety import code_span, escape_markdown
 from .layout import write_atomic
 
@@ -236,6 +241,64 @@ def compare_needle(claimed: dict[str, Any], measured: dict[str, Any], allowed: i
     return Check("needle grid", ok, detail, **shown)
 
 
+# --- what the preset must at least be ------------------------------------------------------------------------
+
+ALLOW_WEAKER = "--allow-weaker"
+
+
+def protocol(metrics: dict[str, Any]) -> dict[str, int]:
+    """How much a ``metrics`` block measured: windows per corpus, tokens per window, needle cells and the longest
+    needle context (0 without a grid). A larger number is a stronger measurement."""
+    ppl, needle = metrics["perplexity"], metrics.get("needle")
+    return {"windows": ppl["windows"], "window tokens": ppl["window_tokens"],
+            "needle cells": len(needle["context_lengths"]) * len(needle["depths"]) if needle else 0,
+            "longest needle context": max(needle["context_lengths"]) if needle else 0}
+
+
+def _entry_protocol(entry: RegistryEntry) -> tuple[dict[str, int], str]:
+    """The protocol behind a validated entry: from its preset's config when the copy packaged with kvhub is the one it
+    pins, else what the index records (the window length, and whether a needle grid was run)."""
+    from ..hub_presets import packaged_preset_folder
+    from ..preset import CONFIG_NAME, _read_config, sha256_file
+
+    folder = packaged_preset_folder(entry.model)
+    pinned = {f.name: f.sha256 for f in entry.files}
+    if folder is not None and pinned.get(CONFIG_NAME) == sha256_file(folder / CONFIG_NAME):
+        return protocol(_read_config(folder)["metrics"]), "its preset's config"
+    assert entry.metrics is not None  # validated entries carry metrics (schema)
+    needle = entry.metrics.needle_accuracy is not None
+    return {"window tokens": entry.metrics.context_length, "needle cells": 1 if needle else 0}, "the registry index"
+
+
+def standing_checks(config: dict[str, Any], replaces: RegistryEntry | None, allow_weaker: bool = False) -> list[Check]:
+    """Before anything is measured: the claim meets the preset's own target, and its protocol is at least the one
+    behind the validated entry ``replaces`` (None: a new model, nothing to compare). ``allow_weaker`` passes them,
+    saying so."""
+    claimed = config["metrics"]
+    checks = []
+    allowed = f"; allowed by {ALLOW_WEAKER}"
+    target = config["calibration"].get("tuning", {}).get("target_ppl_delta")
+    if target is not None:
+        got, want = claimed["perplexity"]["mean_delta_pct"], 100 * target
+        ok = got <= want + 1e-9
+        checks.append(Check("own target", ok or allow_weaker,
+                            "within the target it was tuned for" if ok else
+                            f"misses the target it was tuned for{allowed}" if allow_weaker else
+                            "misses the target it was tuned for; fix: tune again, or measure the protocol the target "
+                            f"was met on, or pass {ALLOW_WEAKER} to accept it", f"{got:+.3f}%", None, f"at most {want:+.2f}%"))
+    if replaces is not None and replaces.status == "validated":
+        theirs, source = _entry_protocol(replaces)
+        ours = protocol(claimed)
+        weaker = [f"{k} {ours[k]} < {v}" for k, v in theirs.items() if ours[k] < v]
+        shown = lambda p: ", ".join(f"{k} {v}" for k, v in p.items())  # noqa: E731
+        detail = (f"no weaker than the validated entry for {replaces.model} ({source})" if not weaker else
+                  f"weaker than the validated entry for {replaces.model} ({', '.join(weaker)}; from {source})"
+                  + (allowed if allow_weaker else f"; fix: measure with at least its protocol (kvhub eval --windows "
+                     f"--window-tokens --needle), or pass {ALLOW_WEAKER} to replace it anyway"))
+        checks.append(Check("protocol", not weaker or allow_weaker, detail, shown(ours), None, f"at least {shown(theirs)}"))
+    return checks
+
+
 # --- the verification -----------------------------------------------------------------------------------------
 
 def verify_preset(
@@ -249,15 +312,20 @@ def verify_preset(
     tolerances: Tolerances = Tolerances(),
     command: str | None = None,
     progress: bool = False,
+    index: RegistryIndex | None = None,
+    allow_weaker: bool = False,
 ) -> VerifyReport:
     """Check the preset in ``folder`` and re-measure it on ``ppl_files`` (see the module docstring).
 
     ``model`` overrides the model the config names (a local folder or another id of the same weights);
-    ``needle`` None re-runs the needle grid when the preset claims one.
+    ``needle`` None re-runs the needle grid when the preset claims one; ``index`` holds the entry the preset would
+    replace (default: the index packaged with kvhub); ``allow_weaker`` accepts a preset that misses its own target
+    or was measured with a weaker protocol than that entry.
     """
     from ..card import model_card
     from ..errors import PresetError
     from ..preset import KVPreset
+    from ..registry import packaged_index
     from ..text import corpus_sha256
 
     report = VerifyReport(str(folder), tolerances=tolerances, command=command)
@@ -294,6 +362,11 @@ def verify_preset(
                f"sha256 {digest[:12]}... differs from the recorded {claimed['eval_corpus_sha256'][:12]}...; fix: pass "
                "the text the metrics were measured on (--ppl)", claimed["eval_corpus"], names)
     if not same:
+        return report
+    replaces = (index or packaged_index()).find(config["base_model"]["id"])
+    standing = standing_checks(config, replaces, allow_weaker)
+    report.checks += standing
+    if not all(c.ok for c in standing):
         return report
 
     name = model or config["base_model"]["id"]
