@@ -111,6 +111,53 @@ def test_show_cli_prints_layers(saved):
     assert r.returncode == 0 and "test/tiny-llama" in r.stdout and "12x8b" in r.stdout
 
 
+@pytest.fixture
+def offline_cli(monkeypatch, tmp_path, capsys):
+    """The CLI in-process, offline with an empty Hub cache: names resolve through the packaged registry."""
+    from huggingface_hub import constants
+
+    from kvhub.cli import main
+    from tests.hub_server import isolate_hf_env
+
+    isolate_hf_env(monkeypatch, tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+    def run(*args: str) -> tuple[int, str, str]:
+        code = main(list(args))
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run
+
+
+def test_validate_and_show_take_a_folder_its_config_or_a_model_name(saved, offline_cli):
+    for command in ("validate", "show"):
+        for preset in (str(saved / CONFIG_NAME), "smollm2"):
+            code, _, err = offline_cli(command, preset)
+            assert code == 0, (command, preset, err)
+    assert offline_cli("validate", "smollm2")[1].startswith(
+        "ok: smollm2 is a valid kvhub preset for HuggingFaceTB/SmolLM2-135M-Instruct (30 layers, ")
+    code, _, err = offline_cli("validate", str(saved / BASES_NAME))
+    assert code == 1 and err.strip().splitlines() == [
+        f"error: {saved / BASES_NAME}: not a preset; fix: pass a preset folder or its {CONFIG_NAME}, a Hub repo id or "
+        "a model name"]
+
+
+def test_show_names_scale_storage_and_levels_with_a_legend(saved, offline_cli):
+    shown = offline_cli("show", str(PRESETS / "HuggingFaceTB--SmolLM2-135M-Instruct"))[1]
+    assert "64x4b token/log8" in shown and "32x4b+32x2b rms/log8 lloyd-max" in shown
+    assert "/log8: each scale stored in one byte" in shown and "lloyd-max: non-uniform levels" in shown
+    tiny = offline_cli("show", str(saved))[1]  # uniform levels, fp16 scales: no legend for either
+    assert "12x8b token " in tiny and "log8" not in tiny and "lloyd-max" not in tiny
+
+
+def test_list_explains_the_needle_column(offline_cli):
+    code, out, _ = offline_cli("list")
+    assert code == 0 and "0.73 / 0.73" in out
+    assert "needle: passkeys retrieved with the preset / with the uncompressed cache (DynamicCache)" in out
+
+
 # --- bad input: one typed exception each, one CLI line ---------------------------------------------------------------
 BAD = {
     "malformed JSON": (lambda f: (f / CONFIG_NAME).write_text("{not json"), PresetFormatError, "malformed JSON at line 1"),

@@ -128,8 +128,14 @@ def list_cmd(as_json: bool, revision: str | None) -> None:
     rows = [(e.model, e.repo_id or "-", *_summary(e), e.status, _published(e)) for e in index.entries]
     click.echo(f"registry: {printable(index.source)}\n")
     click.echo(_table(("model", "preset repo", "compression", "ppl delta", "needle", "status", "published"), rows))
+    notes = []
+    if any(e.metrics is not None and e.metrics.needle_accuracy is not None for e in index.entries):
+        notes.append("needle: passkeys retrieved with the preset / with the uncompressed cache (DynamicCache), as a "
+                     "share of the same grid of prompt lengths and depths")
     if any(e.metrics is None and e.claimed for e in index.entries):
-        click.echo(f"\n{CLAIM_MARK} claimed by the inherited catalogue, never measured by kvhub; V: the V cache alone")
+        notes.append(f"{CLAIM_MARK} claimed by the inherited catalogue, never measured by kvhub; V: the V cache alone")
+    if notes:
+        click.echo("\n" + "\n".join(notes))
 
 
 @click.command()

@@ -9,26 +9,68 @@ import click
 from ..text_safety import printable
 
 
+def _open(preset: str, revision: str | None = None):
+    """The preset named on the command line, read and checked: a folder, its kvhub_preset.json, a Hub repo id or a
+    model name (resolved through the registry)."""
+    from pathlib import Path
+
+    from ..errors import PresetFormatError
+    from ..preset import CONFIG_NAME, KVPreset
+
+    path = Path(preset)
+    if path.is_file():
+        if path.name != CONFIG_NAME:
+            raise PresetFormatError(f"{preset}: not a preset; fix: pass a preset folder or its {CONFIG_NAME}, a Hub repo "
+                                    "id or a model name")
+        path = path.parent
+    return KVPreset.from_pretrained(path if path.is_dir() else preset, revision=revision)
+
+
+PRESET_ARGUMENT = click.argument("preset", metavar="PRESET")
+REVISION_OPTION = click.option("--revision", default=None, help="Branch, tag or commit when PRESET is on the Hub.")
+
+
 @click.command()
-@click.argument("path", type=click.Path())
-def validate(path: str) -> None:
-    """Check a preset folder: schema, files, checksums, tensor shapes, finiteness, orthonormal bases."""
-    from ..preset import KVPreset
-
-    preset = KVPreset.load_folder(path)
-    layers = len(preset.codec.layers)
-    click.echo(f"ok: {printable(path)} is a valid kvhub preset for {printable(preset.base_model['id'])} ({layers} layers)")
+@PRESET_ARGUMENT
+@REVISION_OPTION
+def validate(preset: str, revision: str | None) -> None:
+    """Check PRESET (a folder, its kvhub_preset.json, a Hub repo id or a model name, as `kvhub show` takes): schema,
+    files, checksums, tensor shapes, finiteness, orthonormal bases."""
+    p = _open(preset, revision)
+    layers = len(p.codec.layers)
+    click.echo(f"ok: {printable(preset)} is a valid kvhub preset for {printable(p.base_model['id'])} ({layers} layers, "
+               f"{printable(p.path)})")
 
 
 @click.command()
-@click.argument("model_or_path")
-@click.option("--revision", default=None, help="Branch, tag or commit when MODEL_OR_PATH is on the Hub.")
-def show(model_or_path: str, revision: str | None) -> None:
-    """Summarize a preset (a folder, a Hub repo id or a model name): model, per-layer layout, metrics."""
-    from ..preset import KVPreset
+@PRESET_ARGUMENT
+@REVISION_OPTION
+def show(preset: str, revision: str | None) -> None:
+    """Summarize PRESET (a folder, its kvhub_preset.json, a Hub repo id or a model name): model, per-layer layout,
+    metrics."""
+    click.echo(describe(_open(preset, revision)))
 
-    preset = KVPreset.from_pretrained(model_or_path, revision=revision)
-    click.echo(describe(preset))
+
+SCALES = {"token": "per-token absmax scale", "rms": "per-token RMS scale", "channel": "static per-component step"}
+
+
+def _stream(s: dict) -> str:
+    """A stream's layout in the table: segments, scale, how scales are stored (log8), levels (lloyd-max)."""
+    scale = s["scale"] + ("/log8" if s["scale_format"] == "log8" and s["scale"] != "channel" else "")
+    return f"{s['layout']} {scale}" + (" lloyd-max" if s["quantizer"] == "lloyd-max" else "")
+
+
+def _legend(rows: list[dict]) -> list[str]:
+    """What the table's words mean, for those it uses."""
+    streams = [row[name] for row in rows for name in ("keys", "values")]
+    used = lambda key, value: any(s[key] == value for s in streams)  # noqa: E731
+    lines = ["  64x4b: 64 components at 4 bits each; " + "; ".join(
+        f"{name}: {what}" for name, what in SCALES.items() if used("scale", name))]
+    if used("scale_format", "log8"):
+        lines.append("  /log8: each scale stored in one byte on a log grid (4.4% steps), else fp16")
+    if used("quantizer", "lloyd-max"):
+        lines.append("  lloyd-max: non-uniform levels, MSE-optimal for Gaussian coefficients, else uniform levels")
+    return lines
 
 
 def describe(preset) -> str:
@@ -42,11 +84,13 @@ def describe(preset) -> str:
         lines.append(f"  weights: {b['provenance']}")
     cal = preset.config["calibration"]
     lines.append(f"  calibrated on {cal['tokens']} tokens of {printable(cal['corpus'])} (sink {cal['sink']} excluded)")
-    lines += ["", f"  {'layer':>5}  {'keys (rank, layout)':<32} {'values (rank, layout)':<32} sink window"]
-    for row in preset.codec.describe():
+    rows = preset.codec.describe()
+    lines += ["", f"  {'layer':>5}  {'keys (rank, layout)':<36} {'values (rank, layout)':<36} sink window"]
+    for row in rows:
         k, v = row["keys"], row["values"]
-        lines.append(f"  {row['layer']:>5}  {k['rank']:>3} {k['layout'] + ' ' + k['scale']:<28} "
-                     f"{v['rank']:>3} {v['layout'] + ' ' + v['scale']:<28} {row['sink']:>4} {row['window']:>6}")
+        lines.append(f"  {row['layer']:>5}  {k['rank']:>3} {_stream(k):<32} {v['rank']:>3} {_stream(v):<32} "
+                     f"{row['sink']:>4} {row['window']:>6}")
+    lines += _legend(rows)
     m = preset.metrics
     lines.append("")
     if not m:
