@@ -29,6 +29,7 @@ MEASURED = "presets/HuggingFaceTB--SmolLM2-135M-Instruct/kvhub_preset.json"
 USER = RESULTS + "user_paths.json"
 PRESET = ("rows", "kvhub 1% preset (bundled)")
 README, BENCH, ZOO = "README.md", "benchmarks/README.md", "MODEL_ZOO.md"
+FORMAT = "docs/preset-format.md"
 
 
 @cache
@@ -239,6 +240,21 @@ CLAIMS = [
     Claim(BENCH, "rises by {} MB,", DECODE, lambda d: peak("kvhub", "peak_rss_increase_bytes"), ".1f"),
     Claim(BENCH, "MB, {} MB and", DECODE, lambda d: peak("DynamicCache", "peak_rss_increase_bytes"), ".1f"),
     Claim(BENCH, "MB and {} MB respectively", DECODE, lambda d: peak("QuantizedCache quanto int4", "peak_rss_increase_bytes"), ".1f"),
+    # docs/: the full-precision baseline's needle grid, as kvhub measures it (the docs reconcile earlier figures)
+    Claim("docs/benchmark-model.md", "{} ([benchmarks/results/frontier.json]", FRONTIER,
+          lambda d: needle(d["rows"]["DynamicCache (fp)"]["needle"])),
+    Claim("docs/field.md", "{}, not 5/4/4", FRONTIER, lambda d: needle(d["rows"]["DynamicCache (fp)"]["needle"])),
+    # docs/preset-format.md's annotated example is the bundled preset's config, field by field
+    Claim(FORMAT, "abridged. It is a\n{} preset", MEASURED, ("schema_version",)),
+    Claim(FORMAT, '"schema_version": "{}"', MEASURED, ("schema_version",)),
+    *(Claim(FORMAT, f'"{name}": {pad}{{}},', MEASURED, lambda d, name=name: json.dumps(d["codec"]["default"][name]))
+      for name, pad in (("keys", "  "), ("values", ""))),
+    *(Claim(FORMAT, f'"{name}": {{}},', MEASURED, lambda d, name=name: json.dumps(d["metrics"][name]))
+      for name in ("compression", "bytes")),
+    Claim(FORMAT, '"austen_emma": {},', MEASURED, lambda d: json.dumps(d["metrics"]["perplexity"]["corpora"]["austen_emma"])),
+    Claim(FORMAT, '"mean_delta_pct": {},', MEASURED, lambda d: str(d["metrics"]["perplexity"]["mean_delta_pct"])),
+    Claim(FORMAT, '"command": {}', MEASURED, lambda d: json.dumps(d["metrics"]["command"])),
+    Claim(FORMAT, '"size": {}}}]', MEASURED, ("files", 0, "size"), "d"),
     # MODEL_ZOO.md is generated from the registry index (test_registry checks that); here the index's numbers are
     # checked against the measurement they record (the preset's own metrics, which registry verify re-measures).
     Claim(ZOO, "| validated | {}x |", MEASURED, ("metrics", "compression", "total")),
