@@ -108,6 +108,10 @@ class HubChecksumError(HubError):
     """A downloaded file whose sha256 or size differs from the registry entry or the preset config."""
 
 
+class HubTooLargeError(HubError):
+    """A download larger than the size pinned for it (registry entry or preset config) or than kvhub's cap."""
+
+
 class HubModelMismatchError(HubError):
     """A preset whose config names another base model, or another revision of it, than its registry entry."""
 

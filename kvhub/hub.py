@@ -11,22 +11,28 @@ Two things the client does not do for us:
   cache. kvhub asks once, with a short timeout (:data:`PROBE_TIMEOUT_S`), whether the endpoint answers at all; when
   it does not, the cache is used at once (one log line says so) or the call fails with :class:`HubNetworkError`;
 - it raises ``HFValidationError``, ``ValueError`` and ``OSError`` for bad repo ids, unsafe file names and short
-  bodies. Every client failure becomes one :class:`~kvhub.errors.HubError` subclass with a one-line fix.
+  bodies. Every client failure becomes one :class:`~kvhub.errors.HubError` subclass with a one-line fix;
+- it bounds neither the bytes nor the time of a download: a server that sends without end, or one byte at a time,
+  fills the disk or hangs the call. Every kvhub download has a byte limit (the size pinned by the registry or the
+  preset's config, else a stated cap) and a deadline (:func:`download_limits`), enforced on every read of the
+  response; past either, the download stops with a :class:`~kvhub.errors.HubError` and the client deletes its
+  partial file, so nothing partial stays in the cache.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, constants, get_token, hf_hub_download, snapshot_download
+from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, constants, get_token, hf_hub_download
 from huggingface_hub.errors import (
     HfHubHTTPError,
     HFValidationError,
@@ -37,6 +43,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 from huggingface_hub.utils import get_session, httpx, validate_repo_id
+from huggingface_hub.utils.sha import sha_fileobj
 
 from .errors import (
     HubAuthError,
@@ -47,11 +54,14 @@ from .errors import (
     HubOfflineError,
     HubRepoIdError,
     HubRevisionNotFoundError,
+    HubTooLargeError,
     HubUnsafePathError,
 )
 
 PUBLIC_ENDPOINT = "https://huggingface.co"
 PROBE_TIMEOUT_S = 3.0
+MAX_DOWNLOAD_BYTES = 1 << 30  # a file no registry or config gives a size for: extract-pr's cap on a tensor file
+DEADLINE_S = 30.0  # every download may take this long, plus a second per MB it may weigh (1 MB/s at the least)
 _CLIENT_ERRORS = (HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled, httpx.TransportError)
 # A file of a repo as kvhub stores and verifies it: a plain name in the repo's top folder, never hidden, no separator.
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
@@ -79,11 +89,9 @@ class FileRecord:
 
 
 def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
+    """The hex sha256 of a file, read in blocks (``huggingface_hub``'s, as the client hashes what it uploads)."""
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return sha_fileobj(f).hex()
 
 
 # Hashes already taken in this process, keyed by what changes when a file does (so a download verified against the
@@ -199,6 +207,15 @@ class Call:
 
 
 _REACHABLE: set[str] = set()
+_SAID: set[str] = set()
+
+
+def say_once(log: logging.Logger, message: str) -> None:
+    """Warn ``message`` on ``log`` the first time this process says it: a fallback that holds for every call (an
+    unreachable Hub, the packaged index) is one line, not one per call."""
+    if message not in _SAID:
+        _SAID.add(message)
+        log.warning(message)
 
 
 def unreachable(endpoint: str) -> str | None:
@@ -248,32 +265,82 @@ def _fast_fail(call: Call) -> str | None:
     return unreachable(call.url)
 
 
-def download_snapshot(
-    repo_id: str,
-    revision: str | None,
-    patterns: list[str],
-    *,
-    cache_dir: str | os.PathLike | None = None,
-    token: str | bool | None = None,
-    endpoint: str | None = None,
-    local_files_only: bool = False,
-    force_download: bool = False,
-) -> Path:
-    """The files of ``repo_id@revision`` matching ``patterns``, in the Hub cache; returns the snapshot folder (named
-    by commit). With the endpoint unreachable, a cached snapshot is used (one log line), else HubNetworkError."""
-    check_repo_id(repo_id)
-    call = Call(repo_id, revision, endpoint, token, cache_dir, local_files_only)
-    kwargs = dict(revision=revision, cache_dir=cache_dir, token=token, endpoint=call.url,
-                  allow_patterns=patterns, force_download=force_download)
-    why = _fast_fail(call)
-    with hub_errors(call):
-        if why is None:
-            return Path(snapshot_download(repo_id, local_files_only=local_files_only, **kwargs))
-        if force_download:
-            raise HubNetworkError(f"{call.where}: cannot download again: {why}; fix: check your connection (and "
-                                  "HF_ENDPOINT), then retry")
-        folder = _cached(call, why, lambda: snapshot_download(repo_id, local_files_only=True, **kwargs))
-    return Path(folder)
+# --- download limits --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Limits:
+    what: str
+    max_bytes: int
+    deadline: float  # time.monotonic()
+
+
+_LIMITS: ContextVar[_Limits | None] = ContextVar("kvhub_download_limits", default=None)
+
+
+class _OverLimit(Exception):
+    """Raised inside the client's download. Not an httpx error, so the client neither retries nor resumes it."""
+
+
+def _check_response(response: httpx.Response) -> None:
+    """The client's response hook: inside :func:`download_limits`, refuse a response that announces more than the
+    limit (``X-Linked-Size`` or ``Content-Length``: the client trusts them to size its download) and bound its body
+    as it is read. Outside (any other use of the shared client), nothing."""
+    limits = _LIMITS.get()
+    if limits is None:
+        return
+    _check_time(limits)
+    for header in ("X-Linked-Size", "Content-Length"):
+        announced = response.headers.get(header, "")
+        if announced.isdigit() and int(announced) > limits.max_bytes:
+            raise _OverLimit(f"announces {int(announced)} bytes ({header}), more than the {limits.max_bytes} allowed")
+    response.stream = _BoundedStream(response.stream, limits)
+
+
+def _check_time(limits: _Limits) -> None:
+    if time.monotonic() > limits.deadline:
+        raise _OverLimit("did not finish within its deadline")
+
+
+class _BoundedStream(httpx.SyncByteStream):
+    """A response body that stops past the byte limit or the deadline, checked on every read from the socket (so a
+    server that sends one byte at a time is stopped within a read timeout of the deadline)."""
+
+    def __init__(self, inner: httpx.SyncByteStream, limits: _Limits):
+        self.inner, self.limits = inner, limits
+
+    def __iter__(self) -> Iterator[bytes]:
+        received = 0
+        for block in self.inner:
+            received += len(block)
+            if received > self.limits.max_bytes:
+                raise _OverLimit(f"sent more than the {self.limits.max_bytes} bytes allowed")
+            _check_time(self.limits)
+            yield block
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+@contextmanager
+def download_limits(what: str, max_bytes: int) -> Iterator[None]:
+    """Bound every response the Hub client reads inside the block to ``max_bytes`` and the whole block to
+    :data:`DEADLINE_S` plus a second per MB of ``max_bytes``. Past either, :class:`HubTooLargeError` or
+    :class:`HubNetworkError` naming ``what``."""
+    client = get_session()
+    if _check_response not in client.event_hooks["response"]:
+        client.event_hooks = {**client.event_hooks, "response": [*client.event_hooks["response"], _check_response]}
+    seconds = DEADLINE_S + max_bytes / 1e6
+    token = _LIMITS.set(_Limits(what, max_bytes, time.monotonic() + seconds))
+    try:
+        yield
+    except _OverLimit as exc:
+        if "deadline" in str(exc):
+            raise HubNetworkError(f"{what}: the download took more than {seconds:.0f} s and was stopped; fix: retry, "
+                                  "and if it persists check your connection (and HF_ENDPOINT)") from None
+        raise HubTooLargeError(f"{what}: the server {exc}; nothing was kept; fix: the repo or the server is not the "
+                               "one kvhub expects: check the repo id and HF_ENDPOINT") from None
+    finally:
+        _LIMITS.reset(token)
 
 
 def fetch_file(
@@ -281,19 +348,28 @@ def fetch_file(
     filename: str,
     revision: str | None = None,
     *,
+    max_bytes: int = MAX_DOWNLOAD_BYTES,
     endpoint: str | None = None,
     token: str | bool | None = None,
     cache_dir: str | os.PathLike | None = None,
     local_files_only: bool = False,
+    force_download: bool = False,
 ) -> Path:
-    """One file of a Hub repo through the Hub cache (cached copies serve offline or when the Hub is unreachable)."""
+    """One file of a Hub repo through the Hub cache, downloaded within ``max_bytes`` and a deadline
+    (:func:`download_limits`); cached copies serve offline or when the Hub is unreachable, except with
+    ``force_download``, which then fails (:class:`HubNetworkError`) as it does offline."""
     check_repo_id(repo_id)
     call = Call(repo_id, revision, endpoint, token, cache_dir, local_files_only)
     kwargs = dict(revision=revision, endpoint=call.url, token=token, cache_dir=cache_dir)
     why = _fast_fail(call)
     with hub_errors(call):
         if why is None:
-            return Path(hf_hub_download(repo_id, filename, local_files_only=local_files_only, **kwargs))
+            with download_limits(f"{call.where}: {filename}", max_bytes):
+                return Path(hf_hub_download(repo_id, filename, local_files_only=local_files_only,
+                                            force_download=force_download, **kwargs))
+        if force_download:
+            raise HubNetworkError(f"{call.where}: cannot download again: {why}; fix: check your connection (and "
+                                  "HF_ENDPOINT), then retry")
         return Path(_cached(call, why, lambda: hf_hub_download(repo_id, filename, local_files_only=True, **kwargs)))
 
 
@@ -304,7 +380,7 @@ def _cached(call: Call, why: str, read):
     except LocalEntryNotFoundError as exc:
         raise HubNetworkError(f"{call.where}: {why} and not in the Hub cache; fix: check your connection (and "
                               "HF_ENDPOINT), or set HF_HUB_OFFLINE=1 to work from the cache") from exc
-    logger.warning("%s; using the cached copy of %s", why, call.where)
+    say_once(logger, f"{why}; using the cached copy of {call.where}")
     return found
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from huggingface_hub import CommitInfo, constants
+from huggingface_hub.errors import RemoteEntryNotFoundError
 
 from . import __version__
 from .errors import (
@@ -30,12 +31,12 @@ from .errors import (
     NoPresetError,
     PresetFileError,
 )
-from .hub import FileRecord, download_snapshot, records, upload_files, verify_files
-from .preset import CONFIG_NAME, _read_config
+from .hub import FileRecord, fetch_file, records, say_once, upload_files, verify_files
+from .preset import _CONFIG_LIMITS, CONFIG_NAME, _read_config
 from .registry import PACKAGED_SOURCE, Metrics, RegistryEntry, load_index, packaged_index
 
 CARD_NAME = "README.md"
-PRESET_PATTERNS = [CONFIG_NAME, CARD_NAME, "*.safetensors"]
+MAX_CARD_BYTES = 1 << 20  # a model card no registry entry pins (extract-pr's cap on a README.md)
 _REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 
 logger = logging.getLogger(__name__)
@@ -115,14 +116,14 @@ def download_preset(
             repo_id, pinned = entry.pinned()
             download = _download(repo_id, revision or pinned, entry, name, **options)
     except (NoPresetError, HubNetworkError, HubOfflineError) as exc:
-        packaged = _packaged_fallback(entry, revision, exc, index.fallback)
+        packaged = None if force_download else _packaged_fallback(entry, revision, exc, index.fallback)
         if packaged is None:
             if index.fallback:
-                logger.warning(index.fallback)
+                say_once(logger, index.fallback)
             raise
         return packaged
     if index.fallback:
-        logger.warning(index.fallback)
+        say_once(logger, index.fallback)
     return replace(download, registry=index.source)
 
 
@@ -140,7 +141,7 @@ def _packaged_fallback(entry: RegistryEntry | None, revision: str | None, exc: E
         why = "the registry has no published copy on the Hub"
     else:
         why = str(exc).split("; fix:")[0]
-    logger.warning("%s: %s; using the preset packaged with kvhub %s (%s)", entry.model, why, __version__, folder)
+    say_once(logger, f"{entry.model}: {why}; using the preset packaged with kvhub {__version__} ({folder})")
     shipped = packaged_index().find(entry.model)
     pins = shipped if shipped is not None and shipped.status == "validated" and shipped.files else None
     files, config = _verify(folder, pins, f"the packaged preset was changed: restore it (in a checkout, `git checkout -- "
@@ -151,15 +152,43 @@ def _packaged_fallback(entry: RegistryEntry | None, revision: str | None, exc: E
 
 def _download(repo_id: str, revision: str | None, entry: RegistryEntry | None, name: str, *,
               force_download: bool, **options: Any) -> PresetDownload:
-    """Download ``repo_id@revision`` and verify it (against ``entry`` when the commit is the one it pins)."""
-    snapshot = download_snapshot(repo_id, revision, PRESET_PATTERNS, force_download=force_download, **options)
+    """Download ``repo_id@revision`` and verify it (against ``entry`` when the commit is the one it pins).
+
+    Exactly the preset's files are fetched, each within a byte limit: the config (the config reader's cap, or its
+    pinned size), then the model card and the tensor files the config lists, at the commit the config came from,
+    each limited to the size the registry pins (when the commit is the pinned one) or the config lists. Nothing
+    else a repo holds is downloaded."""
+    def fetch(filename: str, rev: str | None, max_bytes: int) -> Path:
+        return fetch_file(repo_id, filename, rev, max_bytes=max_bytes, force_download=force_download, **options)
+
+    pins = {f.name: f.size for f in entry.files} if entry is not None and revision == entry.revision else {}
+    try:
+        snapshot = fetch(CONFIG_NAME, revision, pins.get(CONFIG_NAME, _CONFIG_LIMITS.max_bytes)).parent
+    except HubNotFoundError as exc:
+        if not isinstance(exc.__cause__, RemoteEntryNotFoundError):
+            raise
+        raise HubNotFoundError(f"{repo_id}: has no {CONFIG_NAME}, so it is not a kvhub preset; fix: check the repo "
+                               "id") from exc
     commit = snapshot.name  # the cache names snapshot folders by commit
-    if not (snapshot / CONFIG_NAME).is_file():
-        raise HubNotFoundError(f"{repo_id}@{commit[:12]}: has no {CONFIG_NAME}, so it is not a kvhub preset; fix: check the repo id")
     pinned_entry = entry if entry is not None and commit == entry.revision else None
     rev = f" --revision {revision}" if revision and pinned_entry is None else ""
     fix = f"download it again with `kvhub pull {name}{rev} --force`; if that does not help, the repo differs from what was published"
-    files, config = _verify(snapshot, pinned_entry, fix, root=snapshot.parents[1])  # links point into ../../blobs
+    root = snapshot.parents[1]  # links point into ../../blobs
+    if pinned_entry is not None:  # the config first: the sizes it lists become limits
+        verify_files(snapshot, [f for f in pinned_entry.files if f.name == CONFIG_NAME], against=f"the registry "
+                     f"entry for {pinned_entry.model}", fix=fix, root=root)
+    sizes = {f["name"]: f["size"] for f in _read_config(snapshot)["files"]}
+    if pinned_entry is not None:
+        sizes |= {f.name: f.size for f in pinned_entry.files if f.name != CONFIG_NAME}
+    for filename, size in sizes.items():
+        fetch(filename, commit, size)
+    if CARD_NAME not in sizes:  # optional unless pinned
+        try:
+            fetch(CARD_NAME, commit, MAX_CARD_BYTES)
+        except HubNotFoundError as exc:
+            if not isinstance(exc.__cause__, RemoteEntryNotFoundError):
+                raise
+    files, config = _verify(snapshot, pinned_entry, fix, root=root)
     if entry is not None:
         _check_base_model(entry, config, f"{repo_id}@{commit[:12]}")
     return PresetDownload(snapshot, repo_id, commit, files, entry, config, None, pinned_entry is not None)

@@ -34,7 +34,7 @@ from .errors import (
     RegistryFormatError,
     UnknownModelError,
 )
-from .hub import PUBLIC_ENDPOINT, FileRecord, fetch_file
+from .hub import PUBLIC_ENDPOINT, FileRecord, fetch_file, say_once
 from .schema import validate_config
 
 DEFAULT_REGISTRY_REPO = "kvhub/registry"
@@ -229,14 +229,14 @@ def load_index(
     repo_id = repo_id or registry_repo()
     revision = revision or os.environ.get(REGISTRY_REVISION_ENV) or None
     try:
-        path = fetch_file(repo_id, INDEX_NAME, revision, endpoint=endpoint, token=token, cache_dir=cache_dir,
-                          local_files_only=local_files_only)
+        path = fetch_file(repo_id, INDEX_NAME, revision, max_bytes=MAX_INDEX_BYTES, endpoint=endpoint, token=token,
+                          cache_dir=cache_dir, local_files_only=local_files_only)
     except HubError as exc:
         if revision is not None:
             raise
         fallback = f"registry {repo_id} {_unavailable(exc)}; using the {PACKAGED_SOURCE}, which may be out of date"
         if announce:
-            logger.warning(fallback)
+            say_once(logger, fallback)
         return packaged_index(fallback)
     source = f"{repo_id}@{path.parent.name[:12]}"  # the file sits in snapshots/<commit>/
     return RegistryIndex.parse(read_index_json(path, source), source)

@@ -35,6 +35,14 @@ def use_endpoint(monkeypatch, endpoint: str) -> None:
     monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}")
 
 
+@pytest.fixture(autouse=True)
+def fresh_process_lines(monkeypatch):
+    """Each test starts with no one-per-process line said yet (kvhub.hub.say_once), as a new process would."""
+    from kvhub import hub
+
+    monkeypatch.setattr(hub, "_SAID", set())
+
+
 @pytest.fixture
 def local_hub(monkeypatch, tmp_path) -> Iterator[LocalHub]:
     """A LocalHub on 127.0.0.1 that the client uses by default, with its home, cache and token under ``tmp_path``,

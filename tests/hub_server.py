@@ -28,7 +28,9 @@ import hashlib
 import json
 import re
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import BinaryIO
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -44,6 +46,12 @@ DEFAULT_GITATTRIBUTES = "".join(
     f"{pattern} filter=lfs diff=lfs merge=lfs -text\n"
     for pattern in ("*.bin", "*.gguf", "*.h5", "*.npy", "*.npz", "*.onnx", "*.pt", "*.pth", "*.safetensors", "*.zip")
 )
+
+# A hostile body (LocalHub.hostile_next) stops after this many bytes or seconds, or when the client goes: the client
+# must stop far earlier, and a test that fails must not fill the disk or hang.
+HOSTILE_MAX_BYTES = 64 << 20
+HOSTILE_MAX_S = 20.0
+HOSTILE_KINDS = ("endless", "slow", "oversized")
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _REF_NAME = re.compile(r"[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*")
@@ -178,9 +186,12 @@ class Request:
 
 @dataclass(frozen=True)
 class Response:
+    """An answer; ``stream`` (a hostile body) writes the body itself, with no Content-Length unless in ``headers``."""
+
     status: int = 200
     body: bytes = b""
     headers: dict[str, str] = field(default_factory=dict)
+    stream: Callable[[BinaryIO], None] | None = None
 
 
 def _json(data: object, status: int = 200) -> Response:
@@ -202,6 +213,7 @@ class _Fault:
     status: int | None
     method: str | None
     path: str | None
+    kind: str | None = None
 
     def matches(self, req: Request) -> bool:
         return (
@@ -252,6 +264,7 @@ class LocalHub:
         self._lock = threading.Lock()
         self._faults: list[_Fault] = []
         self._truncations: list[_Fault] = []
+        self._hostile: list[_Fault] = []
         self._port = 0
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -307,6 +320,20 @@ class LocalHub:
         with self._lock:
             self._truncations.append(_Fault(n, None, "GET", path))
 
+    def hostile_next(self, kind: str, n: int = 1, *, path: str | None = None) -> None:
+        """Make the next `n` file downloads (GET /resolve, `path` a substring of the URL path) hostile:
+
+        - ``endless``: a body without Content-Length that does not end (HEAD stays honest, so it lies about it);
+        - ``slow``: the real body with its Content-Length, one byte every 0.5 s;
+        - ``oversized``: the real body padded by 8 MiB, HEAD and GET announcing the padded size (each answer counts
+          as one of the `n`: a client that stops at HEAD uses one).
+
+        Every hostile body stops after HOSTILE_MAX_BYTES or HOSTILE_MAX_S, or when the client closes the connection."""
+        if kind not in HOSTILE_KINDS:
+            raise ValueError(f"kind must be one of {HOSTILE_KINDS}")
+        with self._lock:
+            self._hostile.append(_Fault(n, None, None if kind == "oversized" else "GET", path, kind))
+
     def commit_unchecked(self, repo_id: str, files: Mapping[str, bytes], message: str = "unchecked") -> str:
         """Commit `files` to main without the path checks of the upload route (names like `../x` included): what a
         hostile or broken server could list. Returns the commit oid."""
@@ -341,6 +368,10 @@ class LocalHub:
             if truncation is not None and response is not None and "/resolve/" in req.path and response.status == 200:
                 truncation.remaining -= 1
                 response = Response(200, response.body[: len(response.body) // 2], response.headers)
+            hostile = next((h for h in self._hostile if h.matches(req)), None)
+            if hostile is not None and response is not None and "/resolve/" in req.path and response.status == 200:
+                hostile.remaining -= 1
+                response = _hostile(hostile.kind, response)
             self.requests.append(RequestRecord(req.method, req.path, response and response.status))
             return response
 
@@ -671,6 +702,38 @@ class LocalHub:
         return _json({})
 
 
+def _hostile(kind: str, response: Response) -> Response:
+    """The hostile version of a file download (see LocalHub.hostile_next)."""
+    if kind == "oversized":
+        body = response.body + bytes(8 << 20)
+        headers = dict(response.headers)
+        if "X-Linked-Size" in headers:
+            headers["X-Linked-Size"] = str(len(body))
+        return Response(200, body, headers)
+    started = time.monotonic()
+
+    def in_bounds(sent: int) -> bool:
+        return sent < HOSTILE_MAX_BYTES and time.monotonic() - started < HOSTILE_MAX_S
+
+    def endless(out: BinaryIO) -> None:
+        block, sent = bytes(1 << 16), 0
+        while in_bounds(sent):
+            out.write(block)
+            sent += len(block)
+
+    def slow(out: BinaryIO) -> None:
+        for sent in range(len(response.body)):
+            if not in_bounds(sent):
+                return
+            out.write(response.body[sent : sent + 1])
+            out.flush()
+            time.sleep(0.5)
+
+    if kind == "endless":
+        return Response(200, b"", response.headers, endless)
+    return Response(200, b"", {**response.headers, "Content-Length": str(len(response.body))}, slow)
+
+
 def _parse_commit_payload(body: bytes) -> tuple[dict, list[tuple[str, dict]]]:
     """Split the ndjson commit body into its header value and (key, value) operations."""
     try:
@@ -736,10 +799,18 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(response.status)
         for name, value in response.headers.items():
             self.send_header(name, value)
-        self.send_header("Content-Length", str(len(response.body)))
+        if response.stream is None:
+            self.send_header("Content-Length", str(len(response.body)))
         self.end_headers()
-        if self.command != "HEAD":
+        if self.command == "HEAD":
+            return
+        if response.stream is None:
             self.wfile.write(response.body)
+            return
+        try:
+            response.stream(self.wfile)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client stopped reading, as it should
 
     do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = _serve
 

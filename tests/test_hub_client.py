@@ -599,13 +599,12 @@ def test_a_body_cut_short_is_a_network_error_with_a_fix(local_hub, published, ca
     assert "cut short" in cli_error(capsys, "pull", PRESET_REPO, "--force")
 
 
-def test_a_repo_listing_a_file_outside_itself_is_refused(local_hub, published, tmp_path, capsys):
-    from kvhub.errors import HubUnsafePathError
-
+def test_a_file_outside_the_repo_is_never_fetched(local_hub, published):
+    """A repo listing ``../x.safetensors``: a pull fetches only the files the preset's config names, so the name
+    never reaches the client (a config naming it is refused by the schema)."""
     local_hub.commit_unchecked(PRESET_REPO, {"../x.safetensors": b"outside"})
-    with pytest.raises(HubUnsafePathError, match="fix:"):
-        download_preset(PRESET_REPO)
-    assert "../x" in cli_error(capsys, "pull", PRESET_REPO)
+    assert download_preset(PRESET_REPO).folder.is_dir()
+    assert not [r for r in local_hub.requests if "x.safetensors" in r.path]
     assert not list(Path(hub_cache()).parent.rglob("x.safetensors"))
 
 
@@ -637,15 +636,14 @@ def test_a_link_out_of_the_snapshot_is_refused_without_leaking_the_target(regist
     assert str(secret.stat().st_size) not in message and "36210" not in message
 
 
-def test_an_oversize_index_is_refused_before_parsing(api, monkeypatch):
-    import kvhub.registry as registry_module
+def test_an_oversize_index_is_refused_before_it_is_stored_and_the_packaged_copy_serves(api):
+    from kvhub.registry import MAX_INDEX_BYTES
 
-    monkeypatch.setattr(registry_module, "MAX_INDEX_BYTES", 1000)
-    publish_index(api, [], raw=b'{"schema_version": "1.0", "entries": []' + b" " * 2000 + b"}")
-    with pytest.raises(RegistryFormatError, match="more than the"):
-        load_index()
-    publish_index(api, [], raw=b"[" * 100_000 + b"]" * 100_000)
-    monkeypatch.setattr(registry_module, "MAX_INDEX_BYTES", 4 << 20)
+    publish_index(api, [], raw=b'{"schema_version": "1.0", "entries": []' + b" " * MAX_INDEX_BYTES + b"}")
+    index = load_index()
+    assert index.source == PACKAGED_SOURCE and "more than the" in index.fallback
+    assert not [p for p in hub_cache().rglob("*") if p.is_file() and p.stat().st_size > MAX_INDEX_BYTES]
+    publish_index(api, [], raw=b"[" * 100_000 + b"]" * 100_000)  # within the size: a malformed index is an error
     with pytest.raises(RegistryFormatError, match="nesting deeper than"):
         load_index()
 
