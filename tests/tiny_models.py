@@ -50,20 +50,33 @@ def tiny_bases(model, seed: int = 1):
     return calibrate(model, windows, sink=2, progress=False)[0]
 
 
+def random_basis(heads: int, dim: int, gen: torch.Generator) -> StreamBasis:
+    """A full-rank random orthonormal basis per head with a random mean, its components' variances decreasing from
+    ~3 to ~0.03 as calibrated ones do: codecs that spend bits by variance meet the data they are made for."""
+    variance = torch.logspace(0.5, -1.5, dim).expand(heads, dim).contiguous()
+    u, _ = torch.linalg.qr(torch.randn(heads, dim, dim, generator=gen, dtype=torch.float64))
+    mean = torch.randn(heads, dim, generator=gen)
+    return StreamBasis(mean, u.float(), variance)
+
+
+def basis_samples(basis: StreamBasis, bsz: int, tokens: int, gen: torch.Generator) -> torch.Tensor:
+    """``[bsz, heads, tokens, dim]`` Gaussian vectors with the mean, directions and variances of a full-rank
+    ``basis``."""
+    z = torch.randn(bsz, basis.mean.shape[0], tokens, basis.basis.shape[-1], generator=gen) * basis.variance.sqrt()[:, None]
+    return torch.einsum("bhtr,hdr->bhtd", z, basis.basis) + basis.mean[:, None]
+
+
 def random_stream(segments, projection, scale, heads, dim, bsz, tokens, passthrough, seed, device="cpu",
                   quantizer="uniform", scale_format="fp16"):
     """A stream with a random orthonormal basis whose components have decreasing variance (as calibrated ones do),
     filled in two appends so the stored views are narrower than their allocation."""
     codec = StreamCodec(tuple(Segment(*s) for s in segments), projection, scale, quantizer, scale_format)
     gen = torch.Generator().manual_seed(seed)
-    variance = torch.logspace(0.5, -1.5, dim).expand(heads, dim).contiguous()
     basis = None
     if projection == "pca":
-        u, _ = torch.linalg.qr(torch.randn(heads, dim, dim, generator=gen, dtype=torch.float64))
-        mean = torch.randn(heads, dim, generator=gen)
-        basis = StreamBasis(mean, u.float()[..., : codec.rank].contiguous(), variance[..., : codec.rank].contiguous())
-        z = torch.randn(bsz, heads, tokens, dim, generator=gen) * variance.sqrt()[:, None]
-        x = torch.einsum("bhtr,hdr->bhtd", z, u.float()) + mean[:, None]
+        full = random_basis(heads, dim, gen)
+        basis = full.truncated(codec.rank)
+        x = basis_samples(full, bsz, tokens, gen)
     else:
         x = torch.randn(bsz, heads, tokens, dim, generator=gen)
     s = CompressedStream(codec, basis, torch.device(device), passthrough)
