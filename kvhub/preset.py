@@ -18,8 +18,9 @@ import math
 import os
 import re
 import secrets
-import tempfile
+import stat
 import struct
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -445,8 +446,11 @@ def _read_listed(folder: Path, entry: dict[str, Any]) -> bytes:
     """The bytes of a listed file, if its size and sha256 are the config's (else :class:`_ChangedDuringRead`)."""
     path = folder / entry["name"]
     real = member_path(folder, entry["name"])
-    try:
-        with open(real, "rb") as f:
+    try:  # non-blocking open, then only a regular file is read: a FIFO in its place would block the read forever
+        with os.fdopen(os.open(real, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise PresetFileError(f"{path}: not a regular file (a pipe, device or folder); fix: re-download or "
+                                      "re-save the preset")
             data = f.read(entry["size"] + 1)
     except FileNotFoundError:
         raise _ChangedDuringRead(PresetFileError(

@@ -96,6 +96,13 @@ def changed_folders(repo: Path, base: str, head: str) -> list[str]:
         if not FOLDER.fullmatch(parts[1]):
             raise PullRequestError(f"{_shown(path)}: the folder is not named <org>--<name>; fix: rename it")
         folders.setdefault(parts[1])
+    existing = _git(repo, "ls-tree", "--name-only", "-z", f"{base}:{PRESETS}").decode("utf-8", "surrogateescape")
+    by_case: dict[str, str] = {}
+    for name in [*folders, *existing.split("\0")]:  # a case-insensitive file system would merge these folders
+        other = by_case.setdefault(name.lower(), name)
+        if other != name and name:
+            raise PullRequestError(f"{_shown(other)} and {_shown(name)}: folder names that differ only by case; fix: "
+                                   "use the spelling of the existing folder (or of the model's Hub id) for both")
     return list(folders)
 
 
