@@ -7,6 +7,7 @@ filled. Everywhere kvhub shows a ratio it shows these next to it, worded as belo
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,6 +55,13 @@ class Footprint:
     def ratio_with_bases(self) -> float:
         """fp16 bytes / (per-sequence + shared bases): the bases amortized over the batch this ran at."""
         return self.fp16 / (self.per_sequence + self.shared_bases)
+
+    def break_even_tokens(self, batch: int = 1) -> int:
+        """The context length from which ``batch`` sequences in such a cache plus the shared bases take fewer bytes
+        than an fp16 cache: the bases over what each token saves, at this measurement's per-token rates (so about:
+        at a short context the exact sink tokens weigh a little more)."""
+        saved_per_token = (self.fp16 - self.per_sequence) / (self.tokens * self.batch)
+        return math.ceil(self.shared_bases / (saved_per_token * batch))
 
     def record(self) -> dict[str, int]:
         """The figures a ``metrics.bytes`` block stores next to the per-part counts."""
