@@ -359,7 +359,7 @@ def tune(cfg: TuneConfig, out: str | None = None, log: Callable[[str], None] = p
     if cfg.eval_files:
         final = bases.rotated_for(result.codec, shape)
         ecfg = EvalConfig(list(cfg.eval_files), needle=cfg.needle, progress=cfg.progress)
-        ev = evaluate(model, tokenizer, lambda: CompressedCache(model.config, result.codec, final), ecfg)
+        ev = evaluate(model, tokenizer, lambda: CompressedCache(model.config, result.codec, final), ecfg, log=log)
         metrics = metrics_block(ev, ecfg, command)
         log(f"evaluation: PPL delta {ev.mean_delta_pct:+.3f}% (mean of {len(ev.ppl)} corpora), "
             f"compression {ev.compression['total']:.2f}x at {ecfg.window_tokens} tokens"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import platform
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,28 @@ class EvalConfig:
     contexts: tuple[int, ...] = CONTEXTS
     depths: tuple[float, ...] = DEPTHS
     progress: bool = True
+
+    def work(self, files: int) -> dict[str, int]:
+        """What a run on ``files`` evaluation files does, each measurement through both caches: perplexity windows
+        and their tokens, needle cells and their prompt tokens (the baseline's shared prefixes counted in full)."""
+        cells = len(self.contexts) * len(self.depths) if self.needle else 0
+        return {"ppl_windows": files * self.windows, "ppl_tokens": 2 * files * self.windows * self.window_tokens,
+                "needle_cells": cells, "needle_tokens": 2 * len(self.depths) * sum(self.contexts) if self.needle else 0}
+
+    def plan(self, files: int) -> str:
+        """One line saying what the run will cost, before it starts."""
+        w = self.work(files)
+        line = (f"this run: perplexity on {files} file(s) x {self.windows} window(s) x {self.window_tokens:,} tokens, "
+                f"each through DynamicCache and the preset ({w['ppl_tokens']:,} tokens)")
+        if self.needle:
+            line += (f"; needle grid {len(self.contexts)} length(s) x {len(self.depths)} depth(s), each through both "
+                     f"({2 * w['needle_cells']} prompts, up to {w['needle_tokens']:,} tokens)")
+        return line
+
+
+# ``kvhub eval --quick``: one short window per file and three needle cells at 1k, about a ninth of the full protocol's
+# tokens, to check a preset works and see its order of magnitude before the full run.
+QUICK = {"windows": 1, "window_tokens": 1024, "contexts": (1024,), "depths": (0.1, 0.5, 0.9)}
 
 
 @dataclass
@@ -73,14 +96,20 @@ def evaluate(
     make_cache: Callable[[], Cache],
     cfg: EvalConfig,
     baseline: Callable[[], Cache] | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> EvalResult:
-    """Measure ``make_cache`` against ``baseline`` (default: DynamicCache) with identical inputs and chunking."""
+    """Measure ``make_cache`` against ``baseline`` (default: DynamicCache) with identical inputs and chunking.
+    ``log`` gets what the run will cost before it starts (:meth:`EvalConfig.plan`), and after the first window
+    through both caches, how long the whole run should take at that pace."""
     baseline = baseline or (lambda: DynamicCache(config=model.config))
     result = EvalResult()
     texts = read_texts(cfg.ppl_files)
     last_cache: Cache | None = None
-    total = len(texts) * cfg.windows * 2
-    with tqdm(total=total, desc="perplexity", unit="window", disable=not cfg.progress) as bar:
+    work = cfg.work(len(texts))
+    if log:
+        log(cfg.plan(len(texts)))
+    started, pairs = time.perf_counter(), 0
+    with tqdm(total=work["ppl_windows"] * 2, desc="perplexity", unit="window", disable=not cfg.progress) as bar:
         for name, text in texts:
             sums = {"base": PerplexityResult(0.0, 0), "compressed": PerplexityResult(0.0, 0)}
             for ids in token_windows(tokenizer, text, cfg.window_tokens, cfg.windows):
@@ -91,6 +120,13 @@ def evaluate(
                     if key == "compressed":
                         last_cache, last_batch = cache, ids.shape[0]
                     bar.update()
+                pairs += 1
+                if log and pairs == 1:
+                    took = time.perf_counter() - started
+                    pace = took / (2 * ids.shape[-1])
+                    whole = pace * (work["ppl_tokens"] + work["needle_tokens"])
+                    log(f"the first window through both caches took {took:.0f} s: at that pace the whole run takes "
+                        f"about {f'{whole:.0f} s' if whole < 90 else f'{whole / 60:.0f} min'}")
             base, comp = sums["base"].ppl, sums["compressed"].ppl
             result.ppl[name] = {"base": base, "compressed": comp, "delta_pct": 100 * (comp / base - 1)}
     if last_cache is not None and hasattr(last_cache, "nbytes"):
@@ -145,4 +181,4 @@ def metrics_block(result: EvalResult, cfg: EvalConfig, command: str | None = Non
     return metrics
 
 
-__all__ = ["EvalConfig", "EvalResult", "evaluate", "metrics_block", "token_windows"]
+__all__ = ["QUICK", "EvalConfig", "EvalResult", "evaluate", "metrics_block", "token_windows"]
