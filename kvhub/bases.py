@@ -4,19 +4,50 @@ variance, and the variances (eigenvalues). Calibration produces full ``d x d`` b
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from .codec import STREAMS, CacheCodec, ModelShape, StreamCodec
-from .errors import CodecError
+from .errors import CodecError, CodecRangeError
+from .quantizers import QUANTIZERS, SCALE_FORMATS, SCALES
+from .quantizers.scale_log8 import STEPS_PER_OCTAVE, ZERO
 
-# Keys and values live in the fp16/bf16 range of the model: a mean or a standard deviation past fp16's largest finite
-# value cannot come from calibration, and would turn attention scores (q . k summed over head_dim) into inf.
-MAX_ABS_VALUE = 65504.0
 # |U^T U - I| allowed. An fp16-stored unit column has each entry rounded by at most 2^-11 of itself, so each Gram
 # entry moves by at most 2 * 2^-11 ~ 9.8e-4 (plus second-order terms); fp32 bases are orthonormal to ~1e-6.
 ORTHONORMAL_TOL = 2e-3
+
+# How far a decoded key or value vector (one head) may reach, by the dtype it lives in (see :func:`decode_extent`).
+# fp16: every element is at most the vector's norm, so a norm within fp16's largest finite value is an fp16 tensor
+# with no inf, and its dot product with a query of the same norm (<= 65504^2 ~ 4.3e9) is far inside fp32's range.
+# bf16 and fp32 share fp32's exponent range: the binding limit is the attention score, accumulated in fp32, so two
+# vectors of norm 2^63 give |q . k| <= 2^126, a quarter of fp32's largest finite value (~2^128), and the squares an
+# RMSNorm takes of them stay finite too.
+FP16_MAX = 65504.0
+WIDE_BUDGET = 2.0**63
+# The decoder clamps each component's deviation to at least this fraction of its head's largest plus this absolute
+# amount (kvhub.stream._device_basis): a variance below the clamp is not the one the decoder uses, so it is refused.
+SIGMA_FLOOR_REL = 1e-6
+SIGMA_FLOOR_ABS = 1e-8
+# The most a stored per-token scale exceeds the statistic it stands for: log8 rounds an absmax up by one step
+# (2^(1/16)); fp16 rounding (2^-11) and log8's nearest rounding of a deviation (2^(1/32)) are smaller.
+_SCALE_ROUNDING = 2.0 ** (1 / 16)
+# A relative (log8) scale's lowest code, as a fraction of its reference: a token with a smaller statistic is decoded
+# at this scale anyway.
+_RELATIVE_LOWEST = 2.0 ** (-ZERO / STEPS_PER_OCTAVE)
+
+
+def norm_budget(dtype: torch.dtype | None) -> float:
+    """The largest norm a decoded vector may have in ``dtype`` (None: the widest any supported dtype allows)."""
+    return FP16_MAX if dtype == torch.float16 else WIDE_BUDGET
+
+
+def variance_floor(variance: torch.Tensor) -> torch.Tensor:
+    """Per component, the smallest variance the decoder uses as given: ``(1e-6 * max sigma + 1e-8)^2`` of its head
+    (``variance`` [..., r]); calibration raises smaller eigenvalues to it, so what a preset stores is what decodes."""
+    sigma = variance.clamp_min(0).sqrt().amax(-1, keepdim=True)
+    return (sigma * SIGMA_FLOOR_REL + SIGMA_FLOOR_ABS).pow(2).expand_as(variance)
 
 
 @dataclass
@@ -56,14 +87,74 @@ class StreamBasis:
         if self.variance.numel() and self.variance.min().item() < 0:
             raise CodecError(f"{where}: variance has a negative value ({self.variance.min().item():.3g}); a variance "
                              "is >= 0; fix: re-run calibration")
-        for name, bound in (("mean", MAX_ABS_VALUE), ("variance", MAX_ABS_VALUE**2)):
-            peak = getattr(self, name).abs().max().item() if getattr(self, name).numel() else 0.0
-            if peak > bound:
-                raise CodecError(f"{where}: {name} reaches {peak:.3g}, beyond {bound:.6g} (outside the fp16 range of "
-                                 "keys and values, attention would overflow); fix: re-run calibration")
+        var = self.variance[..., :rank].double()
+        short = var < variance_floor(var) * (1 - 1e-5)
+        if short.any():
+            h, j = (int(i) for i in short.nonzero()[0])
+            raise CodecRangeError(
+                f"{where}: variance of head {h} component {j} is {var[h, j].item():.3g}, below the decoder's floor "
+                f"(1e-12 of the head's largest variance plus 1e-16: zero, denormal or an absurd ratio); fix: re-run "
+                "calibration (it raises eigenvalues to the floor), or drop the component (0 bits)")
         err = orthonormality_error(self.basis[..., :rank])
         if err > ORTHONORMAL_TOL:
             raise CodecError(f"{where}: basis is not orthonormal (max |U^T U - I| = {err:.2e}); fix: re-run calibration")
+
+    def check_range(self, where: str, stream: StreamCodec, dtype: torch.dtype | None = None,
+                    exact_dtype: torch.dtype | None = None) -> None:
+        """Raise :class:`CodecRangeError` if vectors decoded with ``stream`` can leave what ``dtype`` holds (the
+        model's: decoded keys and values) or ``exact_dtype`` (16-bit coefficients' storage); None: the widest."""
+        vector, coefficient = decode_extent(self, stream)
+        for what, reach, within in (("decoded vectors", vector, dtype), ("16-bit coefficients", coefficient, exact_dtype)):
+            budget = norm_budget(within)
+            if reach > budget:
+                held = "fp16 holds; fix: run the model in bf16 or fp32, or" if budget == FP16_MAX else \
+                    "bf16/fp32 attention survives; fix:"
+                raise CodecRangeError(
+                    f"{where}: {what} can reach a norm of {reach:.3g} from the preset's mean (norm "
+                    f"{self.mean.double().norm(dim=-1).max().item():.3g}) and variances, beyond {budget:.6g}, what "
+                    f"{held} re-run calibration")
+
+
+def decode_extent(basis: StreamBasis, stream: StreamCodec) -> tuple[float, float]:
+    """``(vector, coefficient)``: over the heads, the largest norm a decoded vector of this stream, and a stored
+    16-bit coefficient, can reach when the model's own key or value is zero: what the preset alone decides (a real
+    vector adds at most its norm times the codec's gain below, as calibrated data must).
+
+    A token decodes as ``x = mean + U c`` with ``c`` its rounded coefficients ``z = U^T (x - mean)``; ``U`` has
+    spectral norm at most ``g = sqrt(1 + r * err)`` (``err``: its orthonormality error), so a zero vector has
+    ``||z|| <= g ||mean||``. Per kept segment of ``n`` components whose levels reach ``l`` for a unit scale:
+
+    * 16-bit: ``c = z``, stored as is (the coefficient bound);
+    * a per-token scale ``s`` is at most ``2^(1/16)`` times its statistic (log8 rounds an absmax up one step) and
+      ``|c_j| <= l s``: ``||c|| <= 2^(1/16) sqrt(n) ||z||`` for an absmax (``l = 1``, absmax <= ``||z||``), ``2^(1/16)
+      l ||z||`` for an RMS (``= ||z|| / sqrt(n)``); a relative (log8) scale is never below ``2^-8`` times its
+      reference (the RMS of the segment's deviations), so ``c`` reaches ``l sqrt(n) ref 2^-8`` whatever ``z``;
+    * a channel scale: ``|c_j| <= l sigma_j`` whatever ``z``.
+
+    By the triangle inequality over segments, ``||x|| <= ||mean|| + g (sqrt(S) + G g ||mean||)`` with ``S`` the
+    sum of the squared fixed reaches (channel, log8 floor) and ``G`` the largest per-token factor (1 for 16-bit)."""
+    r = stream.rank
+    var = basis.variance[..., :r].double().clamp_min(0)
+    mean = basis.mean.double().norm(dim=-1)
+    g = math.sqrt(1 + r * orthonormality_error(basis.basis[..., :r]))
+    scheme, quantizer = SCALES[stream.scale], QUANTIZERS[stream.quantizer]
+    relative = SCALE_FORMATS[stream.scale_format].relative
+    fixed, gain, coefficient, start = torch.zeros_like(mean), 0.0, 0.0, 0
+    for seg in stream.kept:
+        part, start = slice(start, start + seg.size), start + seg.size
+        if seg.bits == 16:
+            gain, coefficient = max(gain, 1.0), g * mean.max().item()
+            continue
+        top = quantizer.levels(seg.bits, scheme.statistic).abs().max().item()
+        if not scheme.per_token:
+            fixed = fixed + top**2 * var[..., part].sum(-1)
+            continue
+        gain = max(gain, _SCALE_ROUNDING * top * (math.sqrt(seg.size) if scheme.statistic == "absmax" else 1.0))
+        if relative:
+            lowest = (var[..., part].mean(-1).sqrt() * _RELATIVE_LOWEST).clamp_max(FP16_MAX)
+            fixed = fixed + seg.size * (top * lowest) ** 2
+    vector = mean + g * (fixed.sqrt() + gain * g * mean)
+    return (vector.max().item() if vector.numel() else 0.0), coefficient
 
 
 def orthonormality_error(basis: torch.Tensor) -> float:
@@ -119,8 +210,23 @@ class Bases(dict):
                     raise CodecError(f"{where}: the codec projects onto a PCA basis but none was given; fix: calibrate")
                 basis = self[(i, name)]
                 basis.check(where, shape.num_kv_heads, shape.head_dim, stream.rank)
+                basis.check_range(where, stream)
                 out[(i, name)] = basis.truncated(stream.rank)
         return out
+
+    def check_dtype(self, codec: CacheCodec, dtype: torch.dtype, exact_dtype: torch.dtype | None = None) -> None:
+        """Raise :class:`CodecRangeError` if a model in ``dtype`` would get keys or values it cannot hold from these
+        bases (checked once per codec and dtypes). Loading checks only what no dtype survives; a preset whose
+        vectors fit bf16 but not fp16 is refused here, when the cache is built for an fp16 model. The 16-bit
+        coefficients are stored in ``exact_dtype``, by default as ``CompressedLayer`` chooses: ``dtype`` if it is
+        16-bit, else fp16."""
+        exact = exact_dtype or (dtype if dtype.itemsize <= 2 else torch.float16)
+        memo = self.__dict__.setdefault("_in_range", set())
+        if (codec, dtype, exact) in memo:
+            return
+        for (i, name), basis in self.items():
+            basis.check_range(f"layer {i} {name}", codec.layers[i].stream(name), dtype, exact)
+        memo.add((codec, dtype, exact))
 
     def rotated_for(self, codec: CacheCodec, shape: ModelShape, seed: int = 0) -> "Bases":
         """Calibrated (variance-ordered) bases cut to the codec's ranks with each segment rotated: what a preset stores."""

@@ -14,7 +14,7 @@ import torch
 from transformers.cache_utils import Cache
 from tqdm.auto import tqdm
 
-from .bases import Bases, StreamBasis
+from .bases import Bases, StreamBasis, variance_floor
 from .codec import STREAMS, ModelShape
 from .passthrough import PassThroughLayer
 
@@ -37,6 +37,7 @@ class _Moments:
         cov = self.outer / self.count - mean[:, :, None] * mean[:, None, :]
         eigvals, eigvecs = torch.linalg.eigh(cov.cpu())
         eigvals, eigvecs = eigvals.flip(-1).clamp_min(0), eigvecs.flip(-1)
+        eigvals = torch.maximum(eigvals, variance_floor(eigvals))  # a direction with no spread decodes at the floor
         # Fix each eigenvector's sign (largest entry positive) so the same data gives the same basis, bit for bit.
         idx = eigvecs.abs().argmax(dim=1, keepdim=True)
         signs = torch.sign(torch.gather(eigvecs, 1, idx))

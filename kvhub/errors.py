@@ -12,6 +12,11 @@ class CodecError(KVHubError, ValueError):
     """A codec (ranks, bits, scale scheme, bases) that cannot work with the model it is applied to."""
 
 
+class CodecRangeError(CodecError):
+    """Bases whose statistics (means, variances) would decode to keys or values beyond what the model's dtype holds,
+    or that the decoder would clamp (zero, denormal or absurdly small variances)."""
+
+
 class ModelLoadError(KVHubError):
     """A model that cannot be loaded."""
 

@@ -358,10 +358,12 @@ class KVPreset:
     def build_cache(self, model: Any, allow_name_mismatch: bool = False):
         """A fresh :class:`~kvhub.cache.CompressedCache` for ``model`` (one per generation). The model is not
         changed: run it inside ``with kvhub.compressed_attention(model):`` to decode from the codes directly;
-        outside that block the cache rebuilds K/V for the model's own kernel (same results, slower)."""
+        outside that block the cache rebuilds K/V for the model's own kernel (same results, slower). Bases whose
+        keys or values would overflow the model's dtype are refused (:meth:`~kvhub.bases.Bases.check_dtype`)."""
         from .cache import CompressedCache
 
         self.check_model(model.config, getattr(model.config, "_name_or_path", None), allow_name_mismatch)
+        self.bases.check_dtype(self.codec, model.dtype)
         return CompressedCache(model.config, self.codec, self.bases)
 
 
