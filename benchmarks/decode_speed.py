@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -30,7 +31,7 @@ from kvhub import KVPreset, load_model
 from kvhub.attention import compressed_attention, enable
 from kvhub.bases import Bases, StreamBasis
 from kvhub.cache import CompressedCache
-from kvhub.codec import CacheCodec, LayerCodec, ModelShape, Segment, StreamCodec
+from kvhub.codec import CacheCodec, ModelShape, Segment, StreamCodec
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESET = ROOT / "presets" / "HuggingFaceTB--SmolLM2-135M-Instruct"
@@ -59,14 +60,15 @@ def random_bases(shape: ModelShape) -> Bases:
 
 
 def scaled_codec(preset: KVPreset, shape: ModelShape) -> CacheCodec:
-    """The preset's first-layer layout, stretched to ``shape``'s head_dim and repeated over its layers."""
-    factor = shape.head_dim // preset.shape.head_dim
+    """The preset's first-layer layout, its segments scaled to ``shape``'s head_dim (wider or narrower), repeated over
+    its layers; level set and scale format kept, so the shipped formats are what another shape is timed with."""
     layer = preset.codec.layers[0]
 
     def stretch(s: StreamCodec) -> StreamCodec:
-        return StreamCodec(tuple(Segment(g.size * factor, g.bits) for g in s.segments), s.projection, s.scale)
+        segments = tuple(Segment(g.size * shape.head_dim // preset.shape.head_dim, g.bits) for g in s.segments)
+        return replace(s, segments=segments)
 
-    one = LayerCodec(stretch(layer.keys), stretch(layer.values), layer.sink, layer.window)
+    one = replace(layer, keys=stretch(layer.keys), values=stretch(layer.values))
     return CacheCodec((one,) * shape.num_layers, preset.codec.flush_block)
 
 
