@@ -152,6 +152,34 @@ def test_chunk_from_another_preset_is_refused(chunks, preset, tmp_path):
                                                            torch.empty_like(src[0]), HeadSlice(0, 3))
 
 
+def test_a_chunk_of_another_model_is_refused_even_when_shapes_match(chunks, preset, tmp_path):
+    """The serde's preset is for SmolLM2; an engine serving another model of the same shapes keys its chunks with
+    that model's name: the serde refuses to store them, and refuses to read one stored under that name, unless the
+    serde's `model` option says the engine's name is this preset's model."""
+    from lmcache.v1.distributed.api import ObjectKey
+
+    from kvhub.integrations.lmcache import KVHubSerializer
+
+    src = fp16(chunks[0])[:1]
+    other = "other-org/Same-Shapes-Model"
+    with DiskStore(tmp_path / "a", kvhub_serde(), model_name=other, timeout_s=5) as store:
+        with pytest.raises(Exception, match="stored 0 of 1"):
+            store.put(src, [store.key(src[0])])
+    with DiskStore(tmp_path / "b", kvhub_serde(model=other)) as store:  # told the engine's name: stored
+        keys = [store.key(src[0])]
+        store.put(src, keys)
+        store.evict(keys)
+    with DiskStore(tmp_path / "b", kvhub_serde(), model_name=other) as store:  # the same files, default serde
+        assert store.get(keys, src[0].shape, src[0].dtype) is None  # refused on read: a miss, never garbage
+    serializer = KVHubSerializer(ChunkCodec(preset), None, None, preset.base_model["id"])
+    with pytest.raises(ChunkPresetMismatchError, match=f"a chunk of model '{other}'.*\"model\": \"{other}\""):
+        serializer.heads(ObjectKey(chunk_hash=b"0" * 16, model_name=other, kv_rank=0), 192)
+    assert serializer.heads(ObjectKey(chunk_hash=b"0" * 16, model_name=preset.base_model["id"].lower(), kv_rank=0),
+                            192) == HeadSlice(0, 3)
+    with pytest.raises(CodecError, match="'model' must be a model name"):
+        create_serde({"preset": str(PRESET), "model": ""})
+
+
 def test_truncated_file_is_refused(chunks, preset, tmp_path):
     src = fp16(chunks[0])[:1]
     with DiskStore(tmp_path, kvhub_serde()) as store:

@@ -14,7 +14,10 @@ stores every chunk with the preset's calibrated codec (:mod:`kvhub.integrations.
   carries no position to tell whether it holds the attention sinks;
 * ``tp_size`` / ``tp_rank``: the tensor-parallel layout, when the object key's ``kv_rank`` does not say it (a
   pipeline-parallel engine packs both into one world size: set them explicitly);
-* ``max_workers``: threads of LMCache's serde pool.
+* ``max_workers``: threads of LMCache's serde pool;
+* ``model`` (default: the preset's base model id): the model name the engine's chunk keys carry, when it serves the
+  preset's model under another name (a local path, ``--served-model-name``). A chunk keyed with any other model is
+  refused, even when its shapes match the preset's: another model's K/V would decode to plausible garbage.
 
 A chunk written with another preset, a truncated buffer or a chunk of another shape raises a typed
 :class:`~kvhub.errors.ChunkError`; LMCache then reports the load as failed and recomputes, never reading garbage.
@@ -35,12 +38,12 @@ from lmcache.v1.distributed.serde import (
 )
 from lmcache.v1.memory_management import MemoryObj
 
-from ..errors import ChunkShapeError, CodecError
+from ..errors import ChunkPresetMismatchError, ChunkShapeError, CodecError
 from ..preset import KVPreset
 from .chunks import ChunkCodec, HeadSlice
 
 SERDE_TYPE = "kvhub"
-_OPTIONS = {"preset", "revision", "exact", "tp_size", "tp_rank", "max_workers"}
+_OPTIONS = {"preset", "revision", "exact", "tp_size", "tp_rank", "max_workers", "model"}
 
 
 def _world_from_kv_rank(kv_rank: int) -> tuple[int, int]:
@@ -51,13 +54,21 @@ def _world_from_kv_rank(kv_rank: int) -> tuple[int, int]:
 
 
 class _KVHubSerde:
-    """What the serializer and the deserializer share: the chunk codec and where a key's heads are."""
+    """What the serializer and the deserializer share: the chunk codec, the model its keys must name, and where a
+    key's heads are."""
 
-    def __init__(self, codec: ChunkCodec, tp_size: int | None, tp_rank: int | None) -> None:
+    def __init__(self, codec: ChunkCodec, tp_size: int | None, tp_rank: int | None, model: str) -> None:
         self.codec = codec
         self.tp = None if tp_size is None else (tp_rank or 0, tp_size)
+        self.model = model
 
     def heads(self, key: ObjectKey, local_dim: int) -> HeadSlice:
+        """The key's head slice, once the key is known to be the preset's model's."""
+        if key.model_name.lower() != self.model.lower():
+            raise ChunkPresetMismatchError(
+                f"a chunk of model '{key.model_name}', but the kvhub serde's preset is for '{self.model}'; fix: "
+                f"configure the preset made for '{key.model_name}', or, if that is this model served under another "
+                f"name, set the serde option \"model\": \"{key.model_name}\"")
         rank, world = self.tp or _world_from_kv_rank(key.kv_rank)
         return HeadSlice.for_rank(self.codec.shape.num_kv_heads, self._local_heads(local_dim), rank, world)
 
@@ -116,11 +127,15 @@ def create_serde(kwargs: dict[str, Any]) -> SerdeProcessor:
     tp_size, tp_rank = _int_option(kwargs, "tp_size"), _int_option(kwargs, "tp_rank")
     if tp_size == 0 or (tp_rank is not None and tp_size is None):
         raise CodecError("kvhub serde: tp_size must be >= 1 and given whenever tp_rank is")
+    model = kwargs.get("model")
+    if model is not None and (not isinstance(model, str) or not model):
+        raise CodecError(f"kvhub serde option 'model' must be a model name, got {model!r}")
     preset = KVPreset.from_pretrained(kwargs["preset"], revision=kwargs.get("revision"))
     codec = ChunkCodec(preset, _int_option(kwargs, "exact"))
+    model = model or preset.base_model["id"]
     return AsyncSerdeProcessor(
-        KVHubSerializer(codec, tp_size, tp_rank),
-        KVHubDeserializer(codec, tp_size, tp_rank),
+        KVHubSerializer(codec, tp_size, tp_rank, model),
+        KVHubDeserializer(codec, tp_size, tp_rank, model),
         max_workers=_int_option(kwargs, "max_workers") or 1,
     )
 

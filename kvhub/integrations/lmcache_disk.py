@@ -44,16 +44,26 @@ class _Stored(L2AdapterListener):
         pass
 
 
+def _served_model(serde: dict[str, Any] | None) -> str:
+    """The model name keys carry by default: the one a kvhub serde expects (its ``model``, else its preset's model),
+    as an engine serving that model would name it; "kvhub" for any other serde."""
+    if serde is None or serde.get("type") != "kvhub":
+        return "kvhub"
+    from ..preset import KVPreset
+
+    return serde.get("model") or KVPreset.from_pretrained(serde["preset"], revision=serde.get("revision")).base_model["id"]
+
+
 class DiskStore:
     """``DiskStore(folder, serde={"type": "kvhub", "preset": ...})``; ``serde=None`` stores the raw chunks."""
 
-    def __init__(self, folder: str | Path, serde: dict[str, Any] | None, model_name: str = "kvhub",
+    def __init__(self, folder: str | Path, serde: dict[str, Any] | None, model_name: str | None = None,
                  l1_gb: float = 0.5, timeout_s: float = 120.0) -> None:
         adapter: dict[str, Any] = {"type": "fs", "base_path": str(folder), "relative_tmp_dir": "tmp"}
         if serde is not None:
             adapter["serde"] = serde
         self.folder = Path(folder)
-        self.model_name = model_name
+        self.model_name = model_name or _served_model(serde)
         self.timeout_s = timeout_s
         self.manager = StorageManager(parse_args(["--l1-size-gb", str(l1_gb), "--eviction-policy", "LRU",
                                                   "--l2-adapter", json.dumps(adapter)]))
