@@ -43,7 +43,6 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 from huggingface_hub.utils import get_session, httpx, validate_repo_id
-from huggingface_hub.utils.sha import sha_fileobj
 
 from .errors import (
     HubAuthError,
@@ -57,6 +56,7 @@ from .errors import (
     HubTooLargeError,
     HubUnsafePathError,
 )
+from .preset_files import sha256_file
 
 PUBLIC_ENDPOINT = "https://huggingface.co"
 PROBE_TIMEOUT_S = 3.0
@@ -86,12 +86,6 @@ class FileRecord:
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "size": self.size, "sha256": self.sha256}
-
-
-def sha256_file(path: Path) -> str:
-    """The hex sha256 of a file, read in blocks (``huggingface_hub``'s, as the client hashes what it uploads)."""
-    with open(path, "rb") as f:
-        return sha_fileobj(f).hex()
 
 
 # Hashes already taken in this process, keyed by what changes when a file does (so a download verified against the

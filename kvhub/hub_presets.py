@@ -32,10 +32,9 @@ from .errors import (
     PresetFileError,
 )
 from .hub import FileRecord, fetch_file, records, say_once, upload_files, verify_files
-from .preset import _CONFIG_LIMITS, CONFIG_NAME, _read_config
+from .preset_files import CARD_NAME, CONFIG_LIMITS, CONFIG_NAME, read_config, read_preset
 from .registry import PACKAGED_SOURCE, Metrics, RegistryEntry, load_index, packaged_index
 
-CARD_NAME = "README.md"
 MAX_CARD_BYTES = 1 << 20  # a model card no registry entry pins (extract-pr's cap on a README.md)
 _REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -163,7 +162,7 @@ def _download(repo_id: str, revision: str | None, entry: RegistryEntry | None, n
 
     pins = {f.name: f.size for f in entry.files} if entry is not None and revision == entry.revision else {}
     try:
-        snapshot = fetch(CONFIG_NAME, revision, pins.get(CONFIG_NAME, _CONFIG_LIMITS.max_bytes)).parent
+        snapshot = fetch(CONFIG_NAME, revision, pins.get(CONFIG_NAME, CONFIG_LIMITS.max_bytes)).parent
     except HubNotFoundError as exc:
         if not isinstance(exc.__cause__, RemoteEntryNotFoundError):
             raise
@@ -177,7 +176,7 @@ def _download(repo_id: str, revision: str | None, entry: RegistryEntry | None, n
     if pinned_entry is not None:  # the config first: the sizes it lists become limits
         verify_files(snapshot, [f for f in pinned_entry.files if f.name == CONFIG_NAME], against=f"the registry "
                      f"entry for {pinned_entry.model}", fix=fix, root=root)
-    sizes = {f["name"]: f["size"] for f in _read_config(snapshot)["files"]}
+    sizes = {f["name"]: f["size"] for f in read_config(snapshot)["files"]}
     if pinned_entry is not None:
         sizes |= {f.name: f.size for f in pinned_entry.files if f.name != CONFIG_NAME}
     for filename, size in sizes.items():
@@ -201,7 +200,7 @@ def _verify(folder: Path, entry: RegistryEntry | None, fix: str,
     The registry is checked first because it also covers the config file itself."""
     if entry is not None:
         verify_files(folder, entry.files, against=f"the registry entry for {entry.model}", fix=fix, root=root)
-    config = _read_config(folder)
+    config = read_config(folder)
     listed = [FileRecord.from_json(f) for f in config["files"]]
     verify_files(folder, listed, against=CONFIG_NAME, fix=fix, root=root)
     pinned = entry.files if entry is not None else ()
@@ -249,10 +248,9 @@ def push_preset(
     ``create_pr`` opens a pull request against it instead.
     """
     from .card import model_card
-    from .preset import KVPreset
 
     folder = Path(folder)
-    config = KVPreset.load_folder(folder).config
+    config = read_preset(folder).config
     files: dict[str, Path | bytes] = {CONFIG_NAME: folder / CONFIG_NAME}
     files.update({f["name"]: folder / f["name"] for f in config["files"]})
     files[CARD_NAME] = model_card(config).encode("utf-8")

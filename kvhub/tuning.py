@@ -295,7 +295,7 @@ def split_calibration(tokenizer, calib_files: list[str], cfg: TuneConfig):
 def validated_by_registry(folder: Path) -> str | None:
     """What the registry (the index packaged with kvhub) validated of the preset in ``folder``, in a few words
     (``4.31x at +0.70%``), when an entry with status ``validated`` pins this very ``kvhub_preset.json``; else None."""
-    from .preset import CONFIG_NAME, sha256_file
+    from .preset_files import CONFIG_NAME, sha256_file
     from .registry import packaged_index
 
     digest = sha256_file(folder / CONFIG_NAME)

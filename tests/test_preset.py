@@ -31,7 +31,8 @@ from kvhub import (
     PresetTensorError,
 )
 from kvhub.errors import PresetWriteError
-from kvhub.preset import BASES_NAME, CONFIG_NAME, sha256_file
+from kvhub.preset import BASES_NAME, CONFIG_NAME
+from kvhub.preset_files import sha256_file
 from kvhub.recipe import Recipe, import_legacy_preset
 from tests.paths import PRESETS, ROOT
 from tests.tiny_models import VOCAB, tiny_bases, tiny_model

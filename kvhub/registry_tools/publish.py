@@ -149,7 +149,7 @@ def publish_preset(
     public Hub. ``provenance_source`` overrides :func:`measured_by`; ``allow_weaker`` lets a preset that misses its
     own target, or was measured with a weaker protocol than the entry it replaces, through (see verify)."""
     from ..hub_presets import push_preset
-    from ..preset import _read_config
+    from ..preset_files import read_config
 
     folder = Path(folder)
     source = RepoLayout(Path(root))
@@ -162,7 +162,7 @@ def publish_preset(
                 f"--dry-run pushes the preset for real, so it refuses the public Hub ({PUBLIC_ENDPOINT}); fix: pass "
                 "--endpoint of a local or staging hub (or HF_ENDPOINT)"
             )
-    config = _read_config(folder)
+    config = read_config(folder)
     entry = index.find(config["base_model"]["id"])
     repo_id = repo_id or (entry.repo_id if entry is not None else None)
     if not repo_id:

@@ -259,12 +259,12 @@ def _entry_protocol(entry: RegistryEntry) -> tuple[dict[str, int], str]:
     """The protocol behind a validated entry: from its preset's config when the copy packaged with kvhub is the one it
     pins, else what the index records (the window length, and whether a needle grid was run)."""
     from ..hub_presets import packaged_preset_folder
-    from ..preset import CONFIG_NAME, _read_config, sha256_file
+    from ..preset_files import CONFIG_NAME, read_config, sha256_file
 
     folder = packaged_preset_folder(entry.model)
     pinned = {f.name: f.sha256 for f in entry.files}
     if folder is not None and pinned.get(CONFIG_NAME) == sha256_file(folder / CONFIG_NAME):
-        return protocol(_read_config(folder)["metrics"]), "its preset's config"
+        return protocol(read_config(folder)["metrics"]), "its preset's config"
     assert entry.metrics is not None  # validated entries carry metrics (schema)
     needle = entry.metrics.needle_accuracy is not None
     return {"window tokens": entry.metrics.context_length, "needle cells": 1 if needle else 0}, "the registry index"
