@@ -11,6 +11,7 @@ from .attention import is_compressed_attention
 from .bases import Bases
 from .codec import CacheCodec, ModelShape
 from .layer import CompressedLayer
+from .storage import Scratch
 from .stream import derived_tensors
 
 COMPRESSIBLE = ("full_attention", "sliding_attention")
@@ -37,12 +38,15 @@ def shared_storages(bases: Bases) -> dict[int, int]:
 
 
 def walked_nbytes(cache: Cache, exclude: set[int]) -> int:
-    """Bytes of every distinct tensor storage reachable from ``cache``'s layers by walking their attributes (dicts,
-    lists, tuples and kvhub objects), storages in ``exclude`` left out: an allocation count that shares nothing with
-    the buffers' own bookkeeping (:meth:`CompressedCache.reserved_nbytes`), for tests and benchmarks."""
-    seen, total, stack = set(), 0, [layer.__dict__ for layer in cache.layers]
+    """Bytes of every distinct tensor storage reachable from ``cache`` by walking its attributes (dicts, lists,
+    tuples and kvhub objects), storages in ``exclude`` left out: an allocation count that shares nothing with the
+    buffers' own bookkeeping (:meth:`CompressedCache.reserved_nbytes`), for tests and benchmarks."""
+    seen, visited, total, stack = set(), set(), 0, [cache.__dict__]
     while stack:
         obj = stack.pop()
+        if id(obj) in visited:  # objects refer to each other (a layer to its cache's scratch, bases to memos)
+            continue
+        visited.add(id(obj))
         for v in obj.values() if isinstance(obj, dict) else obj:
             if isinstance(v, torch.Tensor):
                 ptr = v.untyped_storage().data_ptr()
@@ -51,7 +55,7 @@ def walked_nbytes(cache: Cache, exclude: set[int]) -> int:
                     total += v.untyped_storage().nbytes()
             elif isinstance(v, (dict, list, tuple)):
                 stack.append(v)
-            elif type(v).__module__.startswith("kvhub") and hasattr(v, "__dict__"):
+            elif hasattr(v, "__dict__") and type(v).__module__.startswith(("kvhub", "transformers.cache_utils")):
                 stack.append(v.__dict__)
     return total
 
@@ -75,6 +79,7 @@ class CompressedCache(Cache):
         self.codec = codec
         self.bases = _prepared(bases if bases is not None else Bases(), codec, self.shape)
         layer_types, layer_kwargs = get_layer_types_and_kwargs(text_config)
+        self.scratch = Scratch()  # the PyTorch decode path's temporaries, shared by the layers (one at a time)
         layers = []
         for i, (layer_type, kwargs) in enumerate(zip(layer_types, layer_kwargs)):
             layer_codec = codec.layers[i]
@@ -88,6 +93,7 @@ class CompressedCache(Cache):
                         sliding_window=kwargs.get("sliding_window"),
                         exact_dtype=exact_dtype,
                         fast_path=self._uses_compressed_attention,
+                        scratch=self.scratch,
                     )
                 )
             else:
@@ -151,8 +157,8 @@ class CompressedCache(Cache):
         return self.fp16_nbytes() / held if held else 1.0
 
     def reserved_nbytes(self) -> int:
-        """Bytes allocated, including the growth headroom of the preallocated buffers."""
-        total = 0
+        """Bytes allocated, including the growth headroom of the preallocated buffers and the decode scratch."""
+        total = self.scratch.nbytes()
         for layer in self.layers:
             if isinstance(layer, CompressedLayer) and layer.is_initialized:
                 total += sum(s.reserved_nbytes() for s in layer.streams.values()) + layer.nbytes()["full_precision"]

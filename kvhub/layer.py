@@ -29,9 +29,15 @@ from transformers.cache_utils import CacheLayerMixin
 
 from .bases import StreamBasis
 from .codec import LayerCodec
+from .errors import KVHubError
+from .storage import Scratch
 from .stream import CompressedStream
 
 MASKED = torch.finfo(torch.float32).min  # additive mask value; -inf would turn a fully masked (pad) row into NaN
+
+
+class HistoryLostError(KVHubError, RuntimeError):
+    """A layer handed attention only its exact tokens, and nothing read its compressed history."""
 
 
 def _cat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -78,11 +84,14 @@ class CompressedLayer(CacheLayerMixin):
         sliding_window: int | None = None,
         exact_dtype: torch.dtype | None = None,
         fast_path: Callable[[], bool] | None = None,
+        scratch: Scratch | None = None,
     ) -> None:
         super().__init__()
         self.requested_exact_dtype = exact_dtype
         self.fast_path = fast_path
+        self.scratch = scratch if scratch is not None else Scratch()
         self.visible = 0
+        self.awaiting = False  # exact tokens handed out, history not read yet
         self.codec = codec
         self.bases = {"keys": key_basis, "values": value_basis}
         self.flush_block = flush_block
@@ -103,12 +112,20 @@ class CompressedLayer(CacheLayerMixin):
         self.sink_keys, self.sink_values = empty.clone(), value_states[:, :, :0].to(self.exact_dtype)
         self.recent_keys, self.recent_values = empty.clone(), self.sink_values.clone()
         self.streams = {
-            name: CompressedStream(self.codec.stream(name), self.bases[name], self.device, self.exact_dtype)
+            name: CompressedStream(self.codec.stream(name), self.bases[name], self.device, self.exact_dtype,
+                                   self.scratch)
             for name in ("keys", "values")
         }
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if self.awaiting:
+            self.awaiting = False
+            raise HistoryLostError(
+                "kvhub: the last call's attention never read this layer's compressed history, so its output ignored "
+                "it (the keys were copied on their way to attention, or a kernel outside kvhub ran); fix: run the "
+                "model inside `with kvhub.compressed_attention(model):` and pass the cache's keys to attention as "
+                "they are")
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         n = key_states.shape[-2]
@@ -126,6 +143,7 @@ class CompressedLayer(CacheLayerMixin):
             keys = torch.cat([self.sink_keys, self.recent_keys, key_states], -2)
             values = torch.cat([self.sink_values, self.recent_values, value_states], -2)
             keys._kvhub_layer, keys._kvhub_sink = self, self.sink_keys.shape[-2]
+            self.awaiting = True
         else:
             keys, values = self._materialized(key_states, value_states)
         self._store(key_states, value_states, first)
@@ -160,6 +178,12 @@ class CompressedLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return self.sliding_window if self.is_sliding else -1
 
+    def take_history(self) -> int:
+        """For :func:`kvhub.attention.attend`: how many compressed tokens this call's attention reads (and that it
+        read them, see :class:`HistoryLostError`)."""
+        self.awaiting = False
+        return self.visible
+
     # --- layout ---------------------------------------------------------------------------------------------
     def _permuted(self) -> torch.Tensor | None:
         """The sink order while its tokens are still held (a sliding layer forgets them as one block)."""
@@ -187,8 +211,10 @@ class CompressedLayer(CacheLayerMixin):
 
     def storage_mask(self, mask: torch.Tensor | None, query_length: int, total: int) -> torch.Tensor | None:
         """The additive mask ``[B|1, 1, M, total]`` over held-then-new tokens in storage order, from the model's mask
-        over the columns :meth:`get_mask_sizes` announced (``None``: nothing to mask). Older held tokens a sliding
-        layer has not forgotten yet are masked; a padded row's sink and pad columns are permuted like its tokens."""
+        over the columns :meth:`get_mask_sizes` announced (``None``: nothing to mask). A sliding layer masks what its
+        window hides itself: held tokens it has not forgotten yet, and (under a flash-attention mask, which is None
+        or 2-D and leaves the window to the kernel) tokens older than each query's window; a padded row's sink and
+        pad columns are permuted like its tokens."""
         if mask is not None and mask.shape[-1] > total:  # a 2D padding mask spans every position ever seen
             mask = mask[..., -total:]
         columns = mask.shape[-1] if mask is not None else total
@@ -201,12 +227,25 @@ class CompressedLayer(CacheLayerMixin):
                 mask = torch.zeros(1, 1, query_length, columns, device=self.device)
             hidden = mask.new_full((*mask.shape[:-1], total - columns), MASKED)
             mask = torch.cat([hidden, mask], -1)
+        if self.is_sliding and total > self.sliding_window:
+            mask = self._window_mask(mask, query_length, total)
         order = self._permuted()
         if mask is not None and order is not None:
             k = order.shape[1]
             index = order[:, None, None, :].expand(order.shape[0], 1, mask.shape[2], k)
             mask = torch.cat([mask[..., :k].expand(order.shape[0], -1, -1, -1).gather(-1, index), mask[..., k:].expand(order.shape[0], -1, -1, -1)], -1)
         return mask
+
+    def _window_mask(self, mask: torch.Tensor | None, query_length: int, total: int) -> torch.Tensor:
+        """``mask`` with every column older than its query's window hidden. Held tokens are the last ``total``
+        positions in tensor order (forgetting drops the oldest), queries the last ``query_length``: column ``j``
+        is outside query ``i``'s window when ``j - total <= i - query_length - window``."""
+        j = torch.arange(total, device=self.device)
+        i = torch.arange(query_length, device=self.device)
+        outside = (j[None, :] - total) <= (i[:, None] - query_length - self.sliding_window)
+        if mask is None:
+            mask = torch.zeros(1, 1, query_length, total, device=self.device)
+        return mask.masked_fill(outside, MASKED)
 
     # --- compression ----------------------------------------------------------------------------------------
     def _flush(self) -> None:
@@ -304,6 +343,7 @@ class CompressedLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.is_initialized = False
+        self.awaiting = False
         self.cumulative_length = 0
         self.dropped = 0
         self.order = None

@@ -58,10 +58,11 @@ class GrowableTensor:
         self.length = keep.shape[TOKEN_DIM]
 
     def map_batch(self, fn) -> None:
-        """Apply a batch-axis operation (beam reorder, repeat, select) to the filled part."""
+        """Apply a batch-axis operation (beam reorder, repeat, select) to the whole buffer, headroom included: one
+        copy, and the next appends still land in place (applied to the filled part only, every beam step would
+        copy twice, once here and once to regrow)."""
         if self.buf is not None:
-            self.buf = fn(self.view()).contiguous()
-            self.length = self.buf.shape[TOKEN_DIM]
+            self.buf = fn(self.buf).contiguous()
 
     def to(self, device) -> None:
         if self.buf is not None:
@@ -75,3 +76,24 @@ class GrowableTensor:
 
     def reserved_nbytes(self) -> int:
         return 0 if self.buf is None else self.buf.nbytes
+
+
+class Scratch:
+    """Reused buffers for per-step temporaries the size of a layer's history (one per ``slot``), owned by one cache
+    and shared by its layers (they decode one at a time). A fresh allocation that large is served by new pages from
+    the OS, and faulting them in cost 3-4x the conversion itself (measured on CPU). Counted in the cache's
+    allocation, freed with it."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple, torch.Tensor] = {}
+
+    def get(self, slot: str, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        key = (slot, dtype, torch.device(device))
+        n = int(torch.Size(shape).numel())
+        buf = self.buffers.get(key)
+        if buf is None or buf.numel() < n:
+            buf = self.buffers[key] = torch.empty(max(n, 1 << 16), dtype=dtype, device=device)
+        return buf[:n].view(shape)
+
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in self.buffers.values())

@@ -84,29 +84,3 @@ def random_stream(segments, projection, scale, heads, dim, bsz, tokens, passthro
     s.append(x[:, :, :cut].to(device))
     s.append(x[:, :, cut:].to(device))
     return s
-
-
-def decode_logits_by_path(arch: str, steps: int, paths: tuple[str, ...], monkeypatch) -> dict:
-    """A tiny ``arch`` model's logits over ``steps`` decode steps of a left-padded batch of 2 after a 30-token
-    prefill, once per ``KVHUB_KERNELS`` path (lossy 4/2-bit codec, sink 2, window 2): ``{path: logits}``."""
-    from kvhub import CacheCodec, CompressedCache, ModelShape, compressed_attention
-
-    model = tiny_model(arch)
-    shape = ModelShape.from_config(model.config)
-    codec = CacheCodec.uniform(shape, 4, 2, value_rank=12, sink=2, window=2)
-    bases = tiny_bases(model).rotated_for(codec, shape)
-    ids = torch.randint(3, VOCAB, (2, 30 + steps), generator=torch.Generator().manual_seed(9))
-    mask = torch.ones_like(ids)
-    mask[1, :5] = 0
-    logits = {}
-    for path in paths:
-        monkeypatch.setenv("KVHUB_KERNELS", path)
-        cache = CompressedCache(model.config, codec, bases)
-        outs = []
-        with torch.no_grad(), compressed_attention(model):
-            model(input_ids=ids[:, :30], attention_mask=mask[:, :30], cache=cache, use_cache=True)
-            for t in range(30, 30 + steps):
-                outs.append(model(input_ids=ids[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=cache,
-                                  use_cache=True).logits)
-        logits[path] = torch.cat(outs, 1)
-    return logits

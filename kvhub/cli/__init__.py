@@ -22,9 +22,9 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from . import demo, evaluate, hub, preset, registry, tune
+    from . import backends, demo, evaluate, hub, preset, registry, tune
 
-    for module in (demo, preset, evaluate, tune, hub, registry):
+    for module in (demo, preset, evaluate, tune, hub, registry, backends):
         for command in module.COMMANDS:
             cli.add_command(command)
 

@@ -16,12 +16,12 @@ import torch
 from .native_build import library
 
 MAX_RANK, MAX_SEGMENTS = 256, 16  # stored components and segments per stream: the C buffers' sizes (cpu_decode.c)
-_HALF = {torch.float16: 1, torch.bfloat16: 2}
+DTYPES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3}  # 16-bit segments as stored (cpu_decode.c)
+SCALE_KINDS = {torch.float16: 1, torch.uint8: 2}  # per-token scales: fp16 values, or byte codes and a table
 
 
-def supports(stream) -> bool:
-    """Whether the kernels' fixed buffers hold the stream's rows and the kernels are built."""
-    return stream.codec.rank <= MAX_RANK and len(stream.segments) <= MAX_SEGMENTS and library() is not None
+class KernelError(RuntimeError):
+    """The C kernels refused the shapes they were given (they check them against their fixed buffers)."""
 
 
 def _ptr(t: torch.Tensor | None) -> ctypes.c_void_p:
@@ -32,62 +32,56 @@ def _i64(*values: int):
     return (ctypes.c_int64 * len(values))(*values)
 
 
-_LAYOUTS: dict = {}
-
-
-def _layout(stream) -> tuple:
-    """Per kept segment the C ``Segment``'s fields that follow from the codec alone (bits, column, scale, offset,
-    level-table address), made once per (codec, device); the tables are held with them."""
-    device = stream.codes[0].buf.device
-    key = (stream.codec, device)
-    if key not in _LAYOUTS:
-        tables = [stream.level_table(seg.bits) for seg in stream.segments]
-        fields = tuple((seg.bits, g.start, -1 if g.scale is None else g.scale, -1 if g.offset is None else g.offset,
-                        t.data_ptr() if t is not None else 0)
-                       for seg, g, t in zip(stream.segments, stream.decoder().groups, tables))
-        _LAYOUTS[key] = (fields, tables)
-    return _LAYOUTS[key][0]
-
-
-def _segments(stream, history: int) -> tuple:
-    """The stream's stored segments as the C ``Segment`` array (one flat int64 array; buffer addresses move when
-    a buffer grows, so it is built per call), their count, and the per-token scales and their strides."""
+def _segments(stream) -> tuple:
+    """The stream's stored segments as the C ``Segment`` array (one flat int64 array: buffer addresses move when a
+    buffer grows, so it is built per call) and the ``Scales`` record."""
+    plan = stream.plan()
     fields = []
-    static = _layout(stream)
-    for known, store in zip(static, stream.codes):
+    for seg, store in zip(plan.segments, stream.codes):
         buf = store.buf  # the stored rows start at the buffer's start: no view needed
-        fields += [*known, buf.shape[-1], _HALF.get(buf.dtype, 0), *buf.stride()[:3], buf.data_ptr()]
-    scales = stream.token_scales(0, history)
-    strides = _i64(*(scales.stride()[:3] if scales is not None else (0, 0, 0)))
-    return _i64(*fields), len(static), scales, strides
+        fields += [seg.bits, seg.start, -1 if seg.scale is None else seg.scale, round(2 * seg.centre),
+                   _ptr(seg.table).value or 0, buf.shape[-1], DTYPES.get(buf.dtype, 0), *buf.stride()[:3],
+                   buf.data_ptr()]
+    scales = stream.scales.buf if stream.n_scaled else None
+    kind = 0 if scales is None else SCALE_KINDS[scales.dtype]
+    lut = plan.scale_table if kind == 2 else None
+    record = _i64(kind, _ptr(scales).value or 0, *(scales.stride()[:3] if scales is not None else (0, 0, 0)),
+                  _ptr(lut).value or 0, 0 if lut is None else lut.shape[1])
+    return _i64(*fields), len(plan.segments), record
+
+
+def _check(status: int) -> None:
+    if status != 0:
+        raise KernelError("kvhub: the C decode kernels refused this stream's layout (more segments or components "
+                          f"than they hold: {MAX_SEGMENTS} segments, {MAX_RANK} components); fix: KVHUB_KERNELS=torch")
 
 
 def history_scores(g: torch.Tensor, stream, history: int, out: torch.Tensor) -> None:
-    """``out[bh, m, t]`` for ``t < history`` (:func:`kvhub.attention._history_scores`): ``g`` [B*H, M, cols]
-    contiguous float32 (``q @ decoder.matrix``), ``out`` [B*H, M, >= history] float32 with tokens contiguous."""
+    """``out[bh, m, t]`` for ``t < history``: the scores of query rows against stored tokens, from ``g`` [B*H, M,
+    rank + 1] contiguous float32 (``q @ plan.matrix``); ``out`` [B*H, M, >= history] float32, tokens contiguous."""
     batch, heads = stream.codes[0].buf.shape[:2]
-    segs, nseg, scales, strides = _segments(stream, history)
+    segs, nseg, scales = _segments(stream)
     assert g.is_contiguous() and out.stride(-1) == 1
     shape = _i64(batch, heads, g.shape[1], history, g.shape[-1], stream.codec.rank)
-    library().kvhub_scores(shape, _ptr(g), ctypes.c_int64(nseg), segs, _ptr(scales), strides, _ptr(out),
-                           ctypes.c_int64(out.stride(0)), ctypes.c_int64(out.stride(1)))
+    _check(library().kvhub_scores(shape, _ptr(g), ctypes.c_int64(nseg), segs, scales, _ptr(out),
+                                  ctypes.c_int64(out.stride(0)), ctypes.c_int64(out.stride(1))))
 
 
 def history_values(p: torch.Tensor, stream, history: int) -> torch.Tensor:
-    """The coordinates [B*H, M, cols] of ``sum_t p_t x_t`` (:func:`kvhub.attention._history_values`) for weights
-    ``p`` [B*H, M, >= history] (the first ``history`` columns; tokens contiguous). The token splits' partial sums
-    take ``B*H * splits * M * cols`` floats: a few KB at decode."""
+    """The coordinates [B*H, M, rank + 1] of ``sum_t p_t x_t`` against the plan's matrix for weights ``p`` [B*H,
+    M, >= history] (the first ``history`` columns; tokens contiguous). The token splits' partial sums take ``B*H *
+    splits * M * cols`` floats: a few KB at decode."""
     batch, heads = stream.codes[0].buf.shape[:2]
-    cols = stream.decoder().matrix.shape[-1]
-    segs, nseg, scales, strides = _segments(stream, history)
+    cols = stream.codec.rank + 1
+    segs, nseg, scales = _segments(stream)
     assert p.stride(-1) == 1
     splits = value_splits(batch * heads, history)
     partial = torch.empty(batch * heads * splits * p.shape[1] * cols)
     coords = torch.empty(p.shape[0], p.shape[1], cols)
     shape = _i64(batch, heads, p.shape[1], history, cols, stream.codec.rank)
-    library().kvhub_values(shape, _ptr(p), ctypes.c_int64(p.stride(0)), ctypes.c_int64(p.stride(1)),
-                           ctypes.c_int64(nseg), segs, _ptr(scales), strides, _ptr(partial), ctypes.c_int64(splits),
-                           _ptr(coords))
+    _check(library().kvhub_values(shape, _ptr(p), ctypes.c_int64(p.stride(0)), ctypes.c_int64(p.stride(1)),
+                                  ctypes.c_int64(nseg), segs, scales, _ptr(partial), ctypes.c_int64(splits),
+                                  _ptr(coords)))
     return coords
 
 

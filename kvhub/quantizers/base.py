@@ -29,6 +29,11 @@ class Quantizer(ABC):
     def encode(self, z: torch.Tensor, scale: torch.Tensor, bits: int, statistic: Statistic) -> torch.Tensor:
         """uint8 codes of coefficients ``z``; ``scale`` (float32) broadcasts against ``z``."""
 
+    def grid(self, bits: int, statistic: Statistic) -> tuple[float, float] | None:
+        """``(step, centre)`` when the levels are evenly spaced, ``level(q) = (q - centre) * step``, so a decoder
+        computes a level from its code with no table; None where the levels must be looked up (:meth:`levels`)."""
+        return None
+
 
 class ScaleScheme(ABC):
     """Which statistic a segment's codes are scaled by, and whether it is stored per token."""
@@ -62,3 +67,9 @@ class ScaleFormat(ABC):
     @abstractmethod
     def load(self, stored: torch.Tensor, reference: torch.Tensor | None) -> torch.Tensor:
         """Stored [B, H, n, groups] -> fp16 scales of the same shape (a view where nothing needs converting)."""
+
+    def table(self, reference: torch.Tensor | None) -> torch.Tensor | None:
+        """For a format stored as byte codes: float32 [H, groups, 256], the scale each code loads as (what
+        :meth:`load` gives, fp16-rounded), so a kernel reads the byte and looks its scale up with no conversion
+        pass; None where the stored value is the fp16 scale itself."""
+        return None

@@ -5,7 +5,9 @@ need: on SmolLM2 (bundled layout, one window per corpus, benchmarks/results/dire
 -0.12 to +0.22 points on the books and -0.32 / -0.47 on the Python text (noise), while the scale bytes halve (10% of
 the bundled preset's total).
 An absmax rounds up to the next step (its outer level still reaches the largest coefficient), a deviation to the
-nearest step in the log domain; a statistic off the grid's ends saturates at them."""
+nearest step in the log domain; a statistic off the grid's ends saturates at them. A loaded scale is clamped to
+fp16's largest finite value: 245 times a reference above ~267 would otherwise load as inf and turn its tokens into
+NaN."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from functools import lru_cache
 import torch
 
 from .base import ScaleFormat, Statistic
+from .scale_fp16 import FP16_MAX
 
 STEPS_PER_OCTAVE = 16
 ZERO = 128  # the code of the reference itself
@@ -43,4 +46,10 @@ class Log8Scale(ScaleFormat):
 
     def load(self, stored: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
         grid = _grid(stored.device)
-        return (grid[stored.long()] * reference[None, :, None, :]).half()
+        return (grid[stored.long()] * reference[None, :, None, :]).clamp_(max=FP16_MAX).half()
+
+    def table(self, reference: torch.Tensor) -> torch.Tensor:
+        codes = torch.arange(256, dtype=torch.uint8, device=reference.device)
+        heads, groups = reference.shape
+        loaded = self.load(codes[None, None, :, None].expand(1, heads, 256, groups), reference)  # [1, H, 256, G]
+        return loaded[0].float().transpose(-1, -2).contiguous()

@@ -28,6 +28,9 @@ class UniformQuantizer(Quantizer):
     def levels(self, bits: int, statistic: Statistic) -> torch.Tensor:
         return (torch.arange(2**bits, dtype=torch.float64) - half_levels(bits)) * self.unit_step(bits, statistic)
 
+    def grid(self, bits: int, statistic: Statistic) -> tuple[float, float]:
+        return self.unit_step(bits, statistic), half_levels(bits)
+
     def encode(self, z: torch.Tensor, scale: torch.Tensor, bits: int, statistic: Statistic) -> torch.Tensor:
         step = scale * self.unit_step(bits, statistic)
         q = torch.round(z / step + half_levels(bits))
