@@ -21,6 +21,11 @@ class ModelLoadError(KVHubError):
     """A model that cannot be loaded."""
 
 
+class UntrustedPathError(KVHubError):
+    """A file or folder in kvhub's cache that another user could have written (owner, mode or a link): kvhub loads
+    no code or weights from it."""
+
+
 class DeviceError(KVHubError, ValueError):
     """A device (``--device``) that is not a device name, or that this machine or this torch build does not have."""
 

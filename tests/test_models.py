@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from kvhub.cli import main
+from kvhub.errors import UntrustedPathError
 from kvhub.models import BENCHMARK_WHEEL_VERSION, benchmark_export_dir, benchmark_model_dir, load_model
 from tests.test_registry import eval_text, model_dir  # noqa: F401  (session fixtures: the tiny model on disk)
 
@@ -113,3 +114,53 @@ def test_a_cached_model_loads_at_once_when_the_hub_is_unreachable(local_hub, mod
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1 and "is unreachable" in warnings[0] and f"loaded {repo} from the Hub cache" in warnings[0]
     assert not any("Retrying" in r.getMessage() for r in caplog.records)
+
+
+# --- a shared cache (issue #22 item 1) ------------------------------------------------------------------------
+OTHER_UID = 65534
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="acting as a second user (uid 65534) needs root")
+
+
+def _planted(cache: Path, folder_owner: int, root_owner: int, file_mode: int = 0o644) -> Path:
+    """An export in ``cache`` (``KVHUB_CACHE``): the cache folder and the export folder owned by the given uids, the
+    cache folder writable by everyone when another user owns it (a pre-created shared folder)."""
+    export = cache / EXPORT
+    export.mkdir(parents=True)
+    (export / "config.json").write_text("{}")
+    (export / "model.safetensors").write_bytes(b"weights")
+    (export / "model.safetensors").chmod(file_mode)
+    os.chown(export, folder_owner, folder_owner)
+    os.chown(cache, root_owner, root_owner)
+    if root_owner != os.geteuid():
+        cache.chmod(0o777)
+    return export
+
+
+@needs_root
+@pytest.mark.parametrize("attack", ["export planted by another user", "cache folder pre-created by another user"])
+def test_an_export_another_user_could_write_is_refused(monkeypatch, tmp_path, attack):
+    """Another user plants the export in a shared cache, or pre-creates the cache folder (and can then swap our export
+    for theirs between a check and the load): nothing is loaded from it, in one line naming the fix."""
+    cache = tmp_path / "kvhub"
+    owner = OTHER_UID if attack.startswith("export") else os.geteuid()
+    _planted(cache, owner, OTHER_UID)
+    monkeypatch.setenv("KVHUB_CACHE", str(cache))
+    with pytest.raises(UntrustedPathError, match=r"is not a folder that only you can write \(owner uid 65534.*fix: "
+                                                 "remove it, or set KVHUB_CACHE to a folder only you can write"):
+        benchmark_model_dir()
+
+
+@pytest.mark.parametrize("attack", ["weights writable by others", "export is a link"])
+def test_a_loose_or_linked_export_in_our_own_cache_is_refused(monkeypatch, tmp_path, attack):
+    cache = tmp_path / "kvhub"
+    if attack == "export is a link":
+        elsewhere = _planted(tmp_path / "elsewhere", os.geteuid(), os.geteuid())
+        cache.mkdir()
+        (cache / EXPORT).symlink_to(elsewhere)
+        message = "cannot be opened as a folder .*a link is refused"
+    else:
+        _planted(cache, os.geteuid(), os.geteuid(), file_mode=0o666)
+        message = "model.safetensors is not a file that only you can write"
+    monkeypatch.setenv("KVHUB_CACHE", str(cache))
+    with pytest.raises(UntrustedPathError, match=message):
+        benchmark_model_dir()

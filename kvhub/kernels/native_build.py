@@ -8,10 +8,11 @@ into ``<kvhub cache>/native/`` under a name keyed by the source, flags, compiler
 A shared library is code run as the user who loads it, and the cache may sit on a shared, world-writable disk
 (``HF_HOME`` on a cluster), with a name anyone can compute. So a library is loaded only through a file descriptor
 whose file is a regular file (not a link) owned by this user and writable by no one else, in a ``native/`` folder
-with the same properties: another user can neither plant the file nor swap it between the check and the load. A
-build runs with a deadline (:data:`BUILD_TIMEOUT_S`, its whole process group killed past it), in a private temporary
-folder removed afterwards, and its output is published only once it loads and exports the kernels' symbols. Any
-failure is remembered for the process: one warning, then the PyTorch path, never a retry per decode step.
+with the same properties (:mod:`kvhub.trust`): another user can neither plant the file nor swap it between the check
+and the load. A build runs with a deadline (:data:`BUILD_TIMEOUT_S`, its whole process group killed past it), in a
+private temporary folder removed afterwards, and its output is published only once it loads and exports the
+kernels' symbols. Any failure is remembered for the process: one warning, then the PyTorch path, never a retry per
+decode step.
 """
 
 from __future__ import annotations
@@ -30,11 +31,11 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
+from ..errors import UntrustedPathError
 from ..models import cache_root
+from ..trust import check_stat, private_dir
 
 SOURCE = Path(__file__).with_name("cpu_decode.c")
 SYMBOLS = ("kvhub_scores", "kvhub_values")  # the entry points; they return an int status (ctypes' default)
@@ -112,33 +113,6 @@ def _run(argv: list[str], deadline: float, cwd: Path | None = None) -> tuple[int
     return code, head.decode(errors="replace")
 
 
-def _trusted_fd(fd: int, what: str, kind: int) -> None:
-    """Raise BuildFailed unless the open ``fd`` is a ``kind`` (``stat.S_IFDIR``/``S_IFREG``) owned by this user
-    that no one else may write."""
-    st = os.fstat(fd)
-    if stat.S_IFMT(st.st_mode) != kind or st.st_uid != os.geteuid() or st.st_mode & 0o022:
-        raise BuildFailed(f"{what} is not a {'folder' if kind == stat.S_IFDIR else 'file'} that only you can write "
-                          f"(owner uid {st.st_uid}, mode {stat.filemode(st.st_mode)}); kvhub loads no code from it; "
-                          "fix: remove it, or set KVHUB_CACHE to a folder only you can write")
-
-
-@contextmanager
-def _private_dir(path: Path) -> Iterator[int]:
-    """A descriptor of ``path`` (created 0700 if missing), opened without following a link and checked by
-    :func:`_trusted_fd`; closed on exit."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-    except OSError as exc:
-        raise BuildFailed(f"{path} cannot be opened as a folder ({exc.strerror}; a link is refused); fix: remove it, "
-                          "or set KVHUB_CACHE to a folder only you can write") from None
-    try:
-        _trusted_fd(fd, str(path), stat.S_IFDIR)
-        yield fd
-    finally:
-        os.close(fd)
-
-
 def _load(dir_fd: int, name: str, where: Path) -> ctypes.CDLL:
     """Open ``name`` in the checked folder ``dir_fd`` without following a link, check the file, and load it by a
     path through that folder's descriptor (``/proc/self/fd/<folder>/<name>``): the folder is the one checked, and
@@ -146,7 +120,7 @@ def _load(dir_fd: int, name: str, where: Path) -> ctypes.CDLL:
     and descriptor numbers are reused.) The library must export :data:`SYMBOLS`."""
     fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dir_fd)
     try:
-        _trusted_fd(fd, str(where / name), stat.S_IFREG)
+        check_stat(os.fstat(fd), str(where / name), stat.S_IFREG)
     finally:
         os.close(fd)
     through_fd = f"/proc/self/fd/{dir_fd}"
@@ -177,9 +151,9 @@ def _compile(cc: list[str], folder: Path, name: str, deadline: float) -> ctypes.
                 if not built.is_file() or built.is_symlink():
                     raise BuildFailed(f"{shlex.join(cc)} exited 0 but wrote no library")
                 os.chmod(built, 0o755, follow_symlinks=False)  # whatever the umask: nobody else may write it
-                with _private_dir(Path(tmp)) as tmp_fd:
+                with private_dir(Path(tmp)) as tmp_fd:
                     lib = _load(tmp_fd, name, Path(tmp))
-            except BuildFailed as exc:
+            except (BuildFailed, UntrustedPathError) as exc:
                 errors.append(f"{' '.join(flags) or 'no extra flags'}: {exc}")
                 built.unlink(missing_ok=True)
                 continue
@@ -203,12 +177,12 @@ def build() -> ctypes.CDLL:
     name = f"cpu_decode-{hashlib.sha256(bytes(1).join(parts)).hexdigest()[:16]}.so"
     folder = cache_root() / "native"
     try:
-        with _private_dir(folder) as fd:
+        with private_dir(folder) as fd:
             try:
                 return _load(fd, name, folder)
             except FileNotFoundError:
                 pass
-            except (BuildFailed, OSError) as exc:  # in our own folder but unusable: build it again
+            except (BuildFailed, UntrustedPathError, OSError) as exc:  # in our own folder but unusable: build it again
                 warnings.warn(f"kvhub: rebuilding the CPU decode kernels: {exc}", RuntimeWarning, stacklevel=3)
             return _compile(cc, folder, name, deadline)
     except OSError as exc:
@@ -220,7 +194,7 @@ def library() -> ctypes.CDLL | None:
     """The compiled kernels, or None (with one warning, once per process) where they cannot be built or trusted."""
     try:
         return build()
-    except BuildFailed as exc:
+    except (BuildFailed, UntrustedPathError) as exc:
         warnings.warn(f"kvhub: the CPU decode kernels are not available: {exc}; decoding uses the slower PyTorch "
                       "path", RuntimeWarning, stacklevel=2)
         return None
