@@ -13,6 +13,7 @@ from .codec import STREAMS, CacheCodec, ModelShape, StreamCodec
 from .errors import CodecError, CodecRangeError
 from .quantizers import QUANTIZERS, SCALE_FORMATS, SCALES
 from .quantizers.scale_log8 import STEPS_PER_OCTAVE, ZERO
+from .storage import exact_dtype_for
 
 # |U^T U - I| allowed. An fp16-stored unit column has each entry rounded by at most 2^-11 of itself, so each Gram
 # entry moves by at most 2 * 2^-11 ~ 9.8e-4 (plus second-order terms); fp32 bases are orthonormal to ~1e-6.
@@ -107,8 +108,12 @@ class StreamBasis:
         for what, reach, within in (("decoded vectors", vector, dtype), ("16-bit coefficients", coefficient, exact_dtype)):
             budget = norm_budget(within)
             if reach > budget:
-                held = "fp16 holds; fix: run the model in bf16 or fp32, or" if budget == FP16_MAX else \
-                    "bf16/fp32 attention survives; fix:"
+                if budget != FP16_MAX:
+                    held = "bf16/fp32 attention survives; fix:"
+                elif what == "decoded vectors":
+                    held = "fp16 holds; fix: run the model in bf16 or fp32, or"
+                else:  # fp32 models store 16-bit coefficients in fp16 too
+                    held = "fp16 holds; fix: run the model in bf16, or build the cache with exact_dtype=torch.float32, or"
                 raise CodecRangeError(
                     f"{where}: {what} can reach a norm of {reach:.3g} from the preset's mean (norm "
                     f"{self.mean.double().norm(dim=-1).max().item():.3g}) and variances, beyond {budget:.6g}, what "
@@ -220,7 +225,7 @@ class Bases(dict):
         vectors fit bf16 but not fp16 is refused here, when the cache is built for an fp16 model. The 16-bit
         coefficients are stored in ``exact_dtype``, by default as ``CompressedLayer`` chooses: ``dtype`` if it is
         16-bit, else fp16."""
-        exact = exact_dtype or (dtype if dtype.itemsize <= 2 else torch.float16)
+        exact = exact_dtype or exact_dtype_for(dtype)
         memo = self.__dict__.setdefault("_in_range", set())
         if (codec, dtype, exact) in memo:
             return

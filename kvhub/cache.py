@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -80,6 +81,7 @@ class CompressedCache(Cache):
         self.bases = _prepared(bases if bases is not None else Bases(), codec, self.shape)
         layer_types, layer_kwargs = get_layer_types_and_kwargs(text_config)
         self.scratch = Scratch()  # the PyTorch decode path's temporaries, shared by the layers (one at a time)
+        self._exact_dtype, self._range_checked = exact_dtype, False
         layers = []
         for i, (layer_type, kwargs) in enumerate(zip(layer_types, layer_kwargs)):
             layer_codec = codec.layers[i]
@@ -94,6 +96,7 @@ class CompressedCache(Cache):
                         exact_dtype=exact_dtype,
                         fast_path=self._uses_compressed_attention,
                         scratch=self.scratch,
+                        on_rebuild=self._warn_rebuild,
                     )
                 )
             else:
@@ -103,6 +106,21 @@ class CompressedCache(Cache):
     def _uses_compressed_attention(self) -> bool:
         """Whether the model reads this cache through kvhub.attention (checked per call: the config is shared)."""
         return is_compressed_attention(self._attn_config._attn_implementation)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if not self._range_checked:  # the model's dtype is known now: bases it would overflow are refused
+            self.bases.check_dtype(self.codec, key_states.dtype, self._exact_dtype)
+            self._range_checked = True
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def _warn_rebuild(self) -> None:
+        """Once per model: decoding outside ``compressed_attention`` rebuilds K and V from the codes at every step,
+        several times slower than decoding on them; the warning gives the one line that fixes it."""
+        if not self._attn_config.__dict__.get("_kvhub_rebuild_warned"):
+            self._attn_config.__dict__["_kvhub_rebuild_warned"] = True
+            warnings.warn("kvhub: this model's attention is not kvhub's, so the compressed cache rebuilds K and V at "
+                          "every step (same results, several times slower); fix: run generate inside "
+                          "`with kvhub.compressed_attention(model):`", RuntimeWarning, stacklevel=4)
 
     @property
     def compressed_layers(self) -> list[int]:

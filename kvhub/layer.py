@@ -30,7 +30,7 @@ from transformers.cache_utils import CacheLayerMixin
 from .bases import StreamBasis
 from .codec import LayerCodec
 from .errors import KVHubError
-from .storage import Scratch
+from .storage import Scratch, exact_dtype_for
 from .stream import CompressedStream
 
 MASKED = torch.finfo(torch.float32).min  # additive mask value; -inf would turn a fully masked (pad) row into NaN
@@ -85,10 +85,12 @@ class CompressedLayer(CacheLayerMixin):
         exact_dtype: torch.dtype | None = None,
         fast_path: Callable[[], bool] | None = None,
         scratch: Scratch | None = None,
+        on_rebuild: Callable[[], None] | None = None,
     ) -> None:
         super().__init__()
         self.requested_exact_dtype = exact_dtype
         self.fast_path = fast_path
+        self.on_rebuild = on_rebuild  # told when held history is rebuilt for a stock kernel
         self.scratch = scratch if scratch is not None else Scratch()
         self.visible = 0
         self.awaiting = False  # exact tokens handed out, history not read yet
@@ -104,10 +106,9 @@ class CompressedLayer(CacheLayerMixin):
     # --- transformers' layer protocol -----------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device, self.dtype = key_states.device, key_states.dtype
-        # Sink, recent tokens and 16-bit segments are kept at 16 bits (the model's own dtype when it is already
-        # 16-bit): the reference is an fp16 cache, and an fp32 CPU model should not make them cost twice that.
-        # ``exact_dtype=torch.float32`` keeps them bit-exact (used to prove the machinery lossless).
-        self.exact_dtype = self.requested_exact_dtype or (self.dtype if self.dtype.itemsize <= 2 else torch.float16)
+        # ``exact_dtype=torch.float32`` keeps sink, recent tokens and 16-bit segments bit-exact (used to prove the
+        # machinery lossless).
+        self.exact_dtype = self.requested_exact_dtype or exact_dtype_for(self.dtype)
         empty = key_states[:, :, :0].to(self.exact_dtype)
         self.sink_keys, self.sink_values = empty.clone(), value_states[:, :, :0].to(self.exact_dtype)
         self.recent_keys, self.recent_values = empty.clone(), self.sink_values.clone()
@@ -145,6 +146,8 @@ class CompressedLayer(CacheLayerMixin):
             keys._kvhub_layer, keys._kvhub_sink = self, self.sink_keys.shape[-2]
             self.awaiting = True
         else:
+            if history and self.on_rebuild is not None:
+                self.on_rebuild()
             keys, values = self._materialized(key_states, value_states)
         self._store(key_states, value_states, first)
         return keys, values

@@ -16,6 +16,12 @@ HEADROOM_DIVISOR = 32
 TOKEN_DIM = 2  # [batch, heads, tokens, ...]
 
 
+def exact_dtype_for(model_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a cache's exact tokens and 16-bit segments by default: the model's own when it is 16-bit, else
+    fp16 (the reference is an fp16 cache, and an fp32 CPU model should not make them cost twice that)."""
+    return model_dtype if model_dtype.itemsize <= 2 else torch.float16
+
+
 def _capacity(needed: int) -> int:
     step = max(BLOCK, needed // HEADROOM_DIVISOR)
     return -(-needed // step) * step

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .bases import StreamBasis
+from .bases import SIGMA_FLOOR_ABS, SIGMA_FLOOR_REL, StreamBasis
 from .codec import StreamCodec
 from .layout import storage_order
 from .plan import DecodePlan, compile_plan, segment_reference
@@ -12,7 +12,6 @@ from .quant import CODES_PER_BYTE, pack
 from .quantizers import QUANTIZERS, SCALE_FORMATS, SCALES
 from .storage import GrowableTensor, Scratch
 
-_TINY = 1e-8
 
 def _device_basis(basis: StreamBasis, rank: int, device: torch.device) -> tuple[torch.Tensor, ...]:
     """``(mean, U, sigma)`` on ``device`` in float32, made once per basis and device and shared by every cache built
@@ -23,7 +22,7 @@ def _device_basis(basis: StreamBasis, rank: int, device: torch.device) -> tuple[
         mean = basis.mean.to(device, torch.float32)
         u = basis.basis[..., :rank].to(device, torch.float32).contiguous()
         sigma = basis.variance[..., :rank].float().clamp_min(0).sqrt().to(device)
-        memo[key] = (mean, u, sigma.clamp_min(sigma.amax(-1, keepdim=True) * 1e-6 + _TINY))
+        memo[key] = (mean, u, sigma.clamp_min(sigma.amax(-1, keepdim=True) * SIGMA_FLOOR_REL + SIGMA_FLOOR_ABS))
     return memo[key]
 
 

@@ -267,9 +267,9 @@ def test_zoo_links_only_commits_on_the_public_hub():
 def shared_bases_bytes(folder: Path) -> int:
     """What a device holds for a preset's bases, counted from its files alone: every tensor of the .safetensors file
     in fp32 (how kvhub loads them, whatever the file stores), plus per stream what is derived once per device: the
-    per-component deviations [H, r] and the decoder matrix ``[W | O | mean]`` [H, d, r + offsets + 1], one offset
-    column per quantized segment with a per-token scale and uniform levels; with log8 scales, one reference per head
-    and scaled segment [H, groups]."""
+    per-component deviations [H, r], the decode plan's matrix ``[W | mean]`` [H, d, r + 1], one fp32 level table of
+    ``2**bits`` entries per quantized segment with Lloyd-Max levels; with log8 scales, one reference per head and
+    scaled segment [H, groups] and the plan's scale table [H, groups, 256] in fp32."""
     raw = (folder / BASES_NAME).read_bytes()
     header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
     tensors = {name: t["shape"] for name, t in header.items() if name != "__metadata__"}
@@ -278,11 +278,11 @@ def shared_bases_bytes(folder: Path) -> int:
     for name, (heads, dim, rank) in ((n, s) for n, s in tensors.items() if n.endswith(".basis")):
         _, layer, stream, _ = name.split(".")
         spec = codec.get("layers", {}).get(layer, codec["default"])[stream]
-        per_token = spec.get("scale", "token") != "channel" and spec.get("quantizer", "uniform") == "uniform"
-        scaled = sum(1 for _, bits in spec["segments"] if 0 < bits < 16) if spec.get("scale", "token") != "channel" else 0
-        offsets = scaled if per_token else 0
+        quantized = [bits for _, bits in spec["segments"] if 0 < bits < 16]
+        scaled = len(quantized) if spec.get("scale", "token") != "channel" else 0
         references = scaled if spec.get("scale_format", "fp16") == "log8" else 0
-        total += 4 * heads * rank + 4 * heads * dim * (rank + offsets + 1) + 4 * heads * references
+        tables = sum(2**bits for bits in quantized) if spec.get("quantizer", "uniform") == "lloyd-max" else 0
+        total += 4 * (heads * rank + heads * dim * (rank + 1) + heads * references * (1 + 256) + tables)
     return total
 
 

@@ -87,6 +87,28 @@ def test_single_shot_prefill_runs_the_models_own_kernel(monkeypatch):
     assert model.config._attn_implementation == "sdpa"
 
 
+def test_decoding_outside_the_block_warns_once_per_model():
+    """The inherited one-liner (a cache passed to generate with the model's own kernel) rebuilds K and V at every
+    step: one warning per model naming the fix, none inside ``compressed_attention``."""
+    import warnings
+
+    model, codec, bases = tiny_setup()
+    ids = torch.randint(3, VOCAB, (1, 60), generator=torch.Generator().manual_seed(3))
+
+    def generate(**kw):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model.generate(ids, attention_mask=torch.ones_like(ids), cache=CompressedCache(model.config, codec, bases),
+                           max_new_tokens=4, do_sample=False, **kw)
+        return [w for w in caught if "compressed_attention" in str(w.message)]
+
+    with compressed_attention(model):
+        assert generate() == []
+    first = generate()
+    assert len(first) == 1 and issubclass(first[0].category, RuntimeWarning)
+    assert generate() == []  # the same model again: said once
+
+
 def test_long_chunks_are_tiled_with_the_same_result(monkeypatch):
     """A prefill chunk against stored history computes its scores in query tiles: bounded memory, same logits."""
     model, codec, bases = tiny_setup()
