@@ -102,7 +102,7 @@ class TorchBackend(DecodeBackend):
             g = torch.matmul(q_t, plan_k.matrix).view(heads, rows, -1)
             scores = torch.empty(heads, rows, total, device=query.device)
             self.scores(g, call, prepared, scores)
-            torch.bmm(q_t.reshape(heads, rows, dim), exact_k.transpose(-1, -2), out=scores[..., history:])
+            scores[..., history:] = torch.bmm(q_t.reshape(heads, rows, dim), exact_k.transpose(-1, -2))
             if call.softcap:
                 scores = scores.div_(call.softcap).tanh_().mul_(call.softcap)
             if mask is not None:
