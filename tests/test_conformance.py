@@ -411,35 +411,32 @@ def test_lossy_layer_matches_float64_reference(codec, backend, q_len, mask_kind,
 # Repros of issue #21's bugs
 # ---------------------------------------------------------------------------------------------------------------
 
-def test_sliding_window_under_flash_mask_matches_dynamic_cache(monkeypatch):
-    """Mistral (every layer sliding, window 24) under the flash-attention mask function, no padding: the mask is
-    None, so only the layer can hide the tokens that left the window but are still held (issue #21: logits off by
-    0.14 from position 24 on)."""
-    force_backend(monkeypatch, "torch")
-    model, bases = model_setup("mistral", FLASH_LIKE, torch.float32)
-    ids, mask = token_batch(50, padded=False, seed=2)
-    cuts = [0, 20, *range(21, 51)]
+def lossless_decode_matches_dynamic_cache(monkeypatch, backend, arch, kernel, prefill, seed):
+    """A ``prefill``-token chunk then one token per step up to 50, lossless codec on ``backend``, against
+    DynamicCache on the same model and kernel; asserts ``backend`` served every compressed call."""
+    force_backend(monkeypatch, backend)
+    model, bases = model_setup(arch, kernel, torch.float32)
+    ids, mask = token_batch(50, padded=False, seed=seed)
+    cuts = [0, prefill, *range(prefill + 1, 51)]
     ref = run_chunks(model, DynamicCache(config=model.config), ids, mask, cuts, compressed=False)
     with recording() as rec:
         got = run_chunks(model, CompressedCache(model.config, lossless(model), bases, torch.float32), ids, mask, cuts,
                          compressed=True)
     assert_logits_match(ref, got, mask, tolerance(torch.float32))
-    assert_served(rec, "torch")
+    assert_served(rec, backend)
+
+
+def test_sliding_window_under_flash_mask_matches_dynamic_cache(monkeypatch):
+    """Mistral (every layer sliding, window 24) under the flash-attention mask function, no padding: the mask is
+    None, so only the layer can hide the tokens that left the window but are still held (issue #21: logits off by
+    0.14 from position 24 on)."""
+    lossless_decode_matches_dynamic_cache(monkeypatch, "torch", "mistral", FLASH_LIKE, 20, seed=2)
 
 
 def test_fp32_exact_segments_on_c_kernels_match_dynamic_cache(monkeypatch):
     """16-bit segments stored as fp32 (``exact_dtype=torch.float32``, the documented lossless mode) decoded by the C
     kernels (issue #21: read as fp16, NaN)."""
-    force_backend(monkeypatch, "native")
-    model, bases = model_setup("llama", "sdpa", torch.float32)
-    ids, mask = token_batch(50, padded=False, seed=3)
-    cuts = [0, 30, *range(31, 51)]
-    ref = run_chunks(model, DynamicCache(config=model.config), ids, mask, cuts, compressed=False)
-    with recording() as rec:
-        got = run_chunks(model, CompressedCache(model.config, lossless(model), bases, torch.float32), ids, mask, cuts,
-                         compressed=True)
-    assert_logits_match(ref, got, mask, tolerance(torch.float32))
-    assert_served(rec, "native")
+    lossless_decode_matches_dynamic_cache(monkeypatch, "native", "llama", "sdpa", 30, seed=3)
 
 
 def test_log8_scales_load_clamped_to_fp16_range():
