@@ -30,6 +30,7 @@ USER = RESULTS + "user_paths.json"
 PRESET = ("rows", "kvhub 1% preset (bundled)")
 README, BENCH, ZOO = "README.md", "benchmarks/README.md", "MODEL_ZOO.md"
 FORMAT = "docs/preset-format.md"
+CONTRIBUTING, EVAL_COST = "CONTRIBUTING.md", RESULTS + "eval_cost.json"
 
 
 @cache
@@ -108,6 +109,11 @@ def break_even(batch: int) -> int:
 
     r = bytes_row(1)
     return Footprint(r["tokens"], 1, r["fp16"], r["per_sequence"], r["shared_bases"], None).break_even_tokens(batch)
+
+
+def load_average(data: dict, pick: Callable) -> float:
+    """The lowest or highest 1-minute load average eval_cost.json recorded (before and after its run)."""
+    return pick(data["load_average_1_5_15_min"][when][0] for when in ("before", "after"))
 
 
 def bytes_table_row(batch: int) -> str:
@@ -251,6 +257,18 @@ CLAIMS = [
     Claim(BENCH, "rises by {} MB,", DECODE, lambda d: peak("kvhub", "peak_rss_increase_bytes"), ".1f"),
     Claim(BENCH, "MB, {} MB and", DECODE, lambda d: peak("DynamicCache", "peak_rss_increase_bytes"), ".1f"),
     Claim(BENCH, "MB and {} MB respectively", DECODE, lambda d: peak("QuantizedCache quanto int4", "peak_rss_increase_bytes"), ".1f"),
+    # README.md and CONTRIBUTING.md: what `kvhub eval` costs (eval_cost.json)
+    Claim(README, "load average {} to", EVAL_COST, lambda d: load_average(d, min), ".1f"),
+    Claim(README, "to {} during", EVAL_COST, lambda d: load_average(d, max), ".1f"),
+    Claim(CONTRIBUTING, "load average {} to", EVAL_COST, lambda d: load_average(d, min), ".1f"),
+    Claim(CONTRIBUTING, "to {}; `benchmarks", EVAL_COST, lambda d: load_average(d, max), ".1f"),
+    *(Claim(doc, "--quick` took {} min", EVAL_COST, lambda d: d["quick"]["seconds"]["total"] / 60, ".1f")
+      for doc in (README, CONTRIBUTING)),
+    Claim(README, "both caches) about {} min", EVAL_COST, lambda d: d["full"]["derived_seconds"]["total"] / 60, ".0f"),
+    Claim(CONTRIBUTING, "full protocol about\n{} min", EVAL_COST, lambda d: d["full"]["derived_seconds"]["total"] / 60,
+          ".0f"),
+    Claim(CONTRIBUTING, "2048-token window ({} s through", EVAL_COST,
+          ("full", "measured_units_seconds", "window_through_both_caches"), ".1f"),
     # docs/: the full-precision baseline's needle grid, as kvhub measures it (the docs reconcile earlier figures)
     Claim("docs/benchmark-model.md", "{} ([benchmarks/results/frontier.json]", FRONTIER,
           lambda d: needle(d["rows"]["DynamicCache (fp)"]["needle"])),
