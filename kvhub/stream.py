@@ -154,8 +154,9 @@ class CompressedStream:
         """The raw values (:mod:`kvhub.plan`) of tokens ``[start, start + length)``, per kept segment, as float32 [B,
         H, planes, T, width] (plane-major: the segment's storage-order columns): centred codes, tabled levels, 16-bit
         data as stored; per-token scales not applied (:meth:`token_scales`). Every pass runs over whole contiguous
-        planes (a shift and a mask on 32-bit words, one converting copy). ``slot``: write into this stream's reused
-        scratch buffers (valid until the next call with that slot) instead of fresh tensors."""
+        planes (a shift and a mask on 32-bit words, one converting copy). ``slot``: write into the cache's reused
+        scratch buffers (valid until the next call with that slot) instead of fresh tensors, for calls repeated at
+        every step, where faulting fresh pages in costs more than the conversion."""
         length = self.length - start if length is None else length
         out = []
         for i, (seg, store) in enumerate(zip(self.plan().segments, self.codes)):
@@ -169,7 +170,10 @@ class CompressedStream:
             if seg.planes == 1:
                 dst[:, :, 0].copy_(data)
             else:
-                codes = self.scratch.get("codes", shape, torch.uint8, data.device)
+                if slot:
+                    codes = self.scratch.get("codes", shape, torch.uint8, data.device)
+                else:
+                    codes = torch.empty(shape, dtype=torch.uint8, device=data.device)
                 for j in range(seg.planes):
                     _plane(data, codes[:, :, j], j * seg.bits, (1 << seg.bits) - 1)
                 dst.copy_(codes)

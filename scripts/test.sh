@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+# --durations=10: every run ends with its ten slowest tests, so a test that grows past the budget is seen at once.
+exec .venv/bin/python -m pytest -q -p no:cacheprovider --durations=10 "$@"

@@ -256,7 +256,7 @@ def test_allocated_bytes_per_sequence_within_5_percent_of_held(tokens):
         for i in range(shape.num_layers):
             kv = torch.randn(2, 1, shape.num_kv_heads, 1, shape.head_dim, generator=gen)
             cache.update(kv[0], kv[1], i)
-    cache.layers[0].streams["keys"].decode(torch.float32)  # the PyTorch path's scratch, as a fallback call makes it
+    cache.layers[0].streams["keys"].raw(slot="zk")  # the scratch a PyTorch decode step keeps for the next one
     shared = set(shared_storages(cache.bases)) | {t.untyped_storage().data_ptr() for b in bases.values()
                                                     for t in (b.mean, b.basis, b.variance)}
     scratch = {t.untyped_storage().data_ptr() for t in cache.scratch.buffers.values()}

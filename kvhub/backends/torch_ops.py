@@ -20,6 +20,7 @@ import torch
 from .base import Capabilities, DecodeBackend, DecodeCall
 
 SCORE_ELEMENTS = 1 << 26  # fp32 scores of one query tile: 256 MB at most, whatever the chunk and context
+SCRATCH_QUERY_TOKENS = 16  # calls with at most this many queries (decode steps) reuse the cache's scratch
 
 
 def history_scores(g: torch.Tensor, raw: list[torch.Tensor], scales: torch.Tensor | None, plan) -> torch.Tensor:
@@ -63,9 +64,14 @@ class TorchBackend(DecodeBackend):
 
     # The history's two products; the C backend replaces these with its kernels and keeps the rest.
     def prepare(self, call: DecodeCall):
-        """What :meth:`scores` and :meth:`values` read of the history, once per call (all tiles share it)."""
+        """What :meth:`scores` and :meth:`values` read of the history, once per call (all tiles share it). Decode
+        steps read it into the cache's scratch (reused every step); a prefill chunk, whose products cost far more
+        than faulting fresh pages in, into temporaries freed with the call, so no history-sized buffer outlives a
+        chunked prefill."""
+        step = call.query.shape[2] <= SCRATCH_QUERY_TOKENS
+
         def flat(stream, slot):
-            raw = [r.flatten(0, 1) for r in stream.raw(0, call.history, slot=slot)]
+            raw = [r.flatten(0, 1) for r in stream.raw(0, call.history, slot=slot if step else None)]
             scales = stream.token_scales(0, call.history)
             return raw, None if scales is None else scales.flatten(0, 1)
         return flat(call.keys, "zk"), flat(call.values, "zv")

@@ -89,29 +89,36 @@ static inline void unpack(int64_t nseg, const Segment *segs, const Scales *sc, i
             continue;
         }
         const uint8_t *src = (const uint8_t *)(intptr_t)s->data + at;
-        const float *table = (const float *)(intptr_t)s->table;
-        /* tabled levels: codes first, looked up and scaled below */
-        const float f = table ? 1.0f : scale[k], c = table ? 0.0f : 0.5f * (float)s->centre2;
-        switch (s->bits) {  /* constant shifts per case, so each loop vectorizes over the row's bytes */
-        case 8:
-            for (int64_t i = 0; i < w; i++) dst[i] = f * ((float)src[i] - c);
-            break;
-        case 4:
-            for (int64_t i = 0; i < w; i++) dst[i] = f * ((float)(src[i] & 15u) - c);
-            for (int64_t i = 0; i < w; i++) dst[w + i] = f * ((float)(src[i] >> 4) - c);
-            break;
-        default:
-            for (int64_t i = 0; i < w; i++) {
-                dst[i] = f * ((float)(src[i] & 3u) - c);
-                dst[w + i] = f * ((float)((src[i] >> 2) & 3u) - c);
-                dst[2 * w + i] = f * ((float)((src[i] >> 4) & 3u) - c);
-                dst[3 * w + i] = f * ((float)(src[i] >> 6) - c);
-            }
+        const float *table = (const float *)(intptr_t)s->table, f = scale[k], c = 0.5f * (float)s->centre2;
+        /* Constant shifts per case, so each loop vectorizes over the row's bytes; a tabled level is read straight
+         * from the code's bits (one gather), an evenly spaced one computed from it. */
+#define UNPACK(LEVEL)                                                                     \
+        switch (s->bits) {                                                                \
+        case 8:                                                                           \
+            for (int64_t i = 0; i < w; i++) dst[i] = LEVEL(src[i]);                       \
+            break;                                                                        \
+        case 4:                                                                           \
+            for (int64_t i = 0; i < w; i++) dst[i] = LEVEL(src[i] & 15u);                 \
+            for (int64_t i = 0; i < w; i++) dst[w + i] = LEVEL(src[i] >> 4);              \
+            break;                                                                        \
+        default:                                                                          \
+            for (int64_t i = 0; i < w; i++) {                                             \
+                dst[i] = LEVEL(src[i] & 3u);                                              \
+                dst[w + i] = LEVEL((src[i] >> 2) & 3u);                                   \
+                dst[2 * w + i] = LEVEL((src[i] >> 4) & 3u);                               \
+                dst[3 * w + i] = LEVEL(src[i] >> 6);                                      \
+            }                                                                             \
         }
+#define TABLED(code) (f * table[code])
+#define CENTRED(code) (f * ((float)(code) - c))
         if (table) {
-            const int64_t n = w * (8 / s->bits);
-            for (int64_t i = 0; i < n; i++) dst[i] = scale[k] * table[(int)dst[i]];
+            UNPACK(TABLED)
+        } else {
+            UNPACK(CENTRED)
         }
+#undef TABLED
+#undef CENTRED
+#undef UNPACK
     }
 }
 
