@@ -10,7 +10,7 @@ import torch
 from transformers import DynamicCache
 
 from kvhub import CacheCodec, CompressedCache, KVPreset, ModelShape, calibrate, load_model
-from kvhub.attention import compressed_attention, disable, enable
+from kvhub.attention import compressed_attention
 from kvhub.eval.agreement import greedy_agreement
 from kvhub.eval.ppl import window_nll
 from kvhub.text import read_texts, token_windows
@@ -60,11 +60,11 @@ def test_rank48_int8_kv_on_real_text_keeps_the_greedy_continuation(smollm2, eval
 
 def test_bundled_preset_perplexity_within_budget_on_an_evaluation_window(smollm2, evaluation):
     model, tok = smollm2
-    enable(model)
     preset = KVPreset.from_pretrained(BUNDLED)
     ids = token_windows(tok, evaluation["austen_persuasion"], 1024, 1)[0]
-    base = window_nll(model, ids, DynamicCache(config=model.config)).ppl
-    compressed = window_nll(model, ids, preset.build_cache(model)).ppl
+    with compressed_attention(model):
+        base = window_nll(model, ids, DynamicCache(config=model.config)).ppl
+        compressed = window_nll(model, ids, preset.build_cache(model)).ppl
     delta_pct = 100 * (compressed / base - 1)
     print(f"\nbundled preset, Persuasion, 1024 tokens: PPL {base:.3f} -> {compressed:.3f} ({delta_pct:+.2f}%)")
     assert abs(delta_pct) < PPL_BUDGET_PCT, f"PPL {base:.3f} -> {compressed:.3f} ({delta_pct:+.2f}%)"
@@ -75,13 +75,13 @@ def test_bundled_preset_greedy_agreement_matches_the_benchmark(smollm2, evaluati
     benchmarks/results/agreement.json recorded for the bundled preset, less a margin. The teacher-forced count is the
     one asserted: a free-running continuation follows whichever side of a near tie the last bits pick."""
     model, tok = smollm2
-    enable(model)
     preset = KVPreset.from_pretrained(BUNDLED)
     recorded = json.loads(AGREEMENT.read_text())
     new_tokens = recorded["new_tokens"]
     expected = next(row for name, row in recorded["rows"].items() if "kvhub 1% preset" in name)["austen_emma"]
     ids = token_windows(tok, evaluation["austen_emma"], 2048 - new_tokens, 1)[0]
-    agreed = greedy_agreement(model, ids, lambda: preset.build_cache(model), new_tokens)
+    with compressed_attention(model):
+        agreed = greedy_agreement(model, ids, lambda: preset.build_cache(model), new_tokens)
     print(f"\nbundled preset, Emma, {ids.shape[1]} + {new_tokens} tokens: {agreed} (recorded {expected})")
     assert agreed.generated == new_tokens
     assert agreed.forced_equal >= expected["forced_equal"] - FORCED_MARGIN, (agreed, expected)
@@ -89,7 +89,6 @@ def test_bundled_preset_greedy_agreement_matches_the_benchmark(smollm2, evaluati
 
 def test_bundled_preset_generates_with_compressed_attention(smollm2, evaluation):
     model, tok = smollm2
-    disable(model)  # earlier tests switched it on for the module; this one scopes it itself
     preset = KVPreset.from_pretrained(BUNDLED)
     ids = token_windows(tok, evaluation["austen_emma"], 256, 1)[0]
     cache = preset.build_cache(model)
