@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from ..layout import pow2
+from .cpu import SCALE_KINDS  # the same codes for both kernels: fp16 values 1, byte codes looked up 2
 
 _DOT_OPERAND = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "ieee"}
 
@@ -280,9 +281,6 @@ def _stored(stream, length: int):
     """Per kept segment: the stored tensor over the first ``length`` tokens and its (batch, head, token) strides."""
     views = [store.view().narrow(2, 0, length) for store in stream.codes]
     return tuple(views), tuple(tuple(v.stride()[:3]) for v in views)
-
-
-SCALE_KINDS = {torch.float16: 1, torch.uint8: 2}  # per-token scales as stored: fp16 values, log8 byte codes
 
 
 def _constants(plan):
