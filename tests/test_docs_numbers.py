@@ -206,6 +206,19 @@ def decode_table() -> str:
     return "\n".join(lines)
 
 
+def same_session_table() -> str:
+    """benchmarks/README.md's back-to-back check of the decode rows that moved against the previous file."""
+    check = load(DECODE)["same_session_check"]
+    rows = check["rows"]
+    columns = list(next(iter(rows.values())))
+    lines = ["| row | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    lines += [f"| {name} | " + " | ".join(f"{r[c]:.3f}x" for c in columns) + " |" for name, r in rows.items()]
+    prof = check["profile_7b_4k_batch4"]
+    lines += ["", "| cProfile, 7B-shaped 4k batch 4, 3 steps (s) | abfcdfe | this commit |", "|---|---|---|"]
+    lines += [f"| {k} | {prof['abfcdfe'][k]:.3f} | {prof['this commit'][k]:.3f} |" for k in prof["abfcdfe"]]
+    return "\n".join(lines)
+
+
 @dataclass(frozen=True)
 class Claim:
     doc: str
@@ -258,6 +271,7 @@ CLAIMS = [
     Claim(BENCH, "(compression_ratio {})", KVPRESS, ("press_compression_ratio",), ".3f"),
     Claim(BENCH, "retrieve\n{} of 15 needles", KVPRESS, lambda d: str(max(sum(map(sum, r["needle"])) for n, r in d["rows"].items() if "Press" in n))),
     Claim(BENCH, "0 of {} needles", KVPRESS, lambda d: str(sum(map(len, d["rows"]["SnapKVPress(0.756)"]["needle"])))),
+    Claim(BENCH, "{}", DECODE, lambda d: same_session_table()),
     Claim(BENCH, "kvhub's cache holds {} MB", DECODE, lambda d: peak("kvhub", "cache_bytes"), ".1f"),
     Claim(BENCH, "against {} MB for DynamicCache", DECODE, lambda d: peak("DynamicCache", "cache_bytes"), ".1f"),
     Claim(BENCH, "an fp16 cache would hold {} MB", DECODE, lambda d: peak("DynamicCache", "cache_bytes", 2), ".1f"),
