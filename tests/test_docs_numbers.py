@@ -216,6 +216,11 @@ def same_session_table() -> str:
     prof = check["profile_7b_4k_batch4"]
     lines += ["", "| cProfile, 7B-shaped 4k batch 4, 3 steps (s) | abfcdfe | this commit |", "|---|---|---|"]
     lines += [f"| {k} | {prof['abfcdfe'][k]:.3f} | {prof['this commit'][k]:.3f} |" for k in prof["abfcdfe"]]
+    alt = check["alternating_7b_4k_batch4"]
+    lines += ["", "| 7B-shaped 4k batch 4, 21 steps, alternating | first pair | second pair | kvhub step, second pair |",
+              "|---|---|---|---|"]
+    lines += [f"| {who} | {r[0]:.3f}x | {r[1]:.3f}x | {alt['second_pair_step_s'][who]['kvhub']:.3f} s |"
+              for who, r in alt["ratios"].items()]
     return "\n".join(lines)
 
 
