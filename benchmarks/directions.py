@@ -275,7 +275,8 @@ def main() -> None:
     if args.screen:
         result = json.loads(path.read_text())
         bases = {}
-        for tag, paths in (("books", [CORPORA / "calibration"]), ("wide", [CORPORA / "calibration", CORPORA / "extra" / "calibration"])):
+        books = sorted(p for p in (CORPORA / "calibration").glob("*.txt") if p.stem.startswith(("austen", "kjv")))
+        for tag, paths in (("books", books), ("wide", [CORPORA / "calibration"])):  # wide: every domain
             fit, _ = split_calibration(tok, [str(p) for p in paths], TuneConfig(BENCHMARK_MODEL_ID, [str(p) for p in paths]))
             bases[tag] = calibrate(model, fit, sink=SINK, progress=False)[0]
         result["screen"] = screen(model, tok, bases)

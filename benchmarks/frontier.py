@@ -35,7 +35,7 @@ from kvhub.eval.ppl import PerplexityResult, window_nll
 from kvhub.text import read_texts, token_windows
 
 ROOT = Path(__file__).resolve().parents[1]
-EVALUATION = [CORPORA / "evaluation", CORPORA / "extra" / "evaluation"]  # books + out-of-domain (corpora/extra/README.md)
+EVALUATION = [CORPORA / "evaluation"]  # every domain of the protocol (corpora/README.md)
 RESULTS = ROOT / "benchmarks" / "results"
 PRESETS = {"kvhub 1% preset (bundled)": ROOT / "presets" / "HuggingFaceTB--SmolLM2-135M-Instruct",
            # the bundled preset until log8 scales and Lloyd-Max values: same bases, same codes, fp16 scales

@@ -5,7 +5,7 @@ scale format): what widening the calibration corpus buys at exactly the same byt
 Calibration windows are chosen as ``kvhub tune`` chooses them (the first 85% of each file, 8 windows of 1024
 tokens spread over it), so the result is comparable with a tuned preset.
 
-    python benchmarks/recalibrate.py --calib corpora/calibration --calib corpora/extra/calibration \\
+    python benchmarks/recalibrate.py --calib corpora/calibration \\
         --quantizer lloyd-max --out benchmarks/presets/smollm2-1pct-widened-lloydmax
     python benchmarks/recalibrate.py --keep-bases --scale-format log8 --out benchmarks/presets/smollm2-1pct-log8
 """

@@ -60,10 +60,18 @@ def _front_matter(config: dict[str, Any]) -> str:
             "    - type: perplexity_delta_pct",
             f"      value: {_yaml_scalar(ppl['mean_delta_pct'])}",
         ]
+        if "worst_delta_pct" in ppl:
+            lines += ["    - type: perplexity_delta_pct_worst_domain", f"      value: {_yaml_scalar(ppl['worst_delta_pct'])}"]
         if "needle" in m:
             lines += ["    - type: needle_accuracy", f"      value: {_yaml_scalar(m['needle']['accuracy'])}"]
     lines.append("---")
     return "\n".join(lines)
+
+
+def _worst(ppl: dict[str, Any]) -> str:
+    if "worst_delta_pct" not in ppl:
+        return "not recorded (measured before the protocol named each domain's worst)"
+    return f"{ppl['worst_delta_pct']:+.2f}% ({escape_markdown(ppl['worst_corpus'])})"
 
 
 def model_card(config: dict[str, Any]) -> str:
@@ -104,10 +112,15 @@ def model_card(config: dict[str, Any]) -> str:
             "| metric | value |",
             "|---|---|",
             f"| KV compression vs fp16 (total / keys / values) | {c['total']:.2f}x / {c['keys']:.2f}x / {c['values']:.2f}x |",
+            f"| perplexity delta, worst domain | {_worst(ppl)} |",
             f"| perplexity delta, mean over corpora | {ppl['mean_delta_pct']:+.2f}% |",
         ]
         for name, row in ppl["corpora"].items():
-            out.append(f"| perplexity {escape_markdown(name)} (base -> compressed) | {row['base']:.2f} -> {row['compressed']:.2f} ({row['delta_pct']:+.2f}%) |")
+            se = f" ± {row['delta_pct_se']:.2f}" if "delta_pct_se" in row else ""
+            out.append(f"| perplexity {escape_markdown(name)} (base -> compressed) | {row['base']:.2f} -> "
+                       f"{row['compressed']:.2f} ({row['delta_pct']:+.2f}%{se}) |")
+        if any("delta_pct_se" in row for row in ppl["corpora"].values()):
+            out.append(f"| (± is the standard error over the {ppl['windows']} windows of each corpus) | |")
         if "needle" in m:
             n = m["needle"]
             out.append(f"| needle accuracy (compressed / baseline) | {n['accuracy']:.2f} / {n['baseline_accuracy']:.2f} |")

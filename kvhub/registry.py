@@ -59,21 +59,26 @@ class Metrics:
     ppl_delta_pct: float
     needle_accuracy: float | None = None
     needle_baseline_accuracy: float | None = None
+    ppl_delta_pct_worst: float | None = None  # None: measured before the protocol recorded each corpus
+    worst_corpus: str | None = None
 
     @classmethod
     def from_registry(cls, data: dict[str, Any]) -> "Metrics":
         needle = data.get("needle") or {}
         c = data["compression"]
         return cls(data["context_length"], c["total"], c["keys"], c["values"], data["ppl_delta_pct"],
-                   needle.get("accuracy"), needle.get("baseline_accuracy"))
+                   needle.get("accuracy"), needle.get("baseline_accuracy"), data.get("ppl_delta_pct_worst"),
+                   data.get("worst_corpus"))
 
     @classmethod
     def from_preset(cls, metrics: dict[str, Any]) -> "Metrics":
         """From ``kvhub_preset.json``'s ``metrics`` (schemas/preset.schema.json)."""
         needle = metrics.get("needle") or {}
         c = metrics["compression"]
-        return cls(metrics["context_length"], c["total"], c["keys"], c["values"],
-                   metrics["perplexity"]["mean_delta_pct"], needle.get("accuracy"), needle.get("baseline_accuracy"))
+        ppl = metrics["perplexity"]
+        return cls(metrics["context_length"], c["total"], c["keys"], c["values"], ppl["mean_delta_pct"],
+                   needle.get("accuracy"), needle.get("baseline_accuracy"), ppl.get("worst_delta_pct"),
+                   ppl.get("worst_corpus"))
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
-"""The corpora ship in the repository, where kvhub's defaults look, and calibration never overlaps evaluation
-(the books, and the out-of-domain Python docs and source of corpora/extra)."""
+"""The corpora ship in the repository, where kvhub's defaults look; the evaluation protocol's domains are all there,
+each with calibration text of its own kind, and calibration never overlaps evaluation."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import pytest
 from kvhub.cli import main
 from kvhub.corpora import CORPORA, default_corpus
 from kvhub.errors import CorpusNotFoundError
+from kvhub.protocol import DOMAINS
 from tests.paths import CALIBRATION, EVALUATION, ROOT
 
 MIN_PARAGRAPH_CHARS = 80  # shorter blocks ("CHAPTER I", "return None") legitimately repeat across texts
-EXTRA = CORPORA / "extra"
 
 
 def paragraphs(*folders) -> dict[str, str]:
@@ -31,14 +31,30 @@ def paragraphs(*folders) -> dict[str, str]:
 def test_corpora_are_in_the_repo_where_the_defaults_resolve():
     assert CORPORA == ROOT / "corpora"
     assert default_corpus("calibration") == CALIBRATION and default_corpus("evaluation") == EVALUATION
-    # the defaults stay the books the registry's numbers were measured on; the Python texts are opt-in
-    assert len(list(CALIBRATION.glob("*.txt"))) == 5 and len(list(EVALUATION.glob("*.txt"))) == 3
-    assert len(list((EXTRA / "calibration").glob("*.txt"))) == 2 and len(list((EXTRA / "evaluation").glob("*.txt"))) == 2
+
+
+def test_every_protocol_domain_is_in_the_default_evaluation_corpus_and_nothing_else():
+    """The protocol (kvhub.protocol) and the default folder are one list, so `kvhub eval` with no --ppl measures
+    exactly the domains `registry check` demands."""
+    assert sorted(p.stem for p in EVALUATION.glob("*.txt")) == sorted(DOMAINS)
+    assert len(set(DOMAINS.values())) >= 6  # novels, scripture, documentation, source code, German, logs
+
+
+@pytest.mark.parametrize("stem, marker", [("debian_reference_de", " und "), ("debian_changelogs", "urgency="),
+                                          ("python_stdlib_modules", "def "), ("python_docs", ".. ")])
+def test_each_new_domain_calibrates_on_its_own_kind_of_text_from_other_documents(stem, marker):
+    """A domain's calibration file (``_a``, or the guides) and its evaluation file are the same kind of text (the
+    marker is frequent in both) but different documents (no shared paragraph: the test below)."""
+    (calib,) = [p for p in CALIBRATION.glob(f"{stem}*.txt")]
+    (evaluation,) = [p for p in EVALUATION.glob(f"{stem}*.txt")]
+    for path in (calib, evaluation):
+        text = path.read_text(encoding="utf-8")
+        assert 250_000 <= len(text) <= 300_000 and text.count(marker) >= 20, path
 
 
 def test_calibration_and_evaluation_share_no_paragraph():
-    calibration = paragraphs(CALIBRATION, EXTRA / "calibration")
-    evaluation = paragraphs(EVALUATION, EXTRA / "evaluation")
+    calibration = paragraphs(CALIBRATION)
+    evaluation = paragraphs(EVALUATION)
     assert len(calibration) > 1000 and len(evaluation) > 1000
     shared = [(p[:60], calibration[p], evaluation[p]) for p in calibration.keys() & evaluation.keys()]
     assert not shared, shared[:5]

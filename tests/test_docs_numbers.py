@@ -206,6 +206,20 @@ def decode_table() -> str:
     return "\n".join(lines)
 
 
+def domain_table() -> str:
+    """README's per-domain table: the bundled preset's recorded metrics, worst first."""
+    from kvhub.protocol import DOMAINS
+
+    ppl = load(MEASURED)["metrics"]["perplexity"]
+    rows = sorted(ppl["corpora"].items(), key=lambda kv: -kv[1]["delta_pct"])
+    lines = ["| domain | evaluation corpus | PPL DynamicCache -> preset | delta | s.e. over windows |", "|---|---|---|---|---|"]
+    lines += [f"| {DOMAINS[n]} | {n} | {r['base']:.2f} -> {r['compressed']:.2f} | {r['delta_pct']:+.2f}% | "
+              f"{r['delta_pct_se']:.2f} |" for n, r in rows]
+    lines.append(f"| **worst** | {ppl['worst_corpus']} | | **{ppl['worst_delta_pct']:+.2f}%** | |")
+    lines.append(f"| mean | | | {ppl['mean_delta_pct']:+.2f}% | |")
+    return "\n".join(lines)
+
+
 def same_session_table() -> str:
     """benchmarks/README.md's back-to-back check of the decode rows that moved against the previous file."""
     check = load(DECODE)["same_session_check"]
@@ -247,6 +261,7 @@ CLAIMS = [
     Claim(README, "keys take {}x and", MEASURED, ("metrics", "compression", "keys")),
     Claim(README, "values {}x (the", MEASURED, ("metrics", "compression", "values")),
     Claim(README, "the bundled preset's needle grid ({})", FRONTIER, lambda d: needle(d["rows"]["kvhub 1% preset (bundled)"]["needle"])),
+    Claim(README, "{}", MEASURED, lambda d: domain_table()),
     # ... bytes (bytes.json), whole table rows ...
     Claim(README, "{}", BYTES, lambda d: bytes_table_row(1)),
     Claim(README, "{}", BYTES, lambda d: bytes_table_row(4)),
@@ -309,6 +324,7 @@ CLAIMS = [
       for name in ("compression", "bytes")),
     Claim(FORMAT, '"austen_emma": {},', MEASURED, lambda d: json.dumps(d["metrics"]["perplexity"]["corpora"]["austen_emma"])),
     Claim(FORMAT, '"mean_delta_pct": {},', MEASURED, lambda d: str(d["metrics"]["perplexity"]["mean_delta_pct"])),
+    Claim(FORMAT, '"worst_delta_pct": {},', MEASURED, lambda d: str(d["metrics"]["perplexity"]["worst_delta_pct"])),
     Claim(FORMAT, '"command": {}', MEASURED, lambda d: json.dumps(d["metrics"]["command"])),
     Claim(FORMAT, '"size": {}}}]', MEASURED, ("files", 0, "size"), "d"),
     # MODEL_ZOO.md is generated from the registry index (test_registry checks that); here the index's numbers are

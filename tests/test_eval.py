@@ -73,3 +73,39 @@ def test_eval_says_what_it_will_cost_and_quick_is_a_fraction(tiny_preset, model_
     assert "1 file(s) x 1 window(s) x 64 tokens" in captured.err and "1 length(s) x 3 depth(s)" in captured.err
     [row] = [line for line in captured.out.splitlines() if line.startswith("needle ")]
     assert row.startswith("needle    96: ") and row.count("/3)") == 2  # 3 cells, preset and baseline
+
+
+def test_each_corpus_reports_its_worst_and_standard_error_and_a_rerun_is_identical(tiny_preset, tiny, eval_text,
+                                                                                   tmp_path):  # noqa: F811
+    """Per-corpus standard error over windows, from per-window NLLs recomputed here through fresh caches; the worst
+    corpus is the largest delta; the same run twice on the same machine gives the same numbers to the last bit."""
+    import math
+    import statistics
+
+    from kvhub import KVPreset
+    from kvhub.eval import EvalConfig, evaluate, metrics_block
+    from kvhub.eval.ppl import window_nll
+    from kvhub.text import token_windows
+
+    model, tok = tiny
+    preset = KVPreset.from_pretrained(str(tiny_preset))
+    text = eval_text.read_text()
+    other = tmp_path / "reversed_paragraphs.txt"  # a second corpus of other text from the same words
+    other.write_text("\n\n".join(reversed(text.split("\n\n"))))
+    cfg = EvalConfig([str(eval_text), str(other)], windows=3, window_tokens=64, chunk=16, progress=False)
+    make = lambda: preset.build_cache(model, allow_name_mismatch=True)  # noqa: E731
+    first, second = evaluate(model, tok, make, cfg), evaluate(model, tok, make, cfg)
+    assert first.ppl == second.ppl
+
+    for name, path in ((eval_text.stem, eval_text), (other.stem, other)):
+        deltas = []
+        for ids in token_windows(tok, path.read_text(), 64, 3):
+            base = window_nll(model, ids, DynamicCache(config=model.config), 16)
+            comp = window_nll(model, ids, make(), 16)
+            deltas.append(100 * (math.exp((comp.nll_sum - base.nll_sum) / base.tokens) - 1))
+        assert len(deltas) == 3 and len(set(deltas)) > 1
+        assert first.ppl[name]["delta_pct_se"] == pytest.approx(statistics.stdev(deltas) / math.sqrt(3), rel=1e-9)
+    worst = max(first.ppl, key=lambda n: first.ppl[n]["delta_pct"])
+    ppl = metrics_block(first, cfg)["perplexity"]
+    assert ppl["worst_corpus"] == worst and ppl["worst_delta_pct"] == round(first.ppl[worst]["delta_pct"], 4)
+    assert ppl["worst_delta_pct"] >= ppl["mean_delta_pct"]

@@ -174,7 +174,9 @@ def test_pending_rows_carry_no_numbers_and_claims_are_labelled():
             assert row[2:6] == ["not measured", "-", "-", "-"], row
         if entry.claimed:
             ppl = f"{entry.claimed['ppl_delta_pct']:+.2f}%"
-            assert ppl not in head and ppl not in details, f"{entry.model}: claimed {ppl} shown outside the claims section"
+            section = details.split(f"`{entry.model}`", 1)[1].split("\n### ", 1)[0]
+            assert ppl not in " | ".join(row) and ppl not in section, \
+                f"{entry.model}: claimed {ppl} shown outside the claims section"
             assert f"| {entry.model} |" in claims and ppl in claims
     assert "never measured by kvhub" in claims and "not validated" in claims
     inherited = {"Qwen/Qwen2.5-7B", "mistralai/Mistral-7B-v0.1", "Qwen/Qwen2-1.5B", "Qwen/Qwen2.5-0.5B"}
@@ -200,6 +202,32 @@ def test_build_and_check(tmp_path, capsys):
     assert main(["registry", "build", "--root", str(root)]) == 0
     shutil.rmtree(root / "presets" / "google--gemma-7b")
     assert "presets/google--gemma-7b/" in cli_error(capsys, "registry", "check", "--root", root)
+
+
+def test_check_refuses_a_validated_entry_or_its_preset_lacking_a_domain(tmp_path, capsys):
+    """A validated number must cover every domain of the protocol (kvhub.protocol): one corpus dropped from the index
+    entry, or from the preset config in the repository behind it, and `registry check` fails naming it."""
+    from kvhub.protocol import DOMAINS
+
+    root = repo_copy(tmp_path)
+    for entry in RegistryIndex.parse(index_document(), "index").entries:
+        shutil.copytree(REPO / entry.recipe, root / entry.recipe)
+    assert cli(capsys, "registry", "check", "--root", root)[0] == 0
+    dropped = sorted(DOMAINS)[-1]
+    index = root / "kvhub" / "data" / "index.json"
+    document = json.loads(index.read_text())
+    [smollm2] = [e for e in document["entries"] if e["status"] == "validated"]
+    del smollm2["metrics"]["ppl_delta_pct_by_corpus"][dropped]
+    index.write_text(json.dumps(document, indent=2))
+    assert main(["registry", "build", "--root", str(root)]) == 0
+    error = cli_error(capsys, "registry", "check", "--root", root)
+    assert f"lacks the domain(s) {dropped}" in error and smollm2["model"] in error and "kvhub eval" in error
+
+    shutil.copy(REPO / "kvhub" / "data" / "index.json", index)
+    assert main(["registry", "build", "--root", str(root)]) == 0
+    edit_metrics(root / smollm2["recipe"], lambda m: m["perplexity"]["corpora"].pop(dropped))
+    error = cli_error(capsys, "registry", "check", "--root", root)
+    assert f"lack the domain(s) {dropped}" in error and "kvhub_preset.json" in error
 
 
 def test_repository_registry_is_consistent(capsys):
@@ -240,7 +268,7 @@ def test_plot_shows_validated_entries_only():
     }
     assert render_plot(validated) != empty
     text = render_zoo(validated)
-    assert f"| [{entry['model']}]" in text and "| validated | 3.00x | 2.50x / 3.50x | +0.80% | 0.80 / 0.87 |" in text
+    assert f"| [{entry['model']}]" in text and "| validated | 3.00x | 2.50x / 3.50x | not measured on every domain | +0.80% | 0.80 / 0.87 |" in text
     assert "a" * 12 in text and "measured by | pytest" in text
 
 

@@ -59,7 +59,8 @@ def searched():
     gen = torch.Generator().manual_seed(9)
     windows = [torch.randint(3, VOCAB, (1, 320), generator=gen) for _ in range(2)]
     logs: list[str] = []
-    result = search(model, bases, windows, target_delta=TARGET, sink=2, windows=(0,), flush_block=4, log=logs.append)
+    result = search(model, bases, {"random": windows}, target_delta=TARGET, sink=2, windows=(0,), flush_block=4,
+                    log=logs.append)
     return model, bases, windows, result, logs
 
 
@@ -123,7 +124,11 @@ def test_tune_refuses_to_replace_a_validated_preset_before_any_work(tmp_path, ca
     err = capsys.readouterr().err
     assert code == 1 and "Traceback" not in err, err
     [line] = [line for line in err.splitlines() if line.startswith("error:")]
-    assert "the preset the registry validated (4.31x at +0.70%)" in line and "--overwrite" in line and "--out" in line
+    from kvhub.registry import packaged_index
+
+    m = packaged_index().find("smollm2").metrics
+    claim = f"{m.compression_total:.2f}x at {m.ppl_delta_pct_worst:+.2f}% on its worst domain"
+    assert f"the preset the registry validated ({claim})" in line and "--overwrite" in line and "--out" in line
     assert _tree(folder) == before
 
 
@@ -160,3 +165,39 @@ def test_tune_writes_beside_an_existing_preset_by_default_and_replaces_it_only_w
     assert f"wrote {folder}\n" in capsys.readouterr().out
     after = _tree(folder)
     assert after["recipe.json"] == before["recipe.json"] and after[CONFIG_NAME] != before[CONFIG_NAME]
+
+
+def test_target_binds_the_worst_domain_not_the_mean(searched, monkeypatch):
+    """Two domains whose losses differ threefold at every level (loss = scale / bits): a trial can pass on the mean
+    while the harder domain fails. The tuner must reject such trials and choose the most compressed one that passes
+    both. ``scale`` puts the hard domain's pass mark at level 9 of the ladder."""
+    import math
+
+    import kvhub.tuning
+    from kvhub.eval.ppl import PerplexityResult
+
+    model, bases, windows, _, _ = searched
+    easy, hard = windows[:1], windows[1:]
+    ladders, layers = stream_ladders(64), model.config.num_hidden_layers
+    k, v = LEVELS[9]
+    scale = 0.999 * (ladders["keys"][k].bits_per_token() + ladders["values"][v].bits_per_token()) * layers / 3
+
+    def fake_perplexity(model, ws, make, chunk=128):
+        cache = make()
+        loss = 0.0  # percent; the baseline loses nothing
+        if isinstance(cache, CompressedCache):
+            loss = (3 if ws is hard else 1) * scale / sum(
+                layer.keys.bits_per_token() + layer.values.bits_per_token() for layer in cache.codec.layers)
+        return PerplexityResult(100 * len(ws) * math.log(1 + loss / 100), 100 * len(ws))
+
+    monkeypatch.setattr(kvhub.tuning, "perplexity", fake_perplexity)
+    result = search(model, bases, {"easy": easy, "hard": hard}, target_delta=0.01, sink=2, windows=(0,), flush_block=4,
+                    log=lambda _: None)
+    # the fake never fills a cache, so compare trials by their bits per token (fewer bits: more compression)
+    bits = lambda t: t.key_bits + t.value_bits  # noqa: E731
+    mean = lambda t: sum(t.by_domain.values()) / 2  # noqa: E731
+    mean_only = [t for t in result.trials if mean(t) <= 1.0 < t.by_domain["hard"]]
+    assert mean_only, "the fixture must hold a trial that passes on the mean and fails on one domain"
+    assert result.chosen.by_domain["hard"] <= 1.0 and result.chosen.worst_domain == "hard"
+    assert any(bits(t) < bits(result.chosen) for t in mean_only)  # the mean would have chosen one of these
+    assert bits(result.chosen) == min(bits(t) for t in result.trials if max(t.by_domain.values()) <= 1.0)

@@ -56,7 +56,10 @@ def eval_cmd(preset, model_name, ppl_files, quick, windows, window_tokens, chunk
                       log=lambda line: click.echo(line, err=True))
     metrics = metrics_block(result, cfg, "kvhub " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
     for name, row in result.ppl.items():
-        click.echo(f"{name:<28} PPL {row['base']:.3f} -> {row['compressed']:.3f}  ({row['delta_pct']:+.3f}%)")
+        se = f" ± {row['delta_pct_se']:.3f} (s.e. over {cfg.windows} windows)" if "delta_pct_se" in row else ""
+        click.echo(f"{name:<28} PPL {row['base']:.3f} -> {row['compressed']:.3f}  ({row['delta_pct']:+.3f}%{se})")
+    worst, worst_delta = result.worst
+    click.echo(f"{'worst domain':<28} {worst_delta:+.3f}% ({worst})")
     click.echo(f"{'mean delta':<28} {result.mean_delta_pct:+.3f}%")
     c = result.compression
     click.echo(f"compression per sequence at {cfg.window_tokens} tokens: total {c['total']:.2f}x "

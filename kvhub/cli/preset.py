@@ -107,6 +107,8 @@ def describe(preset) -> str:
         lines += Footprint.of_metrics(m, preset.bases.nbytes()).lines("    ")
     for name, row in p["corpora"].items():
         lines.append(f"    PPL {printable(name)}: {row['base']:.3f} -> {row['compressed']:.3f} ({row['delta_pct']:+.2f}%)")
+    if "worst_delta_pct" in p:
+        lines.append(f"    PPL delta, worst domain: {p['worst_delta_pct']:+.3f}% ({printable(p['worst_corpus'])})")
     lines.append(f"    PPL delta, mean: {p['mean_delta_pct']:+.3f}%")
     if "needle" in m:
         n = m["needle"]

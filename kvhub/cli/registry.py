@@ -103,11 +103,14 @@ def build(root: Path, out: Path | None) -> None:
 @click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=Path("."), show_default=True,
               help="Repository root holding registry/index.json.")
 def check(root: Path) -> None:
-    """Fail if the index is invalid, MODEL_ZOO.md is stale, or an entry's recipe folder is missing."""
-    from ..registry_tools import RepoLayout, check_zoo
+    """Fail if the index is invalid, MODEL_ZOO.md is stale, an entry's recipe folder is missing, or a validated
+    entry's metrics lack a domain of the evaluation protocol."""
+    from ..registry_tools import RepoLayout, check_domains, check_zoo
 
     check_zoo(RepoLayout(root))
-    click.echo(f"ok: {RepoLayout(root).zoo} is what the index generates, and every recipe folder exists")
+    check_domains(RepoLayout(root))
+    click.echo(f"ok: {RepoLayout(root).zoo} is what the index generates, every recipe folder exists, and every "
+               "validated entry covers every evaluation domain")
 
 
 @registry.command()

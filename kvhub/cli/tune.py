@@ -55,7 +55,8 @@ def _from_recipe(path: Path, model: str | None, target: float | None):
 @click.option("--calib-windows-per-file", default=8, show_default=True)
 @click.option("--calib-seq-len", default=1024, show_default=True, help="Tokens per calibration window.")
 @click.option("--tune-window-tokens", default=2048, show_default=True,
-              help="Tokens per held-out window the search measures perplexity on.")
+              help="Tokens per held-out window the search measures perplexity on (one window per calibration file: "
+                   "each file is a domain the target must hold on).")
 @device_option
 @click.option("--dtype", default="float32", show_default=True)
 def tune(model, recipe_path, calib_files, target_ppl_delta, out, overwrite, eval_files, needle, windows, quantizer,

@@ -4,7 +4,9 @@ compression, needle retrieval, and the bytes the cache really held. Produces the
 from __future__ import annotations
 
 import datetime
+import math
 import platform
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -73,6 +75,22 @@ class EvalResult:
     def mean_delta_pct(self) -> float:
         return sum(r["delta_pct"] for r in self.ppl.values()) / len(self.ppl)
 
+    @property
+    def worst(self) -> tuple[str, float]:
+        """The corpus (domain) that lost the most, and its delta: the number a preset's promise is held to."""
+        name = max(self.ppl, key=lambda n: self.ppl[n]["delta_pct"])
+        return name, self.ppl[name]["delta_pct"]
+
+
+def delta_pct(compressed: PerplexityResult, base: PerplexityResult) -> float:
+    """Perplexity change in percent of the same tokens read through two caches."""
+    return 100 * (math.exp((compressed.nll_sum - base.nll_sum) / base.tokens) - 1)
+
+
+def standard_error(values: list[float]) -> float | None:
+    """Standard error of the mean over windows (None for one window: no spread to estimate)."""
+    return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else None
+
 
 def hardware() -> str:
     if torch.cuda.is_available():
@@ -112,14 +130,17 @@ def evaluate(
     with tqdm(total=work["ppl_windows"] * 2, desc="perplexity", unit="window", disable=not cfg.progress) as bar:
         for name, text in texts:
             sums = {"base": PerplexityResult(0.0, 0), "compressed": PerplexityResult(0.0, 0)}
+            per_window: list[float] = []
             for ids in token_windows(tokenizer, text, cfg.window_tokens, cfg.windows):
+                pair = {}
                 for key, factory in (("base", baseline), ("compressed", make_cache)):
                     cache = factory()
-                    r = window_nll(model, ids, cache, cfg.chunk)
+                    pair[key] = r = window_nll(model, ids, cache, cfg.chunk)
                     sums[key] = PerplexityResult(sums[key].nll_sum + r.nll_sum, sums[key].tokens + r.tokens)
                     if key == "compressed":
                         last_cache, last_batch = cache, ids.shape[0]
                     bar.update()
+                per_window.append(delta_pct(pair["compressed"], pair["base"]))
                 pairs += 1
                 if log and pairs == 1:
                     took = time.perf_counter() - started
@@ -129,6 +150,9 @@ def evaluate(
                         f"about {f'{whole:.0f} s' if whole < 90 else f'{whole / 60:.0f} min'}")
             base, comp = sums["base"].ppl, sums["compressed"].ppl
             result.ppl[name] = {"base": base, "compressed": comp, "delta_pct": 100 * (comp / base - 1)}
+            se = standard_error(per_window)
+            if se is not None:
+                result.ppl[name]["delta_pct_se"] = se
     if last_cache is not None and hasattr(last_cache, "nbytes"):
         result.footprint = Footprint.of_cache(last_cache, last_batch)
         result.bytes = last_cache.nbytes() | result.footprint.record()
@@ -157,6 +181,8 @@ def metrics_block(result: EvalResult, cfg: EvalConfig, command: str | None = Non
         "perplexity": {
             "corpora": {n: {k: round(v, 4) for k, v in row.items()} for n, row in result.ppl.items()},
             "mean_delta_pct": round(result.mean_delta_pct, 4),
+            "worst_corpus": result.worst[0],
+            "worst_delta_pct": round(result.worst[1], 4),
             "windows": cfg.windows,
             "window_tokens": cfg.window_tokens,
             "chunk": cfg.chunk,
@@ -181,4 +207,5 @@ def metrics_block(result: EvalResult, cfg: EvalConfig, command: str | None = Non
     return metrics
 
 
-__all__ = ["QUICK", "EvalConfig", "EvalResult", "evaluate", "metrics_block", "token_windows"]
+__all__ = ["QUICK", "EvalConfig", "EvalResult", "delta_pct", "evaluate", "metrics_block", "standard_error",
+           "token_windows"]

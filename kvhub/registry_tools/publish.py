@@ -57,11 +57,15 @@ def measured_by(command: str | None) -> str:
 
 def registry_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     """The index's summary (schemas/registry.schema.json ``metrics``) of a preset ``metrics`` block."""
-    needle = metrics.get("needle")
+    needle, ppl = metrics.get("needle"), metrics["perplexity"]
     return {
         "context_length": metrics["context_length"],
         "compression": {k: metrics["compression"][k] for k in ("total", "keys", "values")},
-        "ppl_delta_pct": metrics["perplexity"]["mean_delta_pct"],
+        "ppl_delta_pct": ppl["mean_delta_pct"],
+        **({"ppl_delta_pct_worst": ppl["worst_delta_pct"], "worst_corpus": ppl["worst_corpus"]}
+           if "worst_delta_pct" in ppl else {}),
+        **({"ppl_delta_pct_by_corpus": {name: row["delta_pct"] for name, row in ppl["corpora"].items()}}
+           if "corpora" in ppl else {}),
         "needle": {"accuracy": needle["accuracy"], "baseline_accuracy": needle["baseline_accuracy"]} if needle else None,
     }
 

@@ -1,0 +1,32 @@
+"""The evaluation protocol's domains: the kinds of text a validated number covers, one evaluation corpus each.
+
+A preset promises its perplexity target on *every* domain, not on their mean: a user who runs code, logs or German
+through a preset validated on novels gets that domain's loss, not the average. The registry refuses metrics that
+lack a domain (``kvhub registry check``, ``registry verify``), and the tuner holds its target to the worst
+calibration domain. The texts are in ``corpora/evaluation`` (sources and licences in corpora/README.md); the
+calibration text of each domain is in ``corpora/calibration``, from different documents.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+# evaluation corpus (file stem) -> the domain it stands for
+DOMAINS: dict[str, str] = {
+    "austen_emma": "novel",
+    "austen_persuasion": "novel",
+    "kjv_new_testament": "scripture",
+    "python_docs_library": "technical documentation",
+    "python_stdlib_modules_b": "source code",
+    "debian_reference_de_b": "German",
+    "debian_changelogs_b": "logs",
+}
+
+# calibration.tuning.target_on of a preset whose target binds its worst domain (older presets bound the mean)
+WORST_DOMAIN = "worst domain"
+
+
+def missing_domains(corpora: Mapping[str, Any]) -> list[str]:
+    """The protocol's corpora that a metrics block's per-corpus results (names -> anything) do not cover."""
+    return [name for name in DOMAINS if name not in corpora]
