@@ -228,6 +228,7 @@ def domain_table() -> str:
 
 
 WORST_TUNED = "benchmarks/presets/smollm2-1pct-worst/kvhub_preset.json"
+KEY_RUNG = RESULTS + "key_rung.json"
 FRONTIER4 = RESULTS + "frontier-4.md"
 
 
@@ -243,7 +244,8 @@ def trials_table() -> str:
 
 
 def preset_summary(path: str) -> str:
-    m = load(path)["metrics"]
+    data = load(path)
+    m = data["metrics"]
     p = m["perplexity"]
     return (f"{m['compression']['total']:.2f}x at worst {p['worst_delta_pct']:+.2f}% ({p['worst_corpus']}), "
             f"mean {p['mean_delta_pct']:+.2f}% over {len(p['corpora'])} corpora")
@@ -300,6 +302,8 @@ CLAIMS = [
     Claim(FRONTIER4, "It chose {}.", WORST_TUNED, ("calibration", "tuning", "chosen")),
     Claim(FRONTIER4, "evaluation protocol: {}.", WORST_TUNED, lambda d: preset_summary(WORST_TUNED)),
     Claim(FRONTIER4, "{}", FRONTIER, lambda d: frontier_summary()),
+    Claim(FRONTIER4, "on the evaluation protocol: {}.", KEY_RUNG, lambda d: preset_summary(KEY_RUNG)),
+    Claim(FRONTIER4, "cost {} bits per token and head", KEY_RUNG, ("key_bits_per_token_and_head",), ".0f"),
     # ... bytes (bytes.json), whole table rows ...
     Claim(README, "{}", BYTES, lambda d: bytes_table_row(1)),
     Claim(README, "{}", BYTES, lambda d: bytes_table_row(4)),
