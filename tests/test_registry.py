@@ -227,7 +227,7 @@ def test_check_refuses_a_validated_entry_or_its_preset_lacking_a_domain(tmp_path
     assert main(["registry", "build", "--root", str(root)]) == 0
     edit_metrics(root / smollm2["recipe"], lambda m: m["perplexity"]["corpora"].pop(dropped))
     error = cli_error(capsys, "registry", "check", "--root", root)
-    assert f"lack the domain(s) {dropped}" in error and "kvhub_preset.json" in error
+    assert f"measurement lacks the domain(s) {dropped}" in error and "kvhub_preset.json" in error
 
 
 def test_repository_registry_is_consistent(capsys):

@@ -13,6 +13,13 @@ FIX = ("fix: measure it on every domain (kvhub eval PRESET --ppl corpora/evaluat
        "`kvhub registry build`")
 
 
+def _covers(where: str, corpora: dict, has_worst: bool) -> None:
+    lacking = missing_domains(corpora)
+    if lacking or not has_worst:
+        what = f"lacks the domain(s) {', '.join(lacking)}" if lacking else "has no worst-domain figure"
+        raise RegistryError(f"{where} {what}; {FIX}")
+
+
 def check_domains(layout: RepoLayout) -> None:
     """Raise :class:`RegistryError` naming the first validated entry (index metrics or the repository's preset
     config) that lacks a protocol domain or its worst-domain figure."""
@@ -21,14 +28,9 @@ def check_domains(layout: RepoLayout) -> None:
         if entry.status != "validated":
             continue
         metrics = raw["metrics"]
-        lacking = missing_domains(metrics.get("ppl_delta_pct_by_corpus") or {})
-        if lacking or "ppl_delta_pct_worst" not in metrics:
-            what = f"lacks the domain(s) {', '.join(lacking)}" if lacking else "has no worst-domain figure"
-            raise RegistryError(f"{layout.index}: the entry for {entry.model} {what}; {FIX}")
+        _covers(f"{layout.index}: the entry for {entry.model}", metrics.get("ppl_delta_pct_by_corpus") or {},
+                "ppl_delta_pct_worst" in metrics)
         config = layout.root / entry.recipe / CONFIG_NAME
         if config.is_file():
             ppl = read_config(config.parent)["metrics"]["perplexity"]
-            lacking = missing_domains(ppl["corpora"])
-            if lacking or "worst_delta_pct" not in ppl:
-                what = f"lack the domain(s) {', '.join(lacking)}" if lacking else "have no worst_delta_pct"
-                raise RegistryError(f"{config}: its metrics {what}; {FIX}")
+            _covers(f"{config}: the preset's measurement", ppl["corpora"], "worst_delta_pct" in ppl)
