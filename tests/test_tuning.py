@@ -42,7 +42,9 @@ def test_reallocation_moves_least_sensitive_down_and_most_sensitive_up():
         assert all(moved[(i, s)] == 2 for i in (2, 3, 4))
 
 
-TARGET = 0.0005  # +0.05%: on this model the ladder's top level passes and the lower ones do not (a split)
+# On this random model the levels' deltas are noise within +-0.1% of zero, not ordered by bits; a target just below
+# zero splits the bisection's path (some levels pass, some fail), which is all these mechanics tests need.
+TARGET = -0.0002
 
 
 @pytest.fixture(scope="module")
