@@ -412,8 +412,10 @@ def test_verify_refuses_another_model_and_an_unmeasured_preset(preset_copy, tiny
 
 @pytest.mark.slow
 def test_benchmark_preset_verifies_on_cpu(tmp_path, capsys):
-    """The SmolLM2 preset re-measured on CPU with its full recorded protocol (7 corpora x 3 windows of 2048 tokens,
-    the needle grid): what validate-preset.yml does on a GPU for every contributed preset. Minutes, not seconds.
+    """The SmolLM2 preset re-measured on CPU with its recorded perplexity protocol (7 corpora x 3 windows of 2048
+    tokens) and compression: what validate-preset.yml does on a GPU for every contributed preset, less the needle
+    grid (--no-needle: the grid adds six minutes on 2 cores and would take the suite past its 20-minute budget; the
+    workflow and `kvhub eval --needle` re-run it). Minutes, not seconds.
     It misses the target it was tuned for (+1% on the books' mean) on the whole protocol, so verify refuses it
     before measuring unless told to let it through; the numbers it records must still re-measure."""
     folder = REPO / "presets" / "HuggingFaceTB--SmolLM2-135M-Instruct"
@@ -422,10 +424,10 @@ def test_benchmark_preset_verifies_on_cpu(tmp_path, capsys):
                       tmp_path / "refused")
     assert "misses the target it was tuned for" in error  # +1% on the books' mean, not on every domain's
     code, out, err = cli(capsys, "registry", "verify", folder, "--device", "cpu", "--ppl", corpus,
-                         "--report-dir", tmp_path, "--allow-weaker")
+                         "--report-dir", tmp_path, "--allow-weaker", "--no-needle")
     assert code == 0, out + err
     report, markdown = read_report(tmp_path)
-    assert report["passed"] and report["needle_rerun"] == ("needle" in report["claimed"])
+    assert report["passed"] and not report["needle_rerun"] and "needle" in report["claimed"]
     assert "allowed by --allow-weaker" in markdown and "PPL delta (worst domain)" in markdown
 
 
