@@ -38,6 +38,7 @@ from kvhub.corpora import CORPORA
 from kvhub.eval import hardware
 from kvhub.eval.needle import needle_grid
 from kvhub.eval.ppl import PerplexityResult, window_nll
+from kvhub.protocol import worst_of
 from kvhub.text import read_texts, token_windows
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -270,8 +271,7 @@ def summarize(result: dict) -> None:
     for row in result["rows"].values():
         deltas = row["delta_pct"]
         row["mean_delta_pct"] = sum(deltas.values()) / len(deltas)
-        row["worst_corpus"] = max(deltas, key=deltas.__getitem__)
-        row["worst_delta_pct"] = deltas[row["worst_corpus"]]
+        row["worst_corpus"], row["worst_delta_pct"] = worst_of(deltas)
         row["missing"] = [c for c in result["protocol"]["corpora"] if c not in deltas]
 
 

@@ -27,6 +27,12 @@ DOMAINS: dict[str, str] = {
 WORST_DOMAIN = "worst domain"
 
 
+def worst_of(deltas: Mapping[str, float]) -> tuple[str, float]:
+    """The domain (corpus) with the largest perplexity delta, and that delta: what a target is held to."""
+    name = max(deltas, key=deltas.__getitem__)
+    return name, deltas[name]
+
+
 def missing_domains(corpora: Mapping[str, Any]) -> list[str]:
     """The protocol's corpora that a metrics block's per-corpus results (names -> anything) do not cover."""
     return [name for name in DOMAINS if name not in corpora]

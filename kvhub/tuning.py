@@ -34,7 +34,7 @@ from .codec import STREAMS, CacheCodec, LayerCodec, ModelShape, Segment, StreamC
 from .errors import PresetExistsError
 from .eval.ppl import perplexity
 from .passthrough import PassThroughLayer
-from .protocol import WORST_DOMAIN
+from .protocol import WORST_DOMAIN, worst_of
 from .stream import CompressedStream
 
 def stream_ladders(head_dim: int, quantizer: str = "uniform", scale_format: str = "log8") -> dict[str, list[StreamCodec]]:
@@ -135,11 +135,11 @@ class Trial:
     @property
     def measured_delta_pct(self) -> float:
         """The worst domain's delta: what the target is held to (a mean would hide the domain that fails)."""
-        return max(self.by_domain.values())
+        return worst_of(self.by_domain)[1]
 
     @property
     def worst_domain(self) -> str:
-        return max(self.by_domain, key=self.by_domain.__getitem__)
+        return worst_of(self.by_domain)[0]
 
     @property
     def line(self) -> str:

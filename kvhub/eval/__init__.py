@@ -20,6 +20,7 @@ from transformers.cache_utils import Cache
 
 from .. import __version__
 from ..footprint import Footprint
+from ..protocol import worst_of
 from ..text import corpus_sha256, read_texts, token_windows
 from .needle import CONTEXTS, DEPTHS, NeedleGrid, needle_grid
 from .ppl import PerplexityResult, window_nll
@@ -78,8 +79,7 @@ class EvalResult:
     @property
     def worst(self) -> tuple[str, float]:
         """The corpus (domain) that lost the most, and its delta: the number a preset's promise is held to."""
-        name = max(self.ppl, key=lambda n: self.ppl[n]["delta_pct"])
-        return name, self.ppl[name]["delta_pct"]
+        return worst_of({name: row["delta_pct"] for name, row in self.ppl.items()})
 
 
 def delta_pct(compressed: PerplexityResult, base: PerplexityResult) -> float:
