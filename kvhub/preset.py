@@ -40,6 +40,7 @@ class KVPreset:
     bases: Any  # kvhub.bases.Bases (torch is imported lazily)
     path: Path | None = None
     basis_dtype: str = "F16"  # how the basis is stored; a preset read from an F32 file is saved as F32 again
+    storage_codec: Any = None  # kvhub.storage_codec.StorageCodec once loaded or fitted (see ``storage``)
 
     # --- views ----------------------------------------------------------------------------------------------
     @property
@@ -53,6 +54,23 @@ class KVPreset:
     @property
     def base_model(self) -> dict[str, Any]:
         return self.config["base_model"]
+
+    @property
+    def storage(self) -> Any:
+        """The storage codec for KV at rest (:mod:`kvhub.storage_codec`), or None when the preset has none. Read
+        from the folder on first use: it is larger than the bases and only a storage-form serde needs it."""
+        if self.storage_codec is None and "storage" in self.config and self.path is not None:
+            from .storage_files import read_storage
+
+            self.storage_codec = read_storage(self.path, self.config)
+        return self.storage_codec
+
+    def with_storage(self, codec: Any, section: dict[str, Any]) -> "KVPreset":
+        """Attach a fitted storage codec and its config section (:func:`kvhub.storage_fit.storage_section`);
+        :meth:`save_pretrained` writes both."""
+        self.storage_codec = codec
+        self.config = {**self.config, "storage": section}
+        return self
 
     @property
     def shape(self) -> ModelShape:
@@ -161,7 +179,12 @@ class KVPreset:
         dtype = torch.float16 if self.basis_dtype == "F16" else torch.float32
         meta = {"format": BASES_FORMAT, "base_model": self.base_model["id"], "schema_version": SCHEMA_VERSION}
         data = serialize(self.bases.to_tensors(dtype), metadata=meta)
-        self.config = write_preset(folder, self.config, data, model_card, overwrite)
+        storage = None
+        if self.storage is not None:
+            from .storage_files import storage_bytes
+
+            storage = storage_bytes(self.storage)
+        self.config = write_preset(folder, self.config, data, model_card, overwrite, storage)
         self.path = folder
         return folder
 

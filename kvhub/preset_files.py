@@ -38,6 +38,7 @@ from .schema import SCHEMA_VERSION, validate_config
 
 CONFIG_NAME = "kvhub_preset.json"
 BASES_NAME = "bases.safetensors"
+STORAGE_NAME = "storage.safetensors"  # the optional storage codec (kvhub.storage_files reads it, on demand)
 CARD_NAME = "README.md"
 BASES_FORMAT = "kvhub-bases/1"
 _ALLOWED_DTYPES = ("F32", "F16")
@@ -114,6 +115,16 @@ def check_semantics(config: dict[str, Any], where: str) -> None:
                                                                base["head_dim"]))
     except CodecError as exc:
         raise PresetFormatError(f"{where}: {exc}") from None
+    listed = STORAGE_NAME in {f["name"] for f in config["files"]}
+    if listed != ("storage" in config):
+        raise PresetFormatError(f"{where}: the config {'lists' if listed else 'does not list'} {STORAGE_NAME} but "
+                                f"{'has no' if listed else 'has a'} storage section; fix: re-fit the storage codec "
+                                "(kvhub fit-storage) or re-download the preset")
+    if "storage" in config:
+        covered = sorted(i for g in config["storage"]["groups"] for i in g["layers"])
+        if covered != sorted(list(range(base["num_hidden_layers"])) * 2):
+            raise PresetFormatError(f"{where}: the storage groups do not cover each layer's keys and values once; "
+                                    "fix: re-fit the storage codec")
 
 
 def read_config(folder: Path) -> dict[str, Any]:
@@ -164,7 +175,7 @@ def checked_bases(config: dict[str, Any], bases: Any, where: str) -> Any:
 
 
 def write_preset(folder: Path, config: dict[str, Any], data: bytes, card: Callable[[dict[str, Any]], str],
-                 overwrite: bool = False) -> dict[str, Any]:
+                 overwrite: bool = False, storage: bytes | None = None) -> dict[str, Any]:
     """Write ``config`` (its ``files`` filled in), the bases file ``data`` and the model card ``card(config)`` into
     ``folder``, replacing only those files; returns the config written.
 
@@ -184,20 +195,25 @@ def write_preset(folder: Path, config: dict[str, Any], data: bytes, card: Callab
         raise PresetExistsError(f"{folder}: folder is not empty; fix: choose an empty folder or pass overwrite=True")
     digest = hashlib.sha256(data).hexdigest()
     staged_name = _STAGED_BASES.format(digest)
-    config = {**config, "schema_version": SCHEMA_VERSION,
-              "files": [{"name": BASES_NAME, "sha256": digest, "size": len(data)}]}
+    files = [{"name": BASES_NAME, "sha256": digest, "size": len(data)}]
+    if storage is not None:
+        files.append({"name": STORAGE_NAME, "sha256": hashlib.sha256(storage).hexdigest(), "size": len(storage)})
+    config = {**config, "schema_version": SCHEMA_VERSION, "files": files}
     validate_config(config, CONFIG_NAME)
     check_semantics(config, CONFIG_NAME)
     staged_config = {**config, "files": [{**config["files"][0], "name": staged_name}]}
+    staged_config.pop("storage", None)  # the storage file is replaced after the staged config, before the final one
     try:
         folder.mkdir(parents=True, exist_ok=True)
         previous = _listed_files(folder)
         _write_file(folder, staged_name, data)
         _write_file(folder, CONFIG_NAME, _config_text(staged_config))
         _write_file(folder, BASES_NAME, data)
+        if storage is not None:
+            _write_file(folder, STORAGE_NAME, storage)
         _write_file(folder, CARD_NAME, card(config).encode("utf-8"))
         _write_file(folder, CONFIG_NAME, _config_text(config))
-        _remove_leftovers(folder, previous - {BASES_NAME})
+        _remove_leftovers(folder, previous - {f["name"] for f in files})
     except OSError as exc:
         _remove_leftovers(folder, set(), only_temporary=True)
         raise PresetWriteError(f"{folder}: could not write the preset ({exc.strerror or exc}); fix: check the "
@@ -242,6 +258,8 @@ def _load_tensor_files(folder: Path, config: dict[str, Any]) -> tuple[dict[str, 
     tensors: dict[str, Any] = {}
     dtypes: set[str] = set()
     for entry in config["files"]:
+        if entry["name"] == STORAGE_NAME:  # read on demand (kvhub.storage_files)
+            continue
         path = folder / entry["name"]
         if entry["size"] > most:
             raise PresetTensorError(f"{path}: {entry['size']} bytes, more than the {most} its codec's tensors can "

@@ -92,4 +92,45 @@ def tune(model, recipe_path, calib_files, target_ppl_delta, out, overwrite, eval
              overwrite=overwrite)
 
 
-COMMANDS = [tune]
+@click.command("fit-storage")
+@click.argument("preset_folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--model", default=None, help="Local model folder or Hub id (default: the preset's base model).")
+@click.option("--calib", "calib_files", multiple=True, type=click.Path(exists=True),
+              help=f"Calibration text files or folders (repeatable; each file is a domain). Default: {CORPORA / 'calibration'}.")
+@click.option("--ratios", default="10,16", show_default=True,
+              help="Budgets to allocate, as ratios to the fp16 chunk (every byte of the stored chunk counted).")
+@click.option("--layers-per-group", default=0, show_default=True,
+              help="Layers whose K (or V) share one transform; 0: all layers (the best measured).")
+@click.option("--windows-per-file", default=4, show_default=True, help="Calibration windows per file.")
+@device_option
+@click.option("--dtype", default="float32", show_default=True)
+def fit_storage(preset_folder, model, calib_files, ratios, layers_per_group, windows_per_file, device, dtype):
+    """Fit the storage codec (KV at rest, LMCache's storage form) for the preset in PRESET_FOLDER and save it there.
+
+    The preset's other files stay as they are; its config gains a storage section listing the budgets."""
+    from ..preset import KVPreset
+    from ..models import load_model
+    from ..storage_fit import StorageFitConfig, fit_preset_storage
+
+    try:
+        ratio_list = tuple(float(r) for r in ratios.split(","))
+    except ValueError:
+        raise click.UsageError(f"--ratios {ratios!r}: give numbers separated by commas, e.g. 10,16") from None
+    if not ratio_list or any(not 1 < r <= 100 for r in ratio_list):
+        raise click.UsageError(f"--ratios {ratios!r}: each ratio must be above 1 and at most 100")
+    if not calib_files:
+        calib_files = (str(default_corpus("calibration")),)
+        click.echo(f"calibrating on {calib_files[0]} (pass --calib to choose)")
+    preset = KVPreset.from_pretrained(preset_folder)
+    loaded, tokenizer = load_model(model or preset.base_model["id"], dtype=dtype, device=device)
+    preset.check_model(loaded.config, model or preset.base_model["id"])
+    cfg = StorageFitConfig(ratios=ratio_list, layers_per_group=layers_per_group, windows_per_file=windows_per_file)
+    preset = fit_preset_storage(preset, loaded, tokenizer, list(calib_files), cfg)
+    preset.save_pretrained(preset_folder, overwrite=True)
+    for name, budget in preset.config["storage"]["budgets"].items():
+        click.echo(f"storage budget {name}: {budget['ratio_vs_fp16_chunk']}x smaller than the fp16 chunk "
+                   f"({budget['bits_per_token']} code bits per token)")
+    click.echo(f"wrote {preset_folder}")
+
+
+COMMANDS = [tune, fit_storage]

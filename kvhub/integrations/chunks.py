@@ -111,22 +111,22 @@ class ChunkHeader:
     exact: int
     dtype: torch.dtype
 
-    def pack(self) -> bytes:
-        raw = _HEADER.pack(MAGIC, FORMAT_VERSION, HEADER_BYTES, self.digest, self.layers, self.tokens, self.heads,
+    def pack(self, magic: bytes = MAGIC, version: int = FORMAT_VERSION) -> bytes:
+        raw = _HEADER.pack(magic, version, HEADER_BYTES, self.digest, self.layers, self.tokens, self.heads,
                            self.head_dim, self.head_start, self.exact, _DTYPE_CODES[self.dtype], 0)
         return raw + bytes(HEADER_BYTES - len(raw))
 
     @classmethod
-    def unpack(cls, buf: bytes) -> "ChunkHeader":
+    def unpack(cls, buf: bytes, magic: bytes = MAGIC, version: int = FORMAT_VERSION) -> "ChunkHeader":
         if len(buf) < HEADER_BYTES:
             raise ChunkTruncatedError(f"a kvhub chunk needs a {HEADER_BYTES}-byte header, got {len(buf)} bytes; "
                                       "fix: the stored object is truncated: drop it and recompute the KV")
-        magic, version, size, digest, layers, tokens, heads, head_dim, head0, exact, dtype, _ = _HEADER.unpack_from(buf)
-        if magic != MAGIC:
-            raise ChunkFormatError(f"not a kvhub chunk (magic {magic!r}, want {MAGIC!r}); fix: decode it with the "
-                                   "serde that wrote it")
-        if version != FORMAT_VERSION or size != HEADER_BYTES:
-            raise ChunkFormatError(f"kvhub chunk format version {version} is not {FORMAT_VERSION}; fix: decode it with "
+        got_magic, got_version, size, digest, layers, tokens, heads, head_dim, head0, exact, dtype, _ = _HEADER.unpack_from(buf)
+        if got_magic != magic:
+            raise ChunkFormatError(f"not a kvhub chunk of this form (magic {got_magic!r}, want {magic!r}); fix: decode "
+                                   "it with the serde (and form) that wrote it")
+        if got_version != version or size != HEADER_BYTES:
+            raise ChunkFormatError(f"kvhub chunk format version {got_version} is not {version}; fix: decode it with "
                                    "the kvhub version that wrote it, or recompute the KV")
         if dtype not in _CODE_DTYPES:
             raise ChunkFormatError(f"kvhub chunk header names unknown dtype code {dtype}; fix: the object is corrupted")
@@ -139,6 +139,68 @@ def _checksum(chunk: torch.Tensor) -> int:
     head = bytearray(data[:HEADER_BYTES].tobytes())
     head[_CRC] = bytes(_CRC.stop - _CRC.start)
     return zlib.crc32(data[HEADER_BYTES:], zlib.crc32(head))
+
+
+def check_chunk_shape(shape: torch.Size | tuple[int, ...], model: Any, heads: HeadSlice) -> tuple[int, int]:
+    """``(layers, tokens)`` of a ``[2, L, T, H*d]`` chunk of the model ``model`` (a ModelShape), or :class:`ChunkShapeError`."""
+    shape = tuple(int(s) for s in shape)
+    d = model.head_dim
+    if len(shape) != 4 or shape[0] != 2:
+        raise ChunkShapeError(f"a KV chunk is [2, layers, tokens, heads*head_dim], got {list(shape)}; "
+                              "fix: pass LMCache's KV_2LTD layout")
+    if shape[1] != model.num_layers:
+        raise ChunkShapeError(f"the chunk has {shape[1]} layers but the preset {model.num_layers}; "
+                              "fix: use the preset made for this model (pipeline-parallel slices are not supported)")
+    if shape[3] != heads.count * d:
+        raise ChunkShapeError(f"the chunk's last dim is {shape[3]}, not {heads.count} heads x head_dim {d}; "
+                              "fix: use the preset made for this model and the engine's tensor-parallel layout")
+    if heads.start + heads.count > model.num_kv_heads:
+        raise ChunkShapeError(f"heads {heads.start}..{heads.start + heads.count - 1} exceed the preset's "
+                              f"{model.num_kv_heads} KV heads; fix: set tp_size/tp_rank to the engine's layout")
+    return shape[1], shape[2]
+
+
+def write_checksum(out: torch.Tensor) -> None:
+    """Fill the CRC-32 field of the chunk ``out`` (flat uint8, header written)."""
+    crc = struct.pack("<I", _checksum(out))
+    out[_CRC].copy_(torch.frombuffer(bytearray(crc), dtype=torch.uint8))
+
+
+def check_chunk(buf: torch.Tensor, digest: bytes, want: tuple, exact: int, nbytes, magic: bytes = MAGIC,
+                version: int = FORMAT_VERSION) -> ChunkHeader:
+    """The header of the flat uint8 chunk ``buf``, once it is known to be this serde's: written with ``digest``,
+    holding ``want`` (layers, tokens, heads, head_dim, first head, dtype) and ``exact`` exact tokens, exactly
+    ``nbytes()`` long and with a matching CRC-32; else a typed :class:`~kvhub.errors.ChunkError`."""
+    header = ChunkHeader.unpack(buf[:HEADER_BYTES].cpu().numpy().tobytes(), magic, version)
+    if header.digest != digest:
+        raise ChunkPresetMismatchError(
+            f"the chunk was encoded with another preset or form (sha256 {header.digest.hex()[:12]}..., this serde's "
+            f"is {digest.hex()[:12]}...); fix: configure the serde with the preset and form that wrote the cache, or clear it")
+    got = (header.layers, header.tokens, header.heads, header.head_dim, header.head_start, header.dtype)
+    if want != got:
+        raise ChunkShapeError(
+            f"the chunk holds layers/tokens/heads/head_dim/first head/dtype {got}, the destination wants {want}; "
+            "fix: read it with the layout, dtype and tensor-parallel rank that wrote it")
+    if header.exact != exact:
+        raise ChunkFormatError(f"the header keeps {header.exact} exact tokens, this serde writes {exact}; fix: set "
+                               "the serde's 'exact' to the one that wrote the cache, or drop the object and recompute the KV")
+    total = nbytes()
+    if buf.numel() < total:
+        raise ChunkTruncatedError(f"the chunk needs {total} bytes but the buffer holds {buf.numel()}; "
+                                  "fix: the stored object is truncated: drop it and recompute the KV")
+    if buf.numel() > total:
+        raise ChunkFormatError(f"the buffer holds {buf.numel()} bytes, {buf.numel() - total} more than the chunk's "
+                               f"{total}; fix: the stored object is corrupted: drop it and recompute the KV")
+    if _checksum(buf) != struct.unpack("<I", buf[_CRC].cpu().numpy().tobytes())[0]:
+        raise ChunkChecksumError("the chunk's CRC-32 does not match its bytes; fix: the stored object is corrupted "
+                                 "or was altered: drop it and recompute the KV")
+    return header
+
+
+def check_finite(out: torch.Tensor) -> None:
+    if not out.abs().amax().isfinite():  # amax keeps NaN; ~10x faster than isfinite(out).all() on CPU
+        raise ChunkFormatError("the chunk decodes to NaN or inf; fix: the stored object is corrupted: drop it and "
+                               "recompute the KV")
 
 
 def _segment_bytes(size: int, bits: int) -> int:
@@ -187,22 +249,7 @@ class ChunkCodec:
 
     # --- sizes ------------------------------------------------------------------------------------------------
     def _check_shape(self, shape: torch.Size | tuple[int, ...], heads: HeadSlice) -> tuple[int, int]:
-        """``(layers, tokens)`` of a ``[2, L, T, H*d]`` chunk, or :class:`ChunkShapeError`."""
-        shape = tuple(int(s) for s in shape)
-        d = self.shape.head_dim
-        if len(shape) != 4 or shape[0] != 2:
-            raise ChunkShapeError(f"a KV chunk is [2, layers, tokens, heads*head_dim], got {list(shape)}; "
-                                  "fix: pass LMCache's KV_2LTD layout")
-        if shape[1] != self.shape.num_layers:
-            raise ChunkShapeError(f"the chunk has {shape[1]} layers but the preset {self.shape.num_layers}; "
-                                  "fix: use the preset made for this model (pipeline-parallel slices are not supported)")
-        if shape[3] != heads.count * d:
-            raise ChunkShapeError(f"the chunk's last dim is {shape[3]}, not {heads.count} heads x head_dim {d}; "
-                                  "fix: use the preset made for this model and the engine's tensor-parallel layout")
-        if heads.start + heads.count > self.shape.num_kv_heads:
-            raise ChunkShapeError(f"heads {heads.start}..{heads.start + heads.count - 1} exceed the preset's "
-                                  f"{self.shape.num_kv_heads} KV heads; fix: set tp_size/tp_rank to the engine's layout")
-        return shape[1], shape[2]
+        return check_chunk_shape(shape, self.shape, heads)
 
     def _layer_parts(self, i: int, heads: int, tokens: int, exact: int, dtype: torch.dtype):
         layer = self.codec.layers[i]
@@ -280,8 +327,7 @@ class ChunkCodec:
                 if _scaled(stream.codec):
                     put(stream.scales.view()[0][:, keep])
         assert offset == total, (offset, total)  # the layout in _layer_parts and the writes above must agree
-        crc = struct.pack("<I", _checksum(out[:total]))
-        out[_CRC].copy_(torch.frombuffer(bytearray(crc), dtype=torch.uint8))
+        write_checksum(out[:total])
         return total
 
     def _header(self, layers: int, tokens: int, heads: HeadSlice, dtype: torch.dtype) -> ChunkHeader:
@@ -295,32 +341,9 @@ class ChunkCodec:
         preset, of another shape, dtype, head slice or exact-token count than this serde writes, a truncated or
         over-long one, or one whose CRC-32 fails (see the module docstring)."""
         buf = buf.view(-1)
-        header = ChunkHeader.unpack(buf[:HEADER_BYTES].cpu().numpy().tobytes())
-        if header.digest != self.digest:
-            raise ChunkPresetMismatchError(
-                f"the chunk was encoded with another preset (config sha256 {header.digest.hex()[:12]}..., this preset "
-                f"is {self.digest.hex()[:12]}...); fix: configure the serde with the preset that wrote the cache, or clear it")
         layers, tokens = self._check_shape(out.shape, heads)
-        want = (layers, tokens, heads.count, self.shape.head_dim, heads.start, out.dtype)
-        got = (header.layers, header.tokens, header.heads, header.head_dim, header.head_start, header.dtype)
-        if want != got:
-            raise ChunkShapeError(
-                f"the chunk holds layers/tokens/heads/head_dim/first head/dtype {got}, the destination wants {want}; "
-                "fix: read it with the layout, dtype and tensor-parallel rank that wrote it")
-        if header.exact != min(self.exact, tokens):
-            raise ChunkFormatError(f"the header keeps {header.exact} exact tokens, this serde writes "
-                                   f"{min(self.exact, tokens)}; fix: set the serde's 'exact' to the one that wrote the "
-                                   "cache, or drop the object and recompute the KV")
-        total = self.nbytes(out.shape, header.dtype, heads)
-        if buf.numel() < total:
-            raise ChunkTruncatedError(f"the chunk needs {total} bytes but the buffer holds {buf.numel()}; "
-                                      "fix: the stored object is truncated: drop it and recompute the KV")
-        if buf.numel() > total:
-            raise ChunkFormatError(f"the buffer holds {buf.numel()} bytes, {buf.numel() - total} more than the chunk's "
-                                   f"{total}; fix: the stored object is corrupted: drop it and recompute the KV")
-        if _checksum(buf) != struct.unpack("<I", buf[_CRC].cpu().numpy().tobytes())[0]:
-            raise ChunkChecksumError("the chunk's CRC-32 does not match its bytes; fix: the stored object is corrupted "
-                                     "or was altered: drop it and recompute the KV")
+        header = check_chunk(buf, self.digest, (layers, tokens, heads.count, self.shape.head_dim, heads.start, out.dtype),
+                             min(self.exact, tokens), lambda: self.nbytes(out.shape, out.dtype, heads))
         offset = HEADER_BYTES
 
         def take(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -355,9 +378,7 @@ class ChunkCodec:
                 for (shape, dtype), store in zip(_stream_parts(stream.codec, heads.count, tokens - e, sd), stores):
                     store.append(take(shape, dtype).unsqueeze(0).to(out.device))
                 dst[n][keep] = stream.decode(out.dtype)[0].permute(1, 0, 2)
-        if not out.abs().amax().isfinite():  # amax keeps NaN; ~10x faster than isfinite(out).all() on CPU
-            raise ChunkFormatError("the chunk decodes to NaN or inf; fix: the stored object is corrupted: drop it and "
-                                   "recompute the KV")
+        check_finite(out)
 
 
 def to_chunks(keys: list[torch.Tensor], values: list[torch.Tensor], tokens: int) -> list[torch.Tensor]:

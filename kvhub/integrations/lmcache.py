@@ -10,8 +10,14 @@ stores every chunk with the preset's calibrated codec (:mod:`kvhub.integrations.
 
 * ``preset`` (required): a preset folder, Hub repo id or model name, as :meth:`KVPreset.from_pretrained` takes;
   ``revision`` optionally pins it;
-* ``exact`` (default: the preset's sink count): the first tokens of every chunk kept at 16 bits, since a chunk
-  carries no position to tell whether it holds the attention sinks;
+* ``form``: ``"attention"`` (default) stores chunks in the form the cache attends to (per layer and head, per-token
+  scales, about 4x smaller than fp16); ``"storage"`` in the preset's storage codec (cross-layer transform, fixed
+  bits, no scales: 10x and more, :mod:`kvhub.storage_codec`), for chunks at rest that are only decoded on prefetch.
+  docs/lmcache.md says which to pick;
+* ``budget`` (storage form only; default: the smallest): which of the storage codec's budgets, e.g. ``"10x"``;
+* ``exact`` (attention form only; default: the preset's sink count): the first tokens of every chunk kept at 16
+  bits, since a chunk carries no position to tell whether it holds the attention sinks (the storage codec fixes its
+  own count when it is fitted);
 * ``tp_size`` / ``tp_rank``: the tensor-parallel layout, when the object key's ``kv_rank`` does not say it (a
   pipeline-parallel engine packs both into one world size: set them explicitly);
 * ``max_workers``: threads of LMCache's serde pool;
@@ -41,9 +47,11 @@ from lmcache.v1.memory_management import MemoryObj
 from ..errors import ChunkPresetMismatchError, ChunkShapeError, CodecError
 from ..preset import KVPreset
 from .chunks import ChunkCodec, HeadSlice
+from .storage_chunks import StorageChunkCodec
 
 SERDE_TYPE = "kvhub"
-_OPTIONS = {"preset", "revision", "exact", "tp_size", "tp_rank", "max_workers", "model"}
+_OPTIONS = {"preset", "revision", "form", "budget", "exact", "tp_size", "tp_rank", "max_workers", "model"}
+_FORMS = ("attention", "storage")
 
 
 def _world_from_kv_rank(kv_rank: int) -> tuple[int, int]:
@@ -57,7 +65,7 @@ class _KVHubSerde:
     """What the serializer and the deserializer share: the chunk codec, the model its keys must name, and where a
     key's heads are."""
 
-    def __init__(self, codec: ChunkCodec, tp_size: int | None, tp_rank: int | None, model: str) -> None:
+    def __init__(self, codec: ChunkCodec | StorageChunkCodec, tp_size: int | None, tp_rank: int | None, model: str) -> None:
         self.codec = codec
         self.tp = None if tp_size is None else (tp_rank or 0, tp_size)
         self.model = model
@@ -130,8 +138,19 @@ def create_serde(kwargs: dict[str, Any]) -> SerdeProcessor:
     model = kwargs.get("model")
     if model is not None and (not isinstance(model, str) or not model):
         raise CodecError(f"kvhub serde option 'model' must be a model name, got {model!r}")
+    form = kwargs.get("form", "attention")
+    if form not in _FORMS:
+        raise CodecError(f"kvhub serde option 'form' is {form!r}; fix: use one of {list(_FORMS)}")
+    if form == "storage" and "exact" in kwargs:
+        raise CodecError("kvhub serde: 'exact' is fixed by the storage codec when it is fitted; fix: drop it, or use "
+                         "\"form\": \"attention\"")
+    if form == "attention" and "budget" in kwargs:
+        raise CodecError("kvhub serde: 'budget' picks a storage codec budget; fix: add \"form\": \"storage\" or drop it")
     preset = KVPreset.from_pretrained(kwargs["preset"], revision=kwargs.get("revision"))
-    codec = ChunkCodec(preset, _int_option(kwargs, "exact"))
+    if form == "storage":
+        codec = StorageChunkCodec(preset, kwargs.get("budget"))
+    else:
+        codec = ChunkCodec(preset, _int_option(kwargs, "exact"))
     model = model or preset.base_model["id"]
     return AsyncSerdeProcessor(
         KVHubSerializer(codec, tp_size, tp_rank, model),

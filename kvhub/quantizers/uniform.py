@@ -9,8 +9,9 @@ import torch
 
 from .base import Quantizer, Statistic
 
-# MSE-optimal uniform quantizer step for a unit Gaussian, by bits (Max 1960, Table II: 4, 16 and 256 levels).
-GAUSSIAN_STEP = {2: 0.9957, 4: 0.3352, 8: 0.0308}
+# MSE-optimal uniform quantizer step for a unit Gaussian, by bits (Max 1960, Table II: 2, 4, 8, 16 and 256 levels);
+# 1 and 3 bits start the Lloyd-Max iteration of the storage codec's levels.
+GAUSSIAN_STEP = {1: 1.596, 2: 0.9957, 3: 0.5860, 4: 0.3352, 8: 0.0308}
 
 
 def half_levels(bits: int) -> float:
