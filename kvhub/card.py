@@ -140,7 +140,27 @@ def model_card(config: dict[str, Any]) -> str:
     for row in codec.describe():
         k, v = row["keys"], row["values"]
         out.append(f"| {row['layer']} | {_stream_cell(k)} | {_stream_cell(v)} | {row['sink']} | {row['window']} |")
+    if "storage" in config:
+        out += _storage_card(config["storage"])
     return "\n".join(out) + "\n"
+
+
+def _storage_card(section: dict) -> list[str]:
+    """The storage codec (KV at rest): how it was fitted and each budget's size and, once measured, quality."""
+    fit = section["fit"]
+    out = ["", "## Storage codec (KV at rest)",
+           f"For LMCache's storage form (`\"form\": \"storage\"` in the kvhub serde): one transform per stream over "
+           f"layer groups of {fit['layers_per_group'] or 'all'} layers, fitted on {fit['windows']} windows of "
+           f"{fit['prefix_tokens']} + {fit['continuation_tokens']} tokens; the first {section['exact_tokens']} token(s) "
+           f"of every chunk exact. Ratios are to the fp16 chunk of {section['chunk_tokens']} tokens, every byte counted.",
+           "", "| budget | ratio vs fp16 chunk | code bits per token | PPL delta, worst corpus | PPL delta, mean |",
+           "|---|---|---|---|---|"]
+    for name, b in section["budgets"].items():
+        m = b.get("metrics")
+        worst = f"{m['ppl_delta_pct_worst']:+.2f}% ({escape_markdown(m['worst_corpus'])})" if m else "not measured"
+        mean = f"{m['ppl_delta_pct_mean']:+.2f}%" if m else "-"
+        out.append(f"| {escape_markdown(name)} | {b['ratio_vs_fp16_chunk']:.2f}x | {b['bits_per_token']} | {worst} | {mean} |")
+    return out
 
 
 def _stream_cell(stream: dict) -> str:

@@ -49,6 +49,17 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class StorageBudget:
+    """One budget of a preset's storage codec, as the index records it."""
+
+    name: str
+    ratio: float
+    ppl_delta_pct: float
+    ppl_delta_pct_worst: float
+    worst_corpus: str
+
+
+@dataclass(frozen=True)
 class Metrics:
     """The numbers presets are compared by; the same view of a registry entry and of a preset config."""
 
@@ -61,14 +72,17 @@ class Metrics:
     needle_baseline_accuracy: float | None = None
     ppl_delta_pct_worst: float | None = None  # None: measured before the protocol recorded each corpus
     worst_corpus: str | None = None
+    storage: tuple["StorageBudget", ...] = ()  # the storage codec's measured budgets (KV at rest), if any
 
     @classmethod
     def from_registry(cls, data: dict[str, Any]) -> "Metrics":
         needle = data.get("needle") or {}
         c = data["compression"]
+        storage = tuple(StorageBudget(name, b["ratio_vs_fp16_chunk"], b["ppl_delta_pct"], b["ppl_delta_pct_worst"],
+                                      b["worst_corpus"]) for name, b in (data.get("storage") or {}).items())
         return cls(data["context_length"], c["total"], c["keys"], c["values"], data["ppl_delta_pct"],
                    needle.get("accuracy"), needle.get("baseline_accuracy"), data.get("ppl_delta_pct_worst"),
-                   data.get("worst_corpus"))
+                   data.get("worst_corpus"), storage)
 
     @classmethod
     def from_preset(cls, metrics: dict[str, Any]) -> "Metrics":

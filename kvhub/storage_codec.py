@@ -145,7 +145,11 @@ class StorageGroup:
             raise CodecError(f"storage group {self.name()}: the basis has {self.basis.shape[1]} features, the metric "
                              f"{blocks} x {width}; fix: re-fit the storage codec")
         u = self.basis.T.reshape(blocks, width, -1)  # [l, W, k]
-        inverse = torch.linalg.inv(self.whiten.double()).float()
+        try:
+            inverse = torch.linalg.inv(self.whiten.double()).float()
+        except torch.linalg.LinAlgError:
+            raise CodecError(f"storage group {self.name()}: a metric block is singular; fix: re-fit the storage "
+                             "codec") from None
         self.encode = (self.whiten @ u).reshape(blocks * width, -1)  # [F, k]
         self.decode = (inverse @ u).reshape(blocks * width, -1).T.contiguous()  # [k, F] (A^-1 is symmetric)
 
@@ -155,6 +159,15 @@ class StorageGroup:
 
     def name(self) -> str:
         return f"{self.stream}.{self.layers[0]}-{self.layers[-1]}"
+
+
+@dataclass(frozen=True)
+class _GroupPlan:
+    group: StorageGroup
+    encode: torch.Tensor  # [F, n]: kept columns by bit width, divided by sigma
+    decode: torch.Tensor  # [n, F]: the same rows, times sigma
+    mean: torch.Tensor
+    runs: list[tuple[int, int, int]]  # (bits, first, end) slices of the n coefficients
 
 
 class StorageCodec:
@@ -167,6 +180,7 @@ class StorageCodec:
         self.exact = exact
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self._check()
+        self._plans: dict[tuple[str, str], list[_GroupPlan]] = {}
 
     def _check(self) -> None:
         width = self.num_kv_heads * self.head_dim
@@ -181,6 +195,10 @@ class StorageCodec:
             if shapes != ((f,), (g.rank, f), (len(g.layers), width, width), (g.rank,)):
                 raise CodecError(f"storage group {g.name()}: tensor shapes {shapes} do not fit {f} features; fix: "
                                  "re-fit the storage codec for this model")
+        for g in self.groups:
+            if not all(bool(t.isfinite().all()) for t in (g.mean, g.basis, g.whiten, g.sigma, g.encode, g.decode)):
+                raise CodecError(f"storage group {g.name()}: a tensor holds NaN or inf, or the metric is "
+                                 "ill-conditioned past float32; fix: re-fit the storage codec")
         for name, bits in self.budgets.items():
             if len(bits) != len(self.groups) or any(b.shape != (g.rank,) for b, g in zip(bits, self.groups)):
                 raise CodecError(f"storage budget '{name}' does not give one bit width per kept coefficient of every "
@@ -217,35 +235,50 @@ class StorageCodec:
         x = kv[STREAMS.index(g.stream), list(g.layers)]  # [l, T, H*d]
         return x.permute(1, 0, 2).reshape(x.shape[1], -1)
 
+    def _plan(self, budget: str, device: torch.device) -> list[_GroupPlan]:
+        """Per group, for ``budget`` on ``device``: the kept coefficients ordered by bit width (so each width's codes
+        are one contiguous slice), with ``1 / sigma`` folded into the analysis map and ``sigma`` into the synthesis.
+        Built once per budget and device: a call then runs two matmuls per group and no copies of the maps."""
+        key = (budget, str(device))
+        if key not in self._plans:
+            plans = []
+            for g, bits in zip(self.groups, self.budget(budget)):
+                order = torch.sort(bits, stable=True).indices
+                order = order[bits[order] > 0]
+                widths = torch.bincount(bits[order], minlength=MAX_BITS + 1).tolist()
+                runs, start = [], 0
+                for b in range(1, MAX_BITS + 1):
+                    if widths[b]:
+                        runs.append((b, start, start + widths[b]))
+                        start += widths[b]
+                sigma = g.sigma[order]
+                plans.append(_GroupPlan(g, (g.encode[:, order] / sigma).to(device),
+                                        (g.decode[order] * sigma[:, None]).to(device), g.mean.to(device), runs))
+            self._plans[key] = plans
+        return self._plans[key]
+
     def encode(self, kv: torch.Tensor, budget: str) -> list[torch.Tensor]:
-        """The packed code runs (uint8) of ``kv`` [2, L, T, H*d]: per group, per bit width 1..8 that it uses."""
-        runs = []
-        for g, bits in zip(self.groups, self.budget(budget)):
-            x = self._features(kv, g).float()
-            kept = bits > 0
-            c = (x - g.mean.to(x.device)) @ g.encode[:, kept].to(x.device) / g.sigma[kept].to(x.device)
-            b_kept = bits[kept]
-            for b in range(1, MAX_BITS + 1):
-                cols = (b_kept == b).nonzero().flatten()
-                if cols.numel():
-                    codes = torch.bucketize(c[:, cols.to(c.device)].contiguous(), levels(b)[1].to(c.device))
-                    runs.append(pack_bits(codes.to(torch.uint8), b))
-        return runs
+        """The packed code runs (uint8) of ``kv`` [2, L, T, H*d]: per group, per bit width 1..8 that it uses; on
+        ``kv``'s device."""
+        out = []
+        for plan in self._plan(budget, kv.device):
+            z = (self._features(kv, plan.group).float() - plan.mean) @ plan.encode
+            for b, lo, hi in plan.runs:
+                codes = torch.bucketize(z[:, lo:hi].contiguous(), levels(b)[1].to(z.device))
+                out.append(pack_bits(codes.to(torch.uint8), b))
+        return out
 
     def decode(self, runs: list[torch.Tensor], tokens: int, out: torch.Tensor, budget: str) -> None:
-        """Write the K/V that :meth:`encode`'s ``runs`` hold into ``out`` [2, L, tokens, H*d]."""
+        """Write the K/V that :meth:`encode`'s ``runs`` hold into ``out`` [2, L, tokens, H*d] (on its device)."""
         it = iter(runs)
-        for g, bits in zip(self.groups, self.budget(budget)):
-            kept = bits > 0
-            b_kept = bits[kept]
-            c = torch.zeros(tokens, int(kept.sum()), device=out.device)
-            for b in range(1, MAX_BITS + 1):
-                cols = (b_kept == b).nonzero().flatten()
-                if cols.numel():
-                    codes = unpack_bits(next(it), b, tokens * cols.numel()).view(tokens, cols.numel())
-                    c[:, cols.to(out.device)] = levels(b)[0].to(out.device)[codes]
-            x = (c * g.sigma[kept].to(out.device)) @ g.decode[kept].to(out.device) + g.mean.to(out.device)
-            width = self.num_kv_heads * self.head_dim
+        width = self.num_kv_heads * self.head_dim
+        for plan in self._plan(budget, out.device):
+            z = torch.empty(tokens, plan.decode.shape[0], device=out.device)
+            for b, lo, hi in plan.runs:
+                codes = unpack_bits(next(it).to(out.device), b, tokens * (hi - lo)).view(tokens, hi - lo)
+                z[:, lo:hi] = levels(b)[0].to(out.device)[codes]
+            x = z @ plan.decode + plan.mean
+            g = plan.group
             out[STREAMS.index(g.stream), list(g.layers)] = x.view(tokens, len(g.layers), width).permute(1, 0, 2).to(out.dtype)
 
     def run_sizes(self, tokens: int, budget: str) -> list[int]:

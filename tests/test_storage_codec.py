@@ -182,6 +182,11 @@ def test_refusals(fitted, tiny_preset, chunk):
         codec.nbytes((2, 2, 32, 16), torch.float16, HeadSlice(1, 1))
     with pytest.raises(CodecError, match="no budget '7x'"):
         StorageChunkCodec(preset, "7x")
+    with pytest.raises(CodecError, match="not a torch device"):
+        StorageChunkCodec(preset, "6x", device="gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(CodecError, match="no CUDA device"):
+            StorageChunkCodec(preset, "6x", device="cuda")
     with pytest.raises(CodecError, match="no storage codec"):
         StorageChunkCodec(KVPreset.load_folder(tiny_preset))
 
@@ -200,3 +205,36 @@ def test_a_tampered_or_unlisted_storage_file_is_refused(fitted, tmp_path):
     (folder / "kvhub_preset.json").write_text(json.dumps(config))
     with pytest.raises(PresetFormatError, match="storage section"):
         KVPreset.load_folder(folder)
+
+
+def test_a_storage_file_with_nan_is_refused_even_with_a_matching_checksum(fitted, tmp_path):
+    import hashlib
+
+    from safetensors.torch import load, save
+
+    from kvhub.errors import PresetTensorError
+
+    folder = tmp_path / "p"
+    shutil.copytree(fitted, folder)
+    path = folder / "storage.safetensors"
+    tensors = load(path.read_bytes())
+    tensors["groups.0.sigma"][0] = float("nan")
+    data = save(tensors, metadata={"format": "kvhub-storage-codec/1"})
+    path.write_bytes(data)
+    config = json.loads((folder / "kvhub_preset.json").read_text())
+    entry = next(f for f in config["files"] if f["name"] == "storage.safetensors")
+    entry.update(sha256=hashlib.sha256(data).hexdigest(), size=len(data))
+    (folder / "kvhub_preset.json").write_text(json.dumps(config))
+    with pytest.raises(PresetTensorError, match="NaN or inf"):
+        KVPreset.load_folder(folder).storage
+
+
+@pytest.mark.parametrize("ratios", ["abc", "1", "10,0.5", "500"])
+def test_fit_storage_refuses_bad_ratios_in_one_line(tiny_preset, ratios, capsys):
+    from kvhub.cli import main
+
+    before = sorted(p.name for p in tiny_preset.iterdir())
+    assert main(["fit-storage", str(tiny_preset), "--ratios", ratios]) == 2
+    err = capsys.readouterr().err
+    assert "--ratios" in err and "Traceback" not in err
+    assert sorted(p.name for p in tiny_preset.iterdir()) == before  # nothing written

@@ -15,6 +15,8 @@ stores every chunk with the preset's calibrated codec (:mod:`kvhub.integrations.
   bits, no scales: 10x and more, :mod:`kvhub.storage_codec`), for chunks at rest that are only decoded on prefetch.
   docs/lmcache.md says which to pick;
 * ``budget`` (storage form only; default: the smallest): which of the storage codec's budgets, e.g. ``"10x"``;
+* ``device`` (storage form only; default: where the chunk is, LMCache's CPU memory): ``"cuda"`` runs the storage
+  codec's transform on a GPU, as LMCache's turboquant serde stages its chunks;
 * ``exact`` (attention form only; default: the preset's sink count): the first tokens of every chunk kept at 16
   bits, since a chunk carries no position to tell whether it holds the attention sinks (the storage codec fixes its
   own count when it is fitted);
@@ -50,7 +52,7 @@ from .chunks import ChunkCodec, HeadSlice
 from .storage_chunks import StorageChunkCodec
 
 SERDE_TYPE = "kvhub"
-_OPTIONS = {"preset", "revision", "form", "budget", "exact", "tp_size", "tp_rank", "max_workers", "model"}
+_OPTIONS = {"preset", "revision", "form", "budget", "device", "exact", "tp_size", "tp_rank", "max_workers", "model"}
 _FORMS = ("attention", "storage")
 
 
@@ -144,11 +146,13 @@ def create_serde(kwargs: dict[str, Any]) -> SerdeProcessor:
     if form == "storage" and "exact" in kwargs:
         raise CodecError("kvhub serde: 'exact' is fixed by the storage codec when it is fitted; fix: drop it, or use "
                          "\"form\": \"attention\"")
-    if form == "attention" and "budget" in kwargs:
-        raise CodecError("kvhub serde: 'budget' picks a storage codec budget; fix: add \"form\": \"storage\" or drop it")
+    for option in ("budget", "device"):
+        if form == "attention" and option in kwargs:
+            raise CodecError(f"kvhub serde: '{option}' is an option of the storage form; fix: add \"form\": \"storage\" "
+                             "or drop it")
     preset = KVPreset.from_pretrained(kwargs["preset"], revision=kwargs.get("revision"))
     if form == "storage":
-        codec = StorageChunkCodec(preset, kwargs.get("budget"))
+        codec = StorageChunkCodec(preset, kwargs.get("budget"), kwargs.get("device"))
     else:
         codec = ChunkCodec(preset, _int_option(kwargs, "exact"))
     model = model or preset.base_model["id"]

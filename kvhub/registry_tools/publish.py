@@ -55,9 +55,18 @@ def measured_by(command: str | None) -> str:
     return command or "kvhub registry publish"
 
 
-def registry_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
-    """The index's summary (schemas/registry.schema.json ``metrics``) of a preset ``metrics`` block."""
+def storage_metrics(section: dict[str, Any] | None) -> dict[str, Any]:
+    """The index's summary of a preset's ``storage`` section: each budget that was measured (its ``metrics``)."""
+    return {name: {"ratio_vs_fp16_chunk": b["ratio_vs_fp16_chunk"], "ppl_delta_pct": b["metrics"]["ppl_delta_pct_mean"],
+                   "ppl_delta_pct_worst": b["metrics"]["ppl_delta_pct_worst"], "worst_corpus": b["metrics"]["worst_corpus"]}
+            for name, b in (section or {}).get("budgets", {}).items() if b.get("metrics")}
+
+
+def registry_metrics(metrics: dict[str, Any], storage: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The index's summary (schemas/registry.schema.json ``metrics``) of a preset ``metrics`` block and, when it
+    has a measured storage codec, of its ``storage`` section."""
     needle, ppl = metrics.get("needle"), metrics["perplexity"]
+    at_rest = storage_metrics(storage)
     return {
         "context_length": metrics["context_length"],
         "compression": {k: metrics["compression"][k] for k in ("total", "keys", "values")},
@@ -67,6 +76,7 @@ def registry_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
         **({"ppl_delta_pct_by_corpus": {name: row["delta_pct"] for name, row in ppl["corpora"].items()}}
            if "corpora" in ppl else {}),
         "needle": {"accuracy": needle["accuracy"], "baseline_accuracy": needle["baseline_accuracy"]} if needle else None,
+        **({"storage": at_rest} if at_rest else {}),
     }
 
 
@@ -108,7 +118,7 @@ def record_entry(
         entry["model_revision"] = base["revision"]
     entry["status"] = "validated"
     entry["preset"] = {"repo_id": repo_id, "revision": commit, "endpoint": endpoint, "files": files}
-    entry["metrics"] = registry_metrics(metrics)
+    entry["metrics"] = registry_metrics(metrics, config.get("storage"))
     entry["provenance"] = provenance
     entry.pop("notes", None)
     doc["updated"] = date

@@ -72,18 +72,24 @@ def _worst(m: Metrics) -> str:
     return f"{m.ppl_delta_pct_worst:+.2f}% ({_cell(m.worst_corpus or '-')})"
 
 
+def _at_rest(m: Metrics) -> str:
+    """Each measured storage budget: its ratio to the fp16 chunk and its worst / mean delta in the reuse case."""
+    return "; ".join(f"{b.ratio:.1f}x: {b.ppl_delta_pct_worst:+.2f}% ({_cell(b.worst_corpus)}) / {b.ppl_delta_pct:+.2f}%"
+                     for b in m.storage) or "-"
+
+
 def _summary(entries: tuple[RegistryEntry, ...]) -> list[str]:
     lines = [
-        "| model | status | compression per sequence (total) | keys / values | PPL delta, worst domain | PPL delta, mean | needle (kvhub / baseline) | preset |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | status | compression per sequence (total) | keys / values | PPL delta, worst domain | PPL delta, mean | needle (kvhub / baseline) | KV at rest (LMCache storage form): chunk ratio, PPL delta worst / mean | preset |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for e in entries:
         model = f"[{e.model}](#{_anchor(e.model)})"
         if e.status == "validated" and e.metrics is not None:
             m = e.metrics
-            cells = [_compression(m), _kv(m), _worst(m), f"{m.ppl_delta_pct:+.2f}%", _needle(m)]
+            cells = [_compression(m), _kv(m), _worst(m), f"{m.ppl_delta_pct:+.2f}%", _needle(m), _at_rest(m)]
         else:
-            cells = ["not measured"] + ["-"] * 4
+            cells = ["not measured"] + ["-"] * 5
         lines.append(f"| {model} | {e.status} | " + " | ".join(cells) + f" | {_preset_link(e)} |")
     return lines
 
@@ -139,6 +145,7 @@ def _details(e: RegistryEntry) -> list[str]:
             f"| PPL delta, worst evaluation domain | {_worst(m)} |",
             f"| PPL delta (mean over the evaluation corpora) | {m.ppl_delta_pct:+.2f}% |",
             f"| needle accuracy, kvhub / baseline | {_needle(m)} |",
+            f"| KV at rest (storage form): chunk ratio, PPL delta worst / mean | {_at_rest(m)} |",
         ]
         bases = next((f.size for f in e.files if f.name == BASES_NAME), None)
         if bases is not None:
