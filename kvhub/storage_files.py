@@ -18,7 +18,7 @@ from .errors import CodecError, PresetFileError, PresetTensorError
 from .preset_files import _HEADER_LIMITS, STORAGE_NAME, _ChangedDuringRead, _header, _read_listed
 
 STORAGE_FORMAT = "kvhub-storage-codec/1"
-_DTYPE_BYTES = {"F32": 4, "I8": 1, "U8": 1}
+_DTYPE_BYTES = {"F32": 4, "F16": 2, "U8": 1}
 
 
 def expected_tensors(config: dict[str, Any]) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -28,9 +28,8 @@ def expected_tensors(config: dict[str, Any]) -> dict[str, tuple[str, tuple[int, 
     out: dict[str, tuple[str, tuple[int, ...]]] = {}
     for i, g in enumerate(section["groups"]):
         f, k = len(g["layers"]) * width, g["rank"]
-        out |= {f"groups.{i}.mean": ("F32", (f,)), f"groups.{i}.basis": ("I8", (k, f)),
-                f"groups.{i}.basis_scale": ("F32", (k,)), f"groups.{i}.whiten": ("F32", (len(g["layers"]), width, width)),
-                f"groups.{i}.sigma": ("F32", (k,))}
+        out |= {f"groups.{i}.mean": ("F32", (f,)), f"groups.{i}.basis": ("F16", (k, f)),
+                f"groups.{i}.whiten": ("F32", (len(g["layers"]), width, width)), f"groups.{i}.sigma": ("F32", (k,))}
         out |= {f"budgets.{name}.{i}": ("U8", (k,)) for name in section["budgets"]}
     return out
 

@@ -4,8 +4,8 @@ Each calibration window is read the way LMCache serves it: a prefix whose K/V wo
 and a continuation read against it. Per group of layers and stream, float64 moments are accumulated over the
 prefix's tokens (past the window's first ``sink``, which chunks keep exact): the mean and covariance ``C`` of the
 K/V as stored (rounded to fp16, as a served model hands them over), and the Fisher matrix ``G`` of the
-continuation's summed next-token loss with respect to them (the outer product of its gradient, one backward pass
-per window). An error ``e`` in a stored vector then costs about ``e^T G e / 2`` in loss, so the transform is the
+continuation's summed next-token loss with respect to them (the covariance of its gradient, one backward pass per
+window). An error ``e`` in a stored vector then costs about ``e^T G e / 2`` in loss, so the transform is the
 PCA of the K/V in the metric ``A = (G + ridge * mean(eig G) * I)^(1/2)``, with ``G`` cut to its per-layer diagonal
 blocks: ``encode = A U``, ``decode = U^T A^-1`` with ``U`` the eigenvectors of ``A C A``, whose eigenvalues are the
 coefficients' variances (:class:`~kvhub.storage_codec.StorageGroup` stores ``U`` and the blocks of ``A``). In that metric every
@@ -32,7 +32,7 @@ from transformers import DynamicCache
 
 from .codec import STREAMS, ModelShape
 from .integrations.chunks import HEADER_BYTES
-from .storage_codec import MAX_BITS, StorageCodec, StorageGroup, distortion, quantize_rows
+from .storage_codec import MAX_BITS, StorageCodec, StorageGroup, distortion
 from .text import corpus_sha256, read_texts, token_windows
 
 
@@ -63,6 +63,7 @@ class _GroupMoments:
         self.count = 0
         self.sum = torch.zeros(layers * width, dtype=torch.float64)
         self.outer = torch.zeros(layers * width, layers * width, dtype=torch.float64)
+        self.grad_sum = torch.zeros(layers, width, dtype=torch.float64)
         self.fisher = torch.zeros(layers, width, width, dtype=torch.float64)
 
     def add(self, x: torch.Tensor, g: torch.Tensor) -> None:
@@ -72,13 +73,15 @@ class _GroupMoments:
         self.count += x.shape[0]
         self.sum += x.sum(0)
         self.outer += x.T @ x
+        self.grad_sum += g.sum(1)
         self.fisher += g.transpose(1, 2) @ g
 
     def transform(self, ridge: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(mean, basis [F, F], whiten [l, W, W], variance [F])`` of the Fisher-metric PCA (module docstring)."""
         mean = self.sum / self.count
         cov = self.outer / self.count - torch.outer(mean, mean)
-        ev, q = torch.linalg.eigh(self.fisher / self.count)  # per layer
+        g_mean = self.grad_sum / self.count  # the gradients' covariance, as the design search measured it
+        ev, q = torch.linalg.eigh(self.fisher / self.count - g_mean[:, :, None] * g_mean[:, None, :])  # per layer
         ev = ev.clamp_min(0)
         ev = ev + ridge * ev.mean()
         whiten = (q * ev.sqrt()[:, None, :]) @ q.transpose(1, 2)  # per-layer blocks of A
@@ -170,9 +173,8 @@ def build_codec(moments: dict[tuple[str, tuple[int, ...]], _GroupMoments], shape
     groups, cut = [], {}
     for gi, (stream, layers, mean, basis, whiten, var) in enumerate(fitted):
         k = max(int((b[gi] > 0).nonzero().max()) + 1 if (b[gi] > 0).any() else 0 for b in budgets.values())
-        codes, scale = quantize_rows(basis[:k].float())
-        # the stored (int8) basis: the in-memory codec is the one a saved preset loads, bit for bit
-        groups.append(StorageGroup(stream, layers, mean.float(), codes.float() * scale[:, None], whiten.float(),
+        # the stored (fp16) basis: the in-memory codec is the one a saved preset loads, bit for bit
+        groups.append(StorageGroup(stream, layers, mean.float(), basis[:k].half().float(), whiten.float(),
                                    var[:k].sqrt().float()))
         cut[gi] = k
     budgets = {name: [b[gi][: cut[gi]] for gi in range(len(groups))] for name, b in budgets.items()}
