@@ -230,6 +230,26 @@ def test_check_refuses_a_validated_entry_or_its_preset_lacking_a_domain(tmp_path
     assert f"measurement lacks the domain(s) {dropped}" in error and "kvhub_preset.json" in error
 
 
+def test_the_index_and_the_zoo_show_the_bundled_storage_budgets_as_measured():
+    """Each storage budget the bundled preset measured (benchmarks/lmcache_reuse.py --write-metrics) is in the index
+    with its ratio, mean and worst corpus, and in the zoo's KV-at-rest column; the results file agrees."""
+    config = json.loads((REPO / "presets" / "HuggingFaceTB--SmolLM2-135M-Instruct" / CONFIG_NAME).read_text())
+    entry = next(e for e in index_document()["entries"] if e["model"] == config["base_model"]["id"])
+    results = json.loads((REPO / "benchmarks" / "results" / "lmcache_reuse.json").read_text())["rows"]
+    zoo = (REPO / "MODEL_ZOO.md").read_text(encoding="utf-8")
+    budgets = config["storage"]["budgets"]
+    assert sorted(entry["metrics"]["storage"]) == sorted(budgets) == ["10x", "16x"]
+    for name, budget in budgets.items():
+        recorded, m = entry["metrics"]["storage"][name], budget["metrics"]
+        row = results[f"kvhub storage form, {name}"]
+        assert (recorded["ppl_delta_pct"], recorded["ppl_delta_pct_worst"], recorded["worst_corpus"]) == \
+            (m["ppl_delta_pct_mean"], m["ppl_delta_pct_worst"], m["worst_corpus"]) == \
+            (row["ppl_delta_pct_mean"], row["ppl_delta_pct_worst"], row["worst_corpus"])
+        assert recorded["ratio_vs_fp16_chunk"] == budget["ratio_vs_fp16_chunk"]
+        assert abs(row["ratio_vs_fp16_chunk"] - budget["ratio_vs_fp16_chunk"]) < 0.01  # the bytes LMCache wrote
+        assert f"{recorded['ratio_vs_fp16_chunk']:.1f}x: {recorded['ppl_delta_pct_worst']:+.2f}%" in zoo
+
+
 def test_repository_registry_is_consistent(capsys):
     """What CI runs: the committed index is valid, MODEL_ZOO.md is fresh, every recipe folder exists."""
     code, out, err = cli(capsys, "registry", "check", "--root", REPO)
