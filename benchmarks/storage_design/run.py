@@ -6,7 +6,7 @@ from codec import *
 from kvhub import load_model
 from kvhub.eval.ppl import continuation_nll
 model, tok = load_model("HuggingFaceTB/SmolLM2-135M-Instruct")
-cal = torch.load(str(WORK / f"calib{__import__('os').environ.get('CAL_WINDOWS', 6)}.pt")); ev = torch.load(str(WORK / "eval.pt"))
+cal = torch.load(str(WORK / f"calib{__import__('os').environ.get('CAL_WINDOWS', 6)}.pt"), weights_only=True); ev = torch.load(str(WORK / "eval.pt"), weights_only=True)
 def build(layer_groups):
     gs = {}
     for s in ("K", "V"):
@@ -38,7 +38,7 @@ def evaluate(gs, tag, exact=4, chunk=256, bits_per_tok=None):
     return ratio, deltas
 
 def load_grads():
-    return torch.load(str(WORK / f"grads{__import__('os').environ.get('GRAD_WINDOWS', 4)}.pt"))
+    return torch.load(str(WORK / f"grads{__import__('os').environ.get('GRAD_WINDOWS', 4)}.pt"), weights_only=True)
 def budget(R, e=1): return int((256*2*L*D*2/R - 64 - e*2*L*D*2) * 8 / (256 - e))
 class TransformGroup(Group):
     """A group with a non-orthogonal transform: T encodes, Ti decodes (set by the subclass)."""
