@@ -11,7 +11,7 @@ SmolLM2 when the group is all 30 layers. Its transform and bits are fitted once 
   error it leaves is measured in the loss's own metric (the Fisher matrix of the next-token loss with respect to
   the cached K/V, from calibration gradients), not in plain squared error: PCA in the Fisher-whitened space. Cross
   layer and cross head redundancy is what the attention form cannot use; the metric is what makes the bits go where
-  attention reads them (`benchmarks/results/storage_codec.json` measures both).
+  attention reads them (`benchmarks/results/storage_design.json` measures both).
 * **Codes.** Each coefficient ``k`` of a token is ``c_k / sigma_k`` quantized with a fixed number of bits ``b_k``
   (0 to 8) chosen per *budget* by a greedy rate-distortion allocation (optimal for these convex distortion curves),
   Lloyd-Max levels of a unit Gaussian for 1 to 4 bits, the MSE-optimal uniform step for 5 to 8. No per-token scale
@@ -45,6 +45,7 @@ MAX_BITS = 8
 LLOYD_MAX_BITS = 4  # Lloyd's iteration settles in well under a second up to 16 levels; uniform levels above
 
 
+@lru_cache(maxsize=1)
 def _gaussian_grid() -> tuple[torch.Tensor, torch.Tensor]:
     """Points and probability weights of a unit Gaussian on a fine grid over +-12 sigma, for exact-enough integrals."""
     z = torch.linspace(-12, 12, 480_001, dtype=torch.float64)
