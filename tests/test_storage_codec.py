@@ -238,3 +238,21 @@ def test_fit_storage_refuses_bad_ratios_in_one_line(tiny_preset, ratios, capsys)
     err = capsys.readouterr().err
     assert "--ratios" in err and "Traceback" not in err
     assert sorted(p.name for p in tiny_preset.iterdir()) == before  # nothing written
+
+
+def test_validate_reads_the_storage_file_and_show_lists_the_budgets(fitted, tmp_path, capsys):
+    from kvhub.cli import main
+
+    assert main(["validate", str(fitted)]) == 0
+    assert "storage codec with budgets 10x, 6x" in capsys.readouterr().out
+    assert main(["show", str(fitted)]) == 0
+    out = capsys.readouterr().out
+    assert "storage codec (KV at rest" in out and "6x: " in out and "not measured" in out
+    folder = tmp_path / "p"
+    shutil.copytree(fitted, folder)
+    data = bytearray((folder / "storage.safetensors").read_bytes())
+    data[-1] ^= 1
+    (folder / "storage.safetensors").write_bytes(bytes(data))
+    assert main(["validate", str(folder)]) == 1
+    err = capsys.readouterr().err
+    assert "storage.safetensors" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

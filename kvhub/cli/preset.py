@@ -35,11 +35,14 @@ REVISION_OPTION = click.option("--revision", default=None, help="Branch, tag or 
 @REVISION_OPTION
 def validate(preset: str, revision: str | None) -> None:
     """Check PRESET (a folder, its kvhub_preset.json, a Hub repo id or a model name, as `kvhub show` takes): schema,
-    files, checksums, tensor shapes, finiteness, orthonormal bases."""
+    files, checksums, tensor shapes, finiteness, orthonormal bases, and the storage codec's file when it has one."""
     p = _open(preset, revision)
     layers = len(p.codec.layers)
+    storage = ""
+    if p.storage is not None:  # reads and checks storage.safetensors (only a storage-form serde would otherwise)
+        storage = f"; storage codec with budgets {', '.join(sorted(p.storage.budgets))}"
     click.echo(f"ok: {printable(preset)} is a valid kvhub preset for {printable(p.base_model['id'])} ({layers} layers, "
-               f"{printable(p.path)})")
+               f"{printable(p.path)}){storage}")
 
 
 @click.command()
@@ -73,6 +76,20 @@ def _legend(rows: list[dict]) -> list[str]:
     return lines
 
 
+def _storage(section: dict | None) -> list[str]:
+    """The storage codec's budgets (KV at rest, LMCache's storage form), from the config alone."""
+    if not section:
+        return []
+    lines = ["", f"  storage codec (KV at rest, LMCache \"form\": \"storage\"): chunks of {section['chunk_tokens']} "
+                 f"tokens, first {section['exact_tokens']} exact"]
+    for name, b in section["budgets"].items():
+        m = b.get("metrics")
+        quality = (f"PPL delta worst {m['ppl_delta_pct_worst']:+.2f}% ({printable(m['worst_corpus'])}), mean "
+                   f"{m['ppl_delta_pct_mean']:+.2f}% in the reuse case" if m else "not measured")
+        lines.append(f"    {printable(name)}: {b['ratio_vs_fp16_chunk']:.2f}x smaller than the fp16 chunk; {quality}")
+    return lines
+
+
 def describe(preset) -> str:
     """The summary ``kvhub show`` prints; every text from the config goes through :func:`printable`, so a config
     cannot send escape sequences or extra lines to the terminal."""
@@ -91,6 +108,7 @@ def describe(preset) -> str:
         lines.append(f"  {row['layer']:>5}  {k['rank']:>3} {_stream(k):<32} {v['rank']:>3} {_stream(v):<32} "
                      f"{row['sink']:>4} {row['window']:>6}")
     lines += _legend(rows)
+    lines += _storage(preset.config.get("storage"))
     m = preset.metrics
     lines.append("")
     if not m:
