@@ -112,6 +112,13 @@ def unpack_bits(data: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     return (flat[: count * bits].view(count, bits) << torch.arange(bits, device=data.device)).sum(1)
 
 
+def group_vectors(kv: torch.Tensor, stream: str, layers: tuple[int, ...]) -> torch.Tensor:
+    """``kv`` [2, L, T, H*d] -> one stream of a group of layers as vectors [T, len(layers) * H*d], layer-major: the
+    order every storage transform (and its fit) uses."""
+    x = kv[STREAMS.index(stream), list(layers)]  # [l, T, H*d]
+    return x.permute(1, 0, 2).reshape(x.shape[1], -1)
+
+
 def packed_bytes(count: int, bits: int) -> int:
     return -(-count * bits // 8)
 
@@ -210,12 +217,7 @@ class StorageCodec:
 
     def code_bytes(self, tokens: int, budget: str) -> int:
         """Bytes of the packed codes of ``tokens`` quantized tokens."""
-        total = 0
-        for bits in self.budget(budget):
-            for b in range(1, MAX_BITS + 1):
-                n = int((bits == b).sum())
-                total += packed_bytes(n * tokens, b) if n else 0
-        return total
+        return sum(self.run_sizes(tokens, budget))
 
     def chunk_bytes(self, tokens: int, budget: str, header_bytes: int) -> int:
         """Every byte of a stored chunk of ``tokens`` tokens: header, the exact tokens at 16 bits, packed codes."""
@@ -226,11 +228,6 @@ class StorageCodec:
         return sum(int(b.sum()) for b in self.budget(budget))
 
     # --- coding -----------------------------------------------------------------------------------------------
-    def _features(self, kv: torch.Tensor, g: StorageGroup) -> torch.Tensor:
-        """``kv`` [2, L, T, H*d] -> the group's vectors [T, F]."""
-        x = kv[STREAMS.index(g.stream), list(g.layers)]  # [l, T, H*d]
-        return x.permute(1, 0, 2).reshape(x.shape[1], -1)
-
     def _plan(self, budget: str, device: torch.device) -> list[_GroupPlan]:
         """Per group, for ``budget`` on ``device``: the kept coefficients ordered by bit width (so each width's codes
         are one contiguous slice), with ``1 / sigma`` folded into the analysis map and ``sigma`` into the synthesis.
@@ -258,7 +255,7 @@ class StorageCodec:
         ``kv``'s device."""
         out = []
         for plan in self._plan(budget, kv.device):
-            z = (self._features(kv, plan.group).float() - plan.mean) @ plan.encode
+            z = (group_vectors(kv, plan.group.stream, plan.group.layers).float() - plan.mean) @ plan.encode
             for b, lo, hi in plan.runs:
                 codes = torch.bucketize(z[:, lo:hi].contiguous(), levels(b)[1].to(z.device))
                 out.append(pack_bits(codes.to(torch.uint8), b))
@@ -324,5 +321,5 @@ class StorageCodec:
         return h.digest()
 
 
-__all__ = ["StorageCodec", "StorageGroup", "levels", "distortion", "pack_bits", "unpack_bits", "FORMAT",
+__all__ = ["StorageCodec", "StorageGroup", "group_vectors", "levels", "distortion", "pack_bits", "unpack_bits", "FORMAT",
            "FORMAT_VERSION"]

@@ -31,8 +31,8 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from .codec import STREAMS, ModelShape
-from .integrations.chunks import HEADER_BYTES
-from .storage_codec import MAX_BITS, StorageCodec, StorageGroup, distortion
+from .integrations.chunks import HEADER_BYTES, to_chunks
+from .storage_codec import MAX_BITS, StorageCodec, StorageGroup, distortion, group_vectors
 from .text import corpus_sha256, read_texts, token_windows
 
 
@@ -111,11 +111,8 @@ def _prefix_kv_and_grads(model, ids: torch.Tensor, prefix: int) -> tuple[torch.T
     loss = F.cross_entropy(logits.float(), ids[0, prefix + 1 :], reduction="sum")
     grads = torch.autograd.grad(loss, leaves)
 
-    def stack(ts):  # per layer (k, v) [1, H, P, d] -> [2, L, P, H*d]
-        t = torch.stack([torch.stack(ts[0::2]), torch.stack(ts[1::2])])[:, :, 0]
-        return t.permute(0, 1, 3, 2, 4).flatten(-2)
-
-    return stack([t.detach() for t in leaves]).half().float(), stack(grads).float()
+    kv = to_chunks([t.detach() for t in leaves[0::2]], [t.detach() for t in leaves[1::2]], prefix)[0]
+    return kv.half().float(), to_chunks(list(grads[0::2]), list(grads[1::2]), prefix)[0].float()
 
 
 def collect_moments(model, windows: list[torch.Tensor], shape: ModelShape, config: StorageFitConfig,
@@ -128,12 +125,7 @@ def collect_moments(model, windows: list[torch.Tensor], shape: ModelShape, confi
     for ids in tqdm(windows, desc="storage codec: calibration windows", disable=not progress):
         kv, grad = _prefix_kv_and_grads(model, ids, config.prefix)
         for (stream, layers), m in moments.items():
-            s = STREAMS.index(stream)
-
-            def flat(t):
-                return t[s, list(layers), config.sink :].permute(1, 0, 2).reshape(-1, len(layers) * width)
-
-            m.add(flat(kv), flat(grad))
+            m.add(group_vectors(kv, stream, layers)[config.sink :], group_vectors(grad, stream, layers)[config.sink :])
     return moments
 
 

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import DynamicCache
 
 from kvhub import CacheCodec, KVPreset, LayerCodec, ModelShape, StreamCodec
 from kvhub.codec import Segment
 from kvhub.errors import ChunkPresetMismatchError, ChunkShapeError
 from kvhub.integrations.chunks import HEADER_BYTES, ChunkCodec, HeadSlice, from_chunks, to_chunks
-from tests.tiny_models import VOCAB, tiny_bases
+from tests.tiny_models import tiny_bases, tiny_chunks
 
 CAL = {"corpus": "random", "corpus_sha256": "0" * 64, "tokens": 256, "seq_len": 64, "sink": 2}
 HEADS = HeadSlice(0, 2)  # tiny llama: 2 layers, 2 KV heads, head_dim 16
@@ -21,11 +20,7 @@ HEADS = HeadSlice(0, 2)  # tiny llama: 2 layers, 2 KV heads, head_dim 16
 @pytest.fixture(scope="module")
 def kv(tiny_llama):
     """Two 32-token fp16 chunks of the tiny model's real K/V."""
-    cache = DynamicCache(config=tiny_llama.config)
-    ids = torch.randint(3, VOCAB, (1, 64), generator=torch.Generator().manual_seed(7))
-    with torch.no_grad():
-        tiny_llama(input_ids=ids, cache=cache, use_cache=True)
-    return [c.half() for c in to_chunks([la.keys for la in cache.layers], [la.values for la in cache.layers], 32)]
+    return tiny_chunks(tiny_llama, 64, 32, seed=7)
 
 
 def make_preset(model, codec: CacheCodec) -> KVPreset:

@@ -13,16 +13,15 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from transformers import DynamicCache
 
 from kvhub import KVPreset
 from kvhub.errors import ChunkChecksumError, ChunkPresetMismatchError, ChunkShapeError, ChunkTruncatedError, CodecError
 from kvhub.errors import PresetFileError, PresetFormatError
-from kvhub.integrations.chunks import HeadSlice, to_chunks
+from kvhub.integrations.chunks import HeadSlice
 from kvhub.integrations.storage_chunks import StorageChunkCodec
 from kvhub.storage_codec import distortion, levels, pack_bits, unpack_bits
 from kvhub.storage_fit import StorageFitConfig, allocate, fit_preset_storage
-from tests.tiny_models import VOCAB
+from tests.tiny_models import VOCAB, tiny_chunks
 
 CONFIG = StorageFitConfig(ratios=(6.0, 10.0), prefix=48, continuation=16, windows_per_file=2, sink=2, exact=1,
                           chunk_tokens=32)
@@ -85,11 +84,7 @@ class _WordTokenizer:
 
 @pytest.fixture(scope="module")
 def chunk(tiny_llama):
-    cache = DynamicCache(config=tiny_llama.config)
-    ids = torch.randint(3, VOCAB, (1, 32), generator=torch.Generator().manual_seed(11))
-    with torch.no_grad():
-        tiny_llama(input_ids=ids, cache=cache, use_cache=True)
-    return to_chunks([la.keys for la in cache.layers], [la.values for la in cache.layers], 32)[0].half()
+    return tiny_chunks(tiny_llama, 32, 32, seed=11)[0]
 
 
 def _layout_bytes(storage, budget, tokens):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 from transformers import (
+    DynamicCache,
     Gemma2Config,
     Gemma2ForCausalLM,
     LlamaConfig,
@@ -18,6 +19,7 @@ from transformers import (
 from kvhub.bases import StreamBasis
 from kvhub.calibration import calibrate
 from kvhub.codec import Segment, StreamCodec
+from kvhub.integrations.chunks import to_chunks
 from kvhub.stream import CompressedStream
 
 VOCAB = 128
@@ -84,3 +86,12 @@ def random_stream(segments, projection, scale, heads, dim, bsz, tokens, passthro
     s.append(x[:, :, :cut].to(device))
     s.append(x[:, :, cut:].to(device))
     return s
+
+
+def tiny_chunks(model, tokens: int, chunk: int, seed: int) -> list[torch.Tensor]:
+    """fp16 LMCache chunks [2, L, chunk, H*d] of ``model``'s real K/V over ``tokens`` random token ids."""
+    cache = DynamicCache(config=model.config)
+    ids = torch.randint(3, VOCAB, (1, tokens), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        model(input_ids=ids, cache=cache, use_cache=True)
+    return [c.half() for c in to_chunks([la.keys for la in cache.layers], [la.values for la in cache.layers], chunk)]
