@@ -43,7 +43,7 @@ CARD_NAME = "README.md"
 BASES_FORMAT = "kvhub-bases/1"
 _ALLOWED_DTYPES = ("F32", "F16")
 CONFIG_LIMITS = JsonLimits(max_bytes=1 << 20)
-_HEADER_LIMITS = JsonLimits(max_bytes=1 << 20, max_depth=4)  # 6144 tensors (1024 layers) need ~0.6 MB
+HEADER_LIMITS = JsonLimits(max_bytes=1 << 20, max_depth=4)  # 6144 tensors (1024 layers) need ~0.6 MB
 # A save writes the new bases under this name first (see save_pretrained); a leftover one is cleaned by the next save.
 _STAGED_BASES = "bases.{}.safetensors"
 _READ_ATTEMPTS = 8
@@ -153,7 +153,7 @@ def read_preset(folder: Path) -> PresetFiles:
         try:
             tensors, basis_dtype = _load_tensor_files(folder, config)
             break
-        except _ChangedDuringRead as exc:
+        except ChangedDuringRead as exc:
             if attempt + 1 == _READ_ATTEMPTS or _read_config_bytes(folder) == raw:
                 raise exc.error from None
     from .bases import Bases  # torch is imported only once the files passed every check that does not need it
@@ -221,7 +221,7 @@ def write_preset(folder: Path, config: dict[str, Any], data: bytes, card: Callab
     return config
 
 
-class _ChangedDuringRead(Exception):
+class ChangedDuringRead(Exception):
     """A file the config names is missing or differs: a save may have replaced the preset during the read."""
 
     def __init__(self, error: PresetFileError):
@@ -254,7 +254,7 @@ def _load_tensor_files(folder: Path, config: dict[str, Any]) -> tuple[dict[str, 
 
     expected = _expected_tensors(config)
     b = config["base_model"]
-    most = 8 + _HEADER_LIMITS.max_bytes + sum(4 * math.prod(s) for s in expected.values())
+    most = 8 + HEADER_LIMITS.max_bytes + sum(4 * math.prod(s) for s in expected.values())
     tensors: dict[str, Any] = {}
     dtypes: set[str] = set()
     for entry in config["files"]:
@@ -264,8 +264,8 @@ def _load_tensor_files(folder: Path, config: dict[str, Any]) -> tuple[dict[str, 
         if entry["size"] > most:
             raise PresetTensorError(f"{path}: {entry['size']} bytes, more than the {most} its codec's tensors can "
                                     "take; fix: re-save the preset with kvhub")
-        data = _read_listed(folder, entry)
-        header = _header(path, data)
+        data = read_listed(folder, entry)
+        header = safetensors_header(path, data)
         meta = header.pop("__metadata__", None) or {}
         if not isinstance(meta, dict) or meta.get("format") != BASES_FORMAT:
             got = meta.get("format") if isinstance(meta, dict) else meta
@@ -300,8 +300,8 @@ def _load_tensor_files(folder: Path, config: dict[str, Any]) -> tuple[dict[str, 
     return tensors, "F32" if "F32" in dtypes else "F16"
 
 
-def _read_listed(folder: Path, entry: dict[str, Any]) -> bytes:
-    """The bytes of a listed file, if its size and sha256 are the config's (else :class:`_ChangedDuringRead`)."""
+def read_listed(folder: Path, entry: dict[str, Any]) -> bytes:
+    """The bytes of a listed file, if its size and sha256 are the config's (else :class:`ChangedDuringRead`)."""
     path = folder / entry["name"]
     real = member_path(folder, entry["name"])
     try:  # non-blocking open, then only a regular file is read: a FIFO in its place would block the read forever
@@ -311,30 +311,30 @@ def _read_listed(folder: Path, entry: dict[str, Any]) -> bytes:
                                       "re-save the preset")
             data = f.read(entry["size"] + 1)
     except FileNotFoundError:
-        raise _ChangedDuringRead(PresetFileError(
+        raise ChangedDuringRead(PresetFileError(
             f"{path}: listed in {CONFIG_NAME} but missing; fix: re-download or re-save the preset")) from None
     except OSError as exc:
         raise PresetFileError(f"{path}: cannot be read ({exc.strerror}); fix: check the file and its permissions") from None
     if len(data) != entry["size"]:
         size = f"more than {entry['size']}" if len(data) > entry["size"] else str(len(data))
-        raise _ChangedDuringRead(PresetFileError(
+        raise ChangedDuringRead(PresetFileError(
             f"{path}: {size} bytes but {CONFIG_NAME} says {entry['size']} (truncated or replaced); fix: re-download the preset"))
     digest = hashlib.sha256(data).hexdigest()
     if digest != entry["sha256"]:
-        raise _ChangedDuringRead(PresetFileError(
+        raise ChangedDuringRead(PresetFileError(
             f"{path}: sha256 {digest[:12]}... does not match {CONFIG_NAME} ({entry['sha256'][:12]}...); "
             "fix: the file is corrupted or was edited: re-download the preset"))
     return data
 
 
-def _header(path: Path, data: bytes) -> dict[str, Any]:
+def safetensors_header(path: Path, data: bytes) -> dict[str, Any]:
     """The safetensors header of ``data``, its length bounded before it is read, parsed with :mod:`kvhub.safe_json`
     (so duplicate names, NaN and deep nesting are refused, which safetensors itself would accept or mishandle)."""
     (length,) = struct.unpack("<Q", data[:8]) if len(data) >= 8 else (len(data) + 1,)
-    if length > min(_HEADER_LIMITS.max_bytes, len(data) - 8):
+    if length > min(HEADER_LIMITS.max_bytes, len(data) - 8):
         raise PresetFileError(f"{path}: not a readable safetensors file (header of {length} bytes in a {len(data)}-byte "
-                              f"file, at most {_HEADER_LIMITS.max_bytes}); fix: re-download the preset")
-    header = loads(data[8 : 8 + length], f"{path}: not a readable safetensors file: its header", PresetFileError, _HEADER_LIMITS)
+                              f"file, at most {HEADER_LIMITS.max_bytes}); fix: re-download the preset")
+    header = loads(data[8 : 8 + length], f"{path}: not a readable safetensors file: its header", PresetFileError, HEADER_LIMITS)
     if not isinstance(header, dict):
         raise PresetFileError(f"{path}: not a readable safetensors file (its header is not an object); fix: re-download the preset")
     return header

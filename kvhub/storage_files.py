@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CodecError, PresetFileError, PresetTensorError
-from .preset_files import _HEADER_LIMITS, STORAGE_NAME, _ChangedDuringRead, _header, _read_listed
+from .preset_files import HEADER_LIMITS, STORAGE_NAME, ChangedDuringRead, read_listed, safetensors_header
 
 STORAGE_FORMAT = "kvhub-storage-codec/1"
 _DTYPE_BYTES = {"F32": 4, "F16": 2, "U8": 1}
@@ -52,15 +52,15 @@ def read_storage(folder: Path, config: dict[str, Any]) -> Any:
         raise PresetFileError(f"{folder}: the config has a storage section but does not list {STORAGE_NAME}; fix: "
                               "re-fit the storage codec (kvhub fit-storage) or re-download the preset")
     expected = expected_tensors(config)
-    most = 8 + _HEADER_LIMITS.max_bytes + sum(_DTYPE_BYTES[t] * math.prod(s) for t, s in expected.values())
+    most = 8 + HEADER_LIMITS.max_bytes + sum(_DTYPE_BYTES[t] * math.prod(s) for t, s in expected.values())
     if entry["size"] > most:
         raise PresetTensorError(f"{path}: {entry['size']} bytes, more than the {most} its storage section implies; "
                                 "fix: re-fit the storage codec")
     try:
-        data = _read_listed(folder, entry)
-    except _ChangedDuringRead as exc:
+        data = read_listed(folder, entry)
+    except ChangedDuringRead as exc:
         raise exc.error from None
-    header = _header(path, data)
+    header = safetensors_header(path, data)
     meta = header.pop("__metadata__", None) or {}
     if not isinstance(meta, dict) or meta.get("format") != STORAGE_FORMAT:
         raise PresetFileError(f"{path}: not a kvhub storage codec file ({STORAGE_FORMAT}); fix: re-fit it")
