@@ -151,7 +151,10 @@ def _storage_card(section: dict) -> list[str]:
     out = ["", "## Storage codec (KV at rest)",
            f"For LMCache's storage form (`\"form\": \"storage\"` in the kvhub serde): one transform per stream over "
            f"layer groups of {fit['layers_per_group'] or 'all'} layers, fitted on {fit['windows']} windows of "
-           f"{fit['prefix_tokens']} + {fit['continuation_tokens']} tokens; the first {section['exact_tokens']} token(s) "
+           f"{fit['prefix_tokens']} + {fit['continuation_tokens']} tokens"
+           + (f" from {len(fit['domains_weighted_alike'])} calibration domains weighing the same"
+              if fit.get("domains_weighted_alike") else "")
+           + f"; the first {section['exact_tokens']} token(s) "
            f"of every chunk exact. Ratios are to the fp16 chunk of {section['chunk_tokens']} tokens, every byte counted.",
            "", "| budget | ratio vs fp16 chunk | code bits per token | PPL delta, worst corpus | PPL delta, mean |",
            "|---|---|---|---|---|"]

@@ -23,6 +23,21 @@ DOMAINS: dict[str, str] = {
     "debian_changelogs_b": "logs",
 }
 
+# calibration corpus (file stem) -> its domain, for the calibration files in corpora/calibration that share one (the
+# four novels); any other calibration file is a domain of its own
+CALIBRATION_DOMAINS: dict[str, str] = {
+    "austen_mansfield_park": "novel",
+    "austen_northanger_abbey": "novel",
+    "austen_pride_and_prejudice": "novel",
+    "austen_sense_and_sensibility": "novel",
+}
+
+
+def calibration_domain(corpus: str) -> str:
+    """The domain a calibration file (by stem) stands for: the protocol's name for it, else the file itself."""
+    return CALIBRATION_DOMAINS.get(corpus, corpus)
+
+
 # calibration.tuning.target_on of a preset whose target binds its worst domain (older presets bound the mean)
 WORST_DOMAIN = "worst domain"
 

@@ -10,7 +10,7 @@ import pytest
 from kvhub.cli import main
 from kvhub.corpora import CORPORA, default_corpus
 from kvhub.errors import CorpusNotFoundError
-from kvhub.protocol import DOMAINS
+from kvhub.protocol import CALIBRATION_DOMAINS, DOMAINS, calibration_domain
 from tests.paths import CALIBRATION, EVALUATION, ROOT
 
 MIN_PARAGRAPH_CHARS = 80  # shorter blocks ("CHAPTER I", "return None") legitimately repeat across texts
@@ -38,6 +38,15 @@ def test_every_protocol_domain_is_in_the_default_evaluation_corpus_and_nothing_e
     exactly the domains `registry check` demands."""
     assert sorted(p.stem for p in EVALUATION.glob("*.txt")) == sorted(DOMAINS)
     assert len(set(DOMAINS.values())) >= 6  # novels, scripture, documentation, source code, German, logs
+
+
+def test_calibration_files_that_share_a_domain_name_one_the_evaluation_protocol_knows():
+    """The storage fit weighs calibration domains alike: the four novels must be one domain, named as the
+    protocol's novels are, and every file the mapping names must exist."""
+    stems = {p.stem for p in CALIBRATION.glob("*.txt")}
+    assert set(CALIBRATION_DOMAINS) <= stems
+    assert {calibration_domain(s) for s in stems if s.startswith("austen_")} == {DOMAINS["austen_emma"]}
+    assert len({calibration_domain(s) for s in stems}) == len(set(DOMAINS.values()))  # one per protocol domain
 
 
 @pytest.mark.parametrize("stem, marker", [("debian_reference_de", " und "), ("debian_changelogs", "urgency="),

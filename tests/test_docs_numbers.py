@@ -258,6 +258,15 @@ def lmcache_corpora_table() -> str:
     return "\n".join(lines)
 
 
+def lmcache_windows(data: dict) -> str:
+    """How many windows each corpus had: the count most had, then the exceptions (``--windows-for``)."""
+    protocol = data["protocol"]
+    counts = protocol.get("windows_by_corpus") or dict.fromkeys(protocol["corpora"], protocol.get("windows_per_corpus"))
+    common = max(set(counts.values()), key=list(counts.values()).count)
+    others = [f"{n} of {c}" for c, n in counts.items() if n != common]
+    return f"{common} per corpus" + (f" ({', '.join(others)})" if others else "")
+
+
 def _over(row: dict, limit: float) -> str:
     over = [f"{c} {d:+.2f}%" for c, d in row["ppl_delta_pct"].items() if d > limit]
     return f"within {limit:g}% on every corpus" if not over else f"above {limit:g}% on {', '.join(over)}"
@@ -431,6 +440,9 @@ CLAIMS = [
     Claim(FORMAT, '"size": {}}}]', MEASURED, ("files", 0, "size"), "d"),
     # KV at rest: every serde through LMCache (lmcache_reuse.json), in the README and docs/lmcache.md
     Claim(README, "{}", LMCACHE, lambda d: lmcache_table()),
+    Claim(README, "256 continuation tokens, {}\n", LMCACHE, lmcache_windows),
+    Claim(LMCACHE_DOC, "256 continuation tokens, {};", LMCACHE, lmcache_windows),
+    Claim(LMCACHE_DOC, "standard error over its windows, {}:", LMCACHE, lmcache_windows),
     Claim(README, "{}", LMCACHE, lambda d: lmcache_reading()),
     Claim(LMCACHE_DOC, "{}", LMCACHE, lambda d: lmcache_table()),
     Claim(LMCACHE_DOC, "{}", LMCACHE, lambda d: lmcache_corpora_table()),

@@ -20,7 +20,7 @@ from kvhub.errors import PresetFileError, PresetFormatError
 from kvhub.integrations.chunks import HeadSlice
 from kvhub.integrations.storage_chunks import StorageChunkCodec
 from kvhub.storage_codec import distortion, levels, pack_bits, unpack_bits
-from kvhub.storage_fit import StorageFitConfig, allocate, fit_preset_storage
+from kvhub.storage_fit import StorageFitConfig, _GroupMoments, allocate, domain_weights, fit_preset_storage
 from tests.tiny_models import VOCAB, tiny_chunks
 
 CONFIG = StorageFitConfig(ratios=(6.0, 10.0), prefix=48, continuation=16, windows_per_file=2, sink=2, exact=1,
@@ -58,6 +58,30 @@ def test_allocation_is_the_brute_force_optimum():
                    key=lambda a: (sum(a) > budget, sum(v * distortion(b) for v, b in zip(flat, a))))
         cost = lambda a: sum(v * distortion(b) for v, b in zip(flat, a))  # noqa: E731
         assert sum(got) == budget and cost(got) == pytest.approx(cost(best))
+
+
+def test_every_calibration_domain_weighs_the_same_however_many_files_it_has():
+    domains = ["novel"] * 16 + ["German"] * 4 + ["logs"] * 4
+    weights = domain_weights(domains)
+    per_domain = {d: sum(w for w, e in zip(weights, domains) if e == d) for d in set(domains)}
+    assert per_domain == pytest.approx({"novel": 8.0, "German": 8.0, "logs": 8.0})  # 24 windows, a third each
+    assert domain_weights(["a", "b"]) == [1.0, 1.0]
+
+
+def test_a_window_weighed_twice_moves_the_moments_as_if_it_were_read_twice():
+    gen = torch.Generator().manual_seed(5)
+    x1, g1, x2, g2 = (torch.randn(7, 2 * 3, generator=gen) for _ in range(4))
+    weighted, repeated = _GroupMoments(2, 3), _GroupMoments(2, 3)
+    weighted.add(x1, g1, 2.0)
+    weighted.add(x2, g2, 1.0)
+    for x, g in ((x1, g1), (x1, g1), (x2, g2)):
+        repeated.add(x, g)
+    # the reference: the data written out with the first window twice, moments by numpy in float64
+    data = np.concatenate([x1.numpy(), x1.numpy(), x2.numpy()]).astype(np.float64)
+    for a, b in zip(weighted.transform(1e-2), repeated.transform(1e-2)):
+        assert torch.allclose(a, b, atol=1e-6)
+    mean = weighted.sum / weighted.count
+    assert np.allclose(mean.numpy(), data.mean(0))
 
 
 @pytest.fixture(scope="module")
@@ -251,3 +275,68 @@ def test_validate_reads_the_storage_file_and_show_lists_the_budgets(fitted, tmp_
     assert main(["validate", str(folder)]) == 1
     err = capsys.readouterr().err
     assert "storage.safetensors" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def _continuation_delta_by_hand(model, codec, ids, prefix, chunk_tokens):
+    """The reuse case written out: the prefix's K/V through the codec's bytes per chunk, then the continuation's
+    summed NLL against them in a DynamicCache, against the exact prefix's (kvhub.eval.reuse does this in the code)."""
+    import torch.nn.functional as F
+    from transformers import DynamicCache
+
+    with torch.no_grad():
+        exact = DynamicCache(config=model.config)
+        model(input_ids=ids[:, :prefix], cache=exact, use_cache=True)
+        kv = torch.stack([torch.stack([la.keys[0] for la in exact.layers]),
+                          torch.stack([la.values[0] for la in exact.layers])])  # [2, L, H, P, d]
+        h, d = kv.shape[2], kv.shape[4]
+        flat = kv.permute(0, 1, 3, 2, 4).reshape(2, kv.shape[1], prefix, h * d).half()
+        restored = torch.empty_like(flat)
+        for s in range(0, prefix, chunk_tokens):
+            piece = flat[:, :, s : s + chunk_tokens].contiguous()
+            buf, heads = _encode(codec, piece)
+            out = torch.empty_like(piece)
+            codec.decode(buf, out, heads)
+            restored[:, :, s : s + chunk_tokens] = out
+        back = restored.float().reshape(2, kv.shape[1], prefix, h, d).permute(0, 1, 3, 2, 4)
+        nll = []
+        for past in (kv, back):
+            cache = DynamicCache(config=model.config)
+            for i in range(past.shape[1]):
+                cache.update(past[0, i : i + 1], past[1, i : i + 1], i)
+            logits = model(input_ids=ids[:, prefix:], cache=cache, use_cache=True).logits[0, :-1]
+            nll.append(F.cross_entropy(logits.float(), ids[0, prefix + 1 :], reduction="sum").item())
+    return nll[1] - nll[0], ids.shape[1] - prefix - 1
+
+
+def test_registry_verify_re_measures_each_storage_budget_and_names_the_corpus_that_moved(fitted, tiny_llama,
+                                                                                          tmp_path):
+    from kvhub.registry_tools.verify import Tolerances, storage_checks
+
+    text = tmp_path / "words.txt"
+    text.write_text(" ".join(f"w{w}" for w in torch.randint(0, 500, (600,), generator=torch.Generator().manual_seed(8)).tolist()))
+    preset = KVPreset.load_folder(fitted)
+    tokenizer, prefix, continuation = _WordTokenizer(), 64, 16
+    ids = tokenizer(text.read_text())["input_ids"]
+    mid = (ids.shape[1] - 2 * (prefix + continuation)) // 2  # token_windows' middle windows, two of them
+    truth = {}
+    for budget in preset.storage.budgets:
+        codec = StorageChunkCodec(preset, budget)
+        parts = [_continuation_delta_by_hand(tiny_llama, codec, ids[:, s : s + prefix + continuation], prefix, 32)
+                 for s in (mid, mid + prefix + continuation)]
+        truth[budget] = 100 * (math.exp(sum(p[0] for p in parts) / sum(p[1] for p in parts)) - 1)
+
+    def claim(shift):
+        for budget, delta in truth.items():
+            preset.config["storage"]["budgets"][budget]["metrics"] = {
+                "ppl_delta_pct_mean": delta + shift, "ppl_delta_pct_worst": delta + shift, "worst_corpus": "words",
+                "ppl_delta_pct_by_corpus": {"words": delta + shift}, "ppl_delta_pct_se_by_corpus": {"words": 0.0},
+                "windows_by_corpus": {"words": 2}, "prefix_tokens": prefix, "continuation_tokens": continuation}
+        return storage_checks(preset, tiny_llama, tokenizer, [str(text)], None, Tolerances(ppl_pp=0.01))
+
+    checks = claim(0.0)
+    assert [c.name for c in checks] == [f"storage budget {b}" for b in preset.storage.budgets] and all(c.ok for c in checks)
+    moved = claim(0.5)  # a claim half a point better or worse than the bytes give
+    assert not any(c.ok for c in moved) and all("words" in c.detail and "fix:" in c.detail for c in moved)
+    del preset.config["storage"]["budgets"]["6x"]["metrics"]["prefix_tokens"]
+    (refused,) = storage_checks(preset, tiny_llama, tokenizer, [str(text)], None, Tolerances())
+    assert not refused.ok and "prefix and continuation" in refused.detail

@@ -96,7 +96,8 @@ def tune(model, recipe_path, calib_files, target_ppl_delta, out, overwrite, eval
 @click.argument("preset_folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--model", default=None, help="Local model folder or Hub id (default: the preset's base model).")
 @click.option("--calib", "calib_files", multiple=True, type=click.Path(exists=True),
-              help=f"Calibration text files or folders (repeatable; each file is a domain). Default: {CORPORA / 'calibration'}.")
+              help=f"Calibration text files or folders (repeatable; each file is a domain, except the ones "
+                   f"kvhub.protocol groups, and every domain weighs the same). Default: {CORPORA / 'calibration'}.")
 @click.option("--ratios", default="10,16", show_default=True,
               help="Budgets to allocate, as ratios to the fp16 chunk (every byte of the stored chunk counted).")
 @click.option("--layers-per-group", default=0, show_default=True,
