@@ -44,8 +44,7 @@ def reuse_windows(model, tokenizer, text: str, count: int, prefix: int, continua
         cache = DynamicCache(config=model.config)
         with torch.no_grad():
             model(input_ids=ids[:, :prefix], cache=cache, use_cache=True)
-        keys, values = [la.keys for la in cache.layers], [la.values for la in cache.layers]
-        with torch.no_grad():
+            keys, values = [la.keys for la in cache.layers], [la.values for la in cache.layers]
             base = continuation_nll(model, ids[:, prefix:], keys, values)
         out.append(ReuseWindow(ids, base, [c.half() for c in to_chunks(keys, values, chunk)]))
     return out
