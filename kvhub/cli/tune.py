@@ -102,7 +102,8 @@ def tune(model, recipe_path, calib_files, target_ppl_delta, out, overwrite, eval
               help="Budgets to allocate, as ratios to the fp16 chunk (every byte of the stored chunk counted).")
 @click.option("--layers-per-group", default=0, show_default=True,
               help="Layers whose K (or V) share one transform; 0: all layers (the best measured).")
-@click.option("--windows-per-file", default=4, show_default=True, help="Calibration windows per file.")
+@click.option("--windows-per-file", default=16, show_default=True,
+              help="Calibration windows (1280 tokens) per file.")
 @device_option
 @click.option("--dtype", default="float32", show_default=True)
 def fit_storage(preset_folder, model, calib_files, ratios, layers_per_group, windows_per_file, device, dtype):
