@@ -312,6 +312,22 @@ def trials_table() -> str:
     return "\n".join(lines)
 
 
+ATTENTION_BASES = RESULTS + "attention_bases.json"
+
+
+def attention_bases_table() -> str:
+    """frontier-4.md's table of the bundled codec with its bases refitted on every domain (attention_bases.json)."""
+    rows = load(ATTENTION_BASES)["rows"]
+    corpora = list(rows[0]["ppl_delta_pct_by_corpus"])
+    lines = ["| bases | worst | mean | " + " | ".join(corpora) + " |", "|---|---|---|" + "---|" * len(corpora)]
+    for r in rows:
+        d, se = r["ppl_delta_pct_by_corpus"], r["ppl_delta_pct_se_by_corpus"]
+        lines.append(f"| {r['bases']} | {r['ppl_delta_pct_worst']:+.2f}% ({r['worst_corpus']}) | "
+                     f"{r['ppl_delta_pct_mean']:+.2f}% | " + " | ".join(f"{d[c]:+.2f}% ± {se[c]:.2f}" for c in corpora)
+                     + " |")
+    return "\n".join(lines)
+
+
 def preset_summary(path: str) -> str:
     data = load(path)
     m = data["metrics"]
@@ -373,6 +389,7 @@ CLAIMS = [
     Claim(FRONTIER4, "{}", FRONTIER, lambda d: frontier_summary()),
     Claim(FRONTIER4, "on the evaluation protocol: {}.", KEY_RUNG, lambda d: preset_summary(KEY_RUNG)),
     Claim(FRONTIER4, "cost {} bits per token and head", KEY_RUNG, ("key_bits_per_token_and_head",), ".0f"),
+    Claim(FRONTIER4, "{}", ATTENTION_BASES, lambda d: attention_bases_table()),
     # ... bytes (bytes.json), whole table rows ...
     Claim(README, "{}", BYTES, lambda d: bytes_table_row(1)),
     Claim(README, "{}", BYTES, lambda d: bytes_table_row(4)),

@@ -1,7 +1,7 @@
 """Does German (every form's worst corpus) lose for want of calibration tokens? With 4 windows per calibration file
 the storage fit saw ~4k German tokens for a transform over 5760 numbers per token. This collects the fit's moments
 (kvhub.storage_fit.collect_moments) with W windows per file (default 16), kept per calibration domain in
-STORAGE_DESIGN_WORK/dm_w{W}.pt, combines them with every domain weighing the same
+STORAGE_DESIGN_WORK/dm_w{W}.pt (attention_bases.py reads them too), combines them with every domain weighing the same
 (as kvhub.storage_fit.domain_weights does, German times GW), builds the codec and measures the reuse case with the
 chunk codec alone on CORPORA (corpus=windows, default German on all 74 windows its text holds).
 Writes res_w{W}_gw{GW}.json to STORAGE_DESIGN_WORK; the rows are in ../results/storage_design.json."""
