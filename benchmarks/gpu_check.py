@@ -1,7 +1,7 @@
 """Issue #21's GPU check: kvhub's fused Triton decode against DynamicCache + SDPA in bf16, in one JSON.
 
 Run by ``benchmarks/gpu_check.sh`` (which installs, runs the ``triton`` kernel tests, and hands this script what is
-left of its 8-minute budget). Three parts, each with its checks and their thresholds written into the JSON:
+left of its 8-minute budget). Four parts, each with its checks and their thresholds written into the JSON:
 
 * ``bundled_preset``: SmolLM2-135M-Instruct (the benchmark checkpoint) in bf16 on CUDA with the bundled preset
   (Lloyd-Max values, log8 scales). ``kvhub.backends.recording()`` must show every decode step served by the Triton
@@ -20,6 +20,13 @@ left of its 8-minute budget). Three parts, each with its checks and their thresh
   flash-attention's contract (``tests/flash_like.py``; the reason is recorded). A lossless codec must give
   DynamicCache's logits (same kernel) at decode steps past the window; then decode-step time of the bundled layout
   against DynamicCache + SDPA.
+
+* ``storage_codec``: issue 24's speed condition. A SmolLM2 chunk (LMCache's 256 tokens, fp16 in CPU memory as LMCache's
+  L1 holds it) through the bundled preset's storage codec at each budget with the transform on the GPU
+  (``"device": "cuda"``), against the fp16 chunk's bytes written to and read from local disk (fsync'd write; the read
+  of a file just written): encode + write and read + decode, each as a ratio to fp16's. The check that the GPU's
+  decode of the stored bytes matches the CPU's runs everywhere; the ratios are checks (at most 1.0: not slower than
+  fp16) on a GPU only, as on CPU the transform is known to cost more than a local disk (lmcache_reuse.json).
 
 The JSON is rewritten after every row, so a run stopped by the budget keeps what it measured; a part the budget
 does not reach is recorded as skipped. Exit status: 1 if a check failed or a part raised, else 2 if anything was
@@ -90,6 +97,7 @@ FULL_RUN = dict(
     sliding=dict(context=8192, steps=8, chunk=1024, batch=4, need_s=90),
     layer=dict(contexts=(4096, 32768), batches=(1, 8), fill_chunk=8192, configs=LAUNCH_CONFIGS, need_s=60,
                row_s={4096: 20, 32768: 60}),
+    storage=dict(tokens=256, need_s=30),
     warmup=3, reps=20, steps=10,
 )
 TINY_RUN = dict(
@@ -97,6 +105,7 @@ TINY_RUN = dict(
     sliding=dict(context=40, steps=4, chunk=16, batch=2, need_s=1),
     layer=dict(contexts=(80, 150), batches=(1, 2), fill_chunk=64, configs=LAUNCH_CONFIGS[:2], need_s=1,
                row_s={80: 1, 150: 1}),
+    storage=dict(tokens=16, need_s=1),
     warmup=0, reps=1, steps=1,
 )
 PPL_CHUNK = 16  # the fused kernels' query limit: every chunk after the first reads the codes through them
@@ -429,8 +438,71 @@ def sliding_flash_masks(env: Env, part: dict) -> None:
 
 
 # In run order: the correctness proofs first, the 32k timings last. Each part's sizes are under its run key.
+def storage_codec(env: Env, part: dict) -> None:
+    """Issue 24's speed condition for the storage form (module docstring)."""
+    from kvhub.integrations.chunks import HeadSlice
+    from kvhub.integrations.storage_chunks import StorageChunkCodec
+
+    preset = KVPreset.from_pretrained(PRESET)
+    shape, tokens = preset.shape, env.run["storage"]["tokens"]
+    gen = torch.Generator().manual_seed(3)
+    chunk = torch.randn(2, shape.num_layers, tokens, shape.num_kv_heads * shape.head_dim, generator=gen).half()
+    heads = HeadSlice(0, shape.num_kv_heads)
+    folder = env.out / "storage_chunks"
+    folder.mkdir(exist_ok=True)
+
+    def write(path: Path, data: bytes) -> None:
+        with open(path, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def median_ms(fn) -> float:
+        for _ in range(env.run["warmup"]):
+            fn()
+        times = []
+        for _ in range(env.run["reps"]):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+
+    fp16_path, fp16 = folder / "fp16.bin", chunk.contiguous().view(torch.uint8).numpy().tobytes()
+    restored = torch.empty_like(chunk)
+    part["fp16"] = {"bytes": len(fp16),
+                    "write_ms": median_ms(lambda: write(fp16_path, fp16)),
+                    "read_ms": median_ms(lambda: restored.view(-1).view(torch.uint8).copy_(
+                        torch.frombuffer(bytearray(fp16_path.read_bytes()), dtype=torch.uint8)))}
+    device = None if env.device.type == "cpu" else str(env.device)
+    part["budgets"] = {}
+    for budget in preset.storage.budgets:
+        codec, reference = StorageChunkCodec(preset, budget, device), StorageChunkCodec(preset, budget)
+        buf = torch.zeros(codec.nbytes(chunk.shape, chunk.dtype, heads), dtype=torch.uint8)
+        path = folder / f"{budget}.bin"
+
+        def store() -> None:
+            codec.encode(chunk, buf, heads)
+            write(path, buf.numpy().tobytes())
+
+        def load() -> None:
+            codec.decode(torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8), restored, heads)
+
+        row = {"bytes": buf.numel(), "store_ms": median_ms(store), "load_ms": median_ms(load)}
+        row["store_vs_fp16"] = row["store_ms"] / part["fp16"]["write_ms"]
+        row["load_vs_fp16"] = row["load_ms"] / part["fp16"]["read_ms"]
+        part["budgets"][budget] = row
+        expected = torch.empty_like(chunk)
+        reference.decode(buf, expected, heads)
+        check(part, f"{budget}: decode on {env.device.type} vs on CPU, max rel diff", max_rel_diff(expected, restored),
+              at_most=KERNEL_REL_ERR)
+        if env.device.type == "cuda":
+            check(part, f"{budget}: store (encode + write) vs fp16 write", row["store_vs_fp16"], at_most=1.0)
+            check(part, f"{budget}: prefetch (read + decode) vs fp16 read", row["load_vs_fp16"], at_most=1.0)
+        env.save()
+
+
 PARTS = {"bundled_preset": (bundled_preset, "preset"), "sliding_flash_masks": (sliding_flash_masks, "sliding"),
-         "llama3_8b_layer": (llama3_8b_layer, "layer")}
+         "llama3_8b_layer": (llama3_8b_layer, "layer"), "storage_codec": (storage_codec, "storage")}
 
 
 def run_part(env: Env, name: str) -> None:

@@ -6,7 +6,8 @@
 #
 # Writes under OUT_DIR (default: $OUT, else benchmarks/results/gpu_check): triton_tests.log (the `triton` kernel tests
 # run on CUDA, at most 150 s) and gpu_check.json (benchmarks/gpu_check.py: the bundled preset on SmolLM2 through the
-# Triton kernels, a Llama-3-8B-shaped layer at 4k/32k tokens, a sliding model under flash-attention masks; each
+# Triton kernels, a Llama-3-8B-shaped layer at 4k/32k tokens, a sliding model under flash-attention masks, the
+# storage codec's chunk store and prefetch on the GPU against fp16 on disk; each
 # part's checks with their thresholds). The JSON is rewritten after every row: when the budget runs out the Python
 # step is stopped (SIGTERM, then SIGKILL 15 s later) and what it measured stays, the unfinished part marked.
 # How it installs, first match wins (the install counts against the budget):
@@ -53,7 +54,7 @@ set +e
 timeout -k 10 150 "$PY" -m pytest -q -p no:cacheprovider "${select[@]}" tests/test_kernels.py 2>&1 | tee "$DEST/triton_tests.log"
 tests=${PIPESTATUS[0]}
 
-# 2. The three parts, stopped at the deadline (at least 30 s, so that a late start still writes what it skipped).
+# 2. The four parts, stopped at the deadline (at least 30 s, so that a late start still writes what it skipped).
 left=$((deadline - $(date +%s)))
 timeout --preserve-status -k 15 $((left > 30 ? left : 30)) "$PY" benchmarks/gpu_check.py --out "$DEST" --deadline "$deadline" \
   --tests-log "$DEST/triton_tests.log" --tests-status "$tests" $TINY

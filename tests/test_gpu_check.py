@@ -19,7 +19,7 @@ from tests.paths import ROOT
 
 pytest.importorskip("triton")
 
-PARTS = {"bundled_preset", "llama3_8b_layer", "sliding_flash_masks"}
+PARTS = {"bundled_preset", "llama3_8b_layer", "sliding_flash_masks", "storage_codec"}
 
 
 def gpu_check():
@@ -76,6 +76,11 @@ def test_gpu_check_tiny_end_to_end(tmp_path):
     assert sliding["lossless"]["backends"]["calls"]["triton"] > 0
     assert sliding["step"]["kvhub_over_dynamic_sdpa"] > 0
 
+    storage = result["parts"]["storage_codec"]
+    assert set(storage["budgets"]) == {"10x", "16x"}
+    for row in storage["budgets"].values():  # every byte of a chunk counted: far under the fp16 chunk's
+        assert row["bytes"] < storage["fp16"]["bytes"] and row["store_ms"] > 0 and row["load_ms"] > 0
+
 
 def test_sliding_check_catches_a_layer_that_ignores_its_window(tmp_path, monkeypatch):
     """Issue #21's first bug put back (a sliding layer under the flash mask, which is None, attends past its window):
@@ -105,9 +110,10 @@ def test_status_counts_failures_and_skips():
     def result(*statuses, tests=0):
         return {"parts": dict(zip(check.PARTS, ({"status": s} for s in statuses))), "triton_tests": {"exit_status": tests}}
 
-    assert check.summarize(result("passed", "passed", "passed")) == 0
-    assert check.summarize(result("passed", "failed", "passed")) == 1
-    assert check.summarize(result("passed", "passed", "passed", tests=1)) == 1
-    assert check.summarize(result("passed", "partial", "passed")) == 2
-    assert check.summarize(result("passed", "passed")) == 2  # the budget stopped the run before the last part
-    assert check.summarize(result("passed", "passed", "passed", tests=124)) == 2
+    every = ["passed"] * len(check.PARTS)
+    assert check.summarize(result(*every)) == 0
+    assert check.summarize(result("passed", "failed", *every[2:])) == 1
+    assert check.summarize(result(*every, tests=1)) == 1
+    assert check.summarize(result("passed", "partial", *every[2:])) == 2
+    assert check.summarize(result(*every[1:])) == 2  # the budget stopped the run before the last part
+    assert check.summarize(result(*every, tests=124)) == 2
