@@ -10,7 +10,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 from kvhub.cache import CompressedCache
 from kvhub.codec import STREAMS, ModelShape
 from kvhub.eval.ppl import perplexity
-from kvhub.tuning import LEVELS, reallocate, search, stream_ladders
+from kvhub.tuning import LEVELS, domain_sensitivities, reallocate, search, sensitivities, stream_ladders
 from tests.test_registry import eval_text, model_dir  # noqa: F401  (session fixtures: the tiny model on disk)
 from tests.tiny_models import VOCAB, tiny_bases
 
@@ -92,6 +92,19 @@ def test_chosen_codec_re_measures_within_target(searched):
     assert delta_pct <= 100 * TARGET
     assert delta_pct == pytest.approx(result.chosen.measured_delta_pct, abs=1e-6)
     assert caches[-1].compression_ratio() == pytest.approx(result.chosen.ratio)
+
+
+def test_sensitivity_is_the_worst_over_domains(searched):
+    """A layer counts as insensitive only where it is on every domain: per layer and stream, the larger of the two
+    domains' NLL increases, each measured alone; and somewhere the second domain's is the larger (else this test
+    could not tell the worst from the first domain's, which the tuner used before)."""
+    model, bases, windows, _, _ = searched
+    alone = [sensitivities(model, w[:, :256], bases, 2) for w in windows]
+    worst = domain_sensitivities(model, {"a": windows[0], "b": windows[1]}, bases, 2, tokens=256)
+    assert worst.keys() == alone[0].keys()
+    for key, value in worst.items():
+        assert value == max(alone[0][key], alone[1][key])
+    assert any(alone[1][k] > alone[0][k] for k in worst)
 
 
 def test_bytes_fall_along_the_ladder(searched):
