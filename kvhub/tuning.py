@@ -13,7 +13,8 @@
    mean would let a preset tuned on novels lose two to three times its target on code).
 4. **Reallocation**: from the best passing level, the least sensitive layers of each stream move one rung down and
    the most sensitive one rung up; kept only if it measures within target with more compression, and repeated from
-   the kept setting (up to ``REALLOCATION_STEPS`` times) while it is.
+   the kept setting (up to ``REALLOCATION_STEPS`` times) while it is (on SmolLM2 the second step lost and was
+   dropped: a failed step costs one trial).
 
 A Lagrangian allocation (sensitivity x distortion per layer) was tried first and measured worse than the uniform
 ladder on SmolLM2 (+2.7% against +0.9% at similar bytes): errors compound across layers non-linearly, so the

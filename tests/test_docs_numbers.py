@@ -380,7 +380,7 @@ CLAIMS = [
     Claim(README, "values {}x (the", MEASURED, ("metrics", "compression", "values")),
     Claim(README, "the bundled preset's needle grid ({})", FRONTIER, lambda d: needle(d["rows"]["kvhub 1% preset (bundled)"]["needle"])),
     Claim(README, "{}", MEASURED, lambda d: domain_table()),
-    Claim(README, "promise only at\n{}:", WORST_TUNED, lambda d: preset_summary(WORST_TUNED)),
+    Claim(README, "promise only at\n{}:", RETUNED, lambda d: preset_summary(RETUNED)),
     # benchmarks/results/frontier-4.md: the bundled preset on every domain, the worst-domain tune, the merged frontier
     Claim(FRONTIER4, "{}", MEASURED, lambda d: domain_table()),
     Claim(FRONTIER4, "loses up to\n{}%", MEASURED, ("metrics", "perplexity", "worst_delta_pct"), "+.2f"),
