@@ -456,15 +456,10 @@ def storage_codec(env: Env, part: dict) -> None:
             f.flush()
             os.fsync(f.fileno())
 
+    clock = Clock(torch.device("cpu"))  # wall time: disk I/O and the host copies are part of what is timed
+
     def median_ms(fn) -> float:
-        for _ in range(env.run["warmup"]):
-            fn()
-        times = []
-        for _ in range(env.run["reps"]):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
+        return clock.median(fn, env.run["warmup"], env.run["reps"])
 
     fp16_path, fp16 = folder / "fp16.bin", chunk.contiguous().view(torch.uint8).numpy().tobytes()
     restored = torch.empty_like(chunk)

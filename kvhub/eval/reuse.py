@@ -11,7 +11,6 @@ re-measures a preset's storage budgets with the chunk codec alone, the same byte
 from __future__ import annotations
 
 import math
-import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -20,6 +19,7 @@ from transformers import DynamicCache
 
 from ..integrations.chunks import HeadSlice, from_chunks, to_chunks
 from ..text import token_windows
+from . import delta_pct, standard_error
 from .ppl import PerplexityResult, continuation_nll
 
 
@@ -53,15 +53,13 @@ def reuse_windows(model, tokenizer, text: str, count: int, prefix: int, continua
 def reuse_delta(model, windows: list[ReuseWindow], restored: list[list[torch.Tensor]], prefix: int,
                 head_dim: int) -> ReuseDelta:
     """The continuation's delta with each window's prefix restored from ``restored[i]`` (its chunks, decoded)."""
-    per = []
+    pairs = []
     for w, chunks in zip(windows, restored, strict=True):
         with torch.no_grad():
-            got = continuation_nll(model, w.ids[:, prefix:], *from_chunks(chunks, head_dim))
-        per.append((got.nll_sum, w.base.nll_sum, w.base.tokens))
-    nll, ref, n = (sum(p[i] for p in per) for i in range(3))
-    deltas = [100 * (math.exp((a - b) / k) - 1) for a, b, k in per]
-    se = statistics.stdev(deltas) / math.sqrt(len(deltas)) if len(deltas) > 1 else math.inf
-    return ReuseDelta(100 * (math.exp((nll - ref) / n) - 1), se)
+            pairs.append((continuation_nll(model, w.ids[:, prefix:], *from_chunks(chunks, head_dim)), w.base))
+    total = [PerplexityResult(sum(p[i].nll_sum for p in pairs), sum(p[i].tokens for p in pairs)) for i in (0, 1)]
+    se = standard_error([delta_pct(got, base) for got, base in pairs])
+    return ReuseDelta(delta_pct(*total), math.inf if se is None else se)
 
 
 def codec_round_trip(codec) -> Callable[[torch.Tensor], torch.Tensor]:
