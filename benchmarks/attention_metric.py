@@ -14,9 +14,10 @@ and ``CompressedStream.project`` is swapped, inside :func:`query_metric_encoders
 
 Both kinds of bases are fitted as ``kvhub tune`` fits them (the first 85% of every calibration file, 8 windows of
 1024 tokens), the codecs are levels of the tuner's ladder, and each is measured the way the tuner measures a trial:
-one held-out 2048-token window of every calibration file, the worst of the nine domains against the target.
+one held-out 2048-token window of every calibration file, the worst of the nine domains against the target. Measured,
+the idea loses except at the key rung, and a little there (frontier-4.md): the engine does not have it.
 
-    python benchmarks/attention_metric.py     # writes benchmarks/results/attention_metric.json (~20 min on 2 cores)
+    python benchmarks/attention_metric.py     # writes benchmarks/results/attention_metric.json (~15 min on 2 cores)
 """
 
 from __future__ import annotations
