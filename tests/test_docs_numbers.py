@@ -349,6 +349,19 @@ def attention_metric_table() -> str:
     return "\n".join(lines)
 
 
+TUNING_WINDOWS = RESULTS + "tuning_windows.json"
+
+
+def tuning_windows_table() -> str:
+    """frontier-4.md's table of the three-percent choice and its fallback on three tuning windows per domain."""
+    lines = ["| setting | compression | worst, the tuner's window | worst, three windows |", "|---|---|---|---|"]
+    for name, r in load(TUNING_WINDOWS)["rows"].items():
+        (middle_domain, middle), (pooled_domain, pooled) = r["worst_middle_window"], r["worst_over_windows"]
+        lines.append(f"| {name} | {r['compression']:.2f}x | {middle:+.2f}% ({middle_domain}) | "
+                     f"{pooled:+.2f}% ({pooled_domain}) |")
+    return "\n".join(lines)
+
+
 def preset_summary(path: str) -> str:
     data = load(path)
     m = data["metrics"]
@@ -418,6 +431,7 @@ CLAIMS = [
     Claim(FRONTIER4, "It chose {}, which gives", THREE, ("calibration", "tuning", "chosen")),
     Claim(FRONTIER4, "which gives {} on the evaluation protocol", THREE, lambda d: preset_summary(THREE)),
     Claim(FRONTIER4, "{}", ATTENTION_METRIC, lambda d: attention_metric_table()),
+    Claim(FRONTIER4, "{}", TUNING_WINDOWS, lambda d: tuning_windows_table()),
     Claim(README, "the tuner's choice gives\n{} on the evaluation protocol", THREE, lambda d: preset_summary(THREE)),
     # ... bytes (bytes.json), whole table rows ...
     Claim(README, "{}", BYTES, lambda d: bytes_table_row(1)),
@@ -546,3 +560,13 @@ def test_every_figure_in_the_results_sections_is_a_claim(path):
 if __name__ == "__main__":
     for claim in CLAIMS:
         print(f"{claim.doc} <- {claim.results}\n{claim.rendered()}\n")
+
+
+def test_the_middle_tuning_window_is_the_tuners_own():
+    """tuning_windows.json measures the tuner's window and its two neighbours: the middle one must give what the tune
+    recorded for the same setting, or the table's "the tuner's window" column is not the tuner's."""
+    trials = {f"{t['name']} (window {t['window']})": t for t in load(THREE)["calibration"]["tuning"]["trials"]}
+    for name, row in load(TUNING_WINDOWS)["rows"].items():
+        for domain, recorded in trials[name]["by_domain"].items():
+            windows = row["delta_pct_by_window"][domain]
+            assert windows[len(windows) // 2] == pytest.approx(recorded, abs=0.02), (name, domain)
