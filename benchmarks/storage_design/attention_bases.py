@@ -13,13 +13,15 @@ from kvhub import KVPreset, load_model  # noqa: E402
 from kvhub.bases import Bases, StreamBasis, variance_floor  # noqa: E402
 from kvhub.cache import CompressedCache  # noqa: E402
 from kvhub.eval import EvalConfig, evaluate  # noqa: E402
+from kvhub.storage_fit import _GroupMoments  # noqa: E402
 MODE = os.environ.get("MODE", "pca"); CODEC = os.environ.get("CODEC", str(ROOT / "presets" / "HuggingFaceTB--SmolLM2-135M-Instruct"))
 W = int(os.environ.get("W", 16))
 model, tok = load_model("HuggingFaceTB/SmolLM2-135M-Instruct")
 preset = KVPreset.from_pretrained(CODEC)
 shape = preset.shape
 L, H, d = shape.num_layers, shape.num_kv_heads, shape.head_dim
-per = torch.load(WORK / f"dm_w{W}.pt", weights_only=False)
+with torch.serialization.safe_globals([_GroupMoments]):  # the one class calibration_windows.py saved
+    per = torch.load(WORK / f"dm_w{W}.pt", weights_only=True)
 tot = {}
 for dom, (m, n) in per.items():
     for (stream, layers), g in m.items():

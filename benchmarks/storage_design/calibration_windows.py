@@ -15,7 +15,7 @@ from kvhub import KVPreset, load_model  # noqa: E402
 from kvhub.eval.reuse import codec_round_trip, reuse_delta, reuse_windows  # noqa: E402
 from kvhub.integrations.storage_chunks import StorageChunkCodec  # noqa: E402
 from kvhub.protocol import calibration_domain  # noqa: E402
-from kvhub.storage_fit import StorageFitConfig, build_codec, collect_moments, storage_section  # noqa: E402
+from kvhub.storage_fit import StorageFitConfig, _GroupMoments, build_codec, collect_moments, storage_section  # noqa: E402
 from kvhub.text import read_texts, token_windows  # noqa: E402
 
 W = int(os.environ.get("W", 16)); GW = float(os.environ.get("GW", 1))
@@ -27,7 +27,8 @@ cfg = StorageFitConfig(windows_per_file=W)
 tag = f"w{W}_gw{GW:g}"
 mpath = WORK / f"dm_w{W}.pt"
 if mpath.exists():
-    per = torch.load(mpath, weights_only=False)
+    with torch.serialization.safe_globals([_GroupMoments]):  # the one class this script saved
+        per = torch.load(mpath, weights_only=True)
 else:
     per = {}  # domain -> [moments summed over its files' windows, window count]
     for name, text in read_texts([ROOT / "corpora" / "calibration"]):
