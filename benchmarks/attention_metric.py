@@ -41,7 +41,7 @@ from kvhub.eval.ppl import perplexity
 from kvhub.models import BENCHMARK_MODEL_ID
 from kvhub.protocol import worst_of
 from kvhub.stream import CompressedStream
-from kvhub.tuning import LEVELS, TuneConfig, codec_from_rungs, split_calibration, stream_ladders
+from kvhub.tuning import TuneConfig, codec_from_rungs, split_calibration, stream_ladders, uniform_rungs
 
 ROOT = Path(__file__).resolve().parents[1]
 SINK = 4
@@ -138,7 +138,8 @@ def query_metric_bases(bases: Bases, moments: QueryMoments, codec, shape) -> tup
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--levels", default=",".join(map(str, DEFAULT_LEVELS)), help="levels of kvhub.tuning.LEVELS")
+    ap.add_argument("--levels", default=",".join(map(str, DEFAULT_LEVELS)),
+                    help="levels of the tuner's ladder (kvhub.tuning.LEVELS)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "attention_metric.json"))
     args = ap.parse_args()
     t0 = time.time()
@@ -153,9 +154,7 @@ def main() -> None:
     ladders = stream_ladders(shape.head_dim, "lloyd-max", cfg.scale_format)
     rows = []
     for level in (int(x) for x in args.levels.split(",")):
-        k, v = LEVELS[level]
-        rungs = {(i, s): (k if s == "keys" else v) for i in range(shape.num_layers) for s in ("keys", "values")}
-        codec = codec_from_rungs(ladders, rungs, shape.num_layers, SINK, 0, 16)
+        codec = codec_from_rungs(ladders, uniform_rungs(level, shape.num_layers), shape.num_layers, SINK, 0, 16)
         for keys in ("pca", "query metric"):
             if keys == "pca":
                 used, encoders = bases.rotated_for(codec, shape), {}

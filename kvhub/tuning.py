@@ -176,6 +176,12 @@ class TuneResult:
     sensitivity: dict[tuple[int, str], float]
 
 
+def uniform_rungs(level: int, num_layers: int) -> dict[tuple[int, str], int]:
+    """Every layer's keys and values on the rungs of ladder level ``level`` (:data:`LEVELS`)."""
+    k, v = LEVELS[level]
+    return {(i, s): (k if s == "keys" else v) for i in range(num_layers) for s in STREAMS}
+
+
 def codec_from_rungs(ladders: dict, rungs: dict[tuple[int, str], int], num_layers: int, sink: int, window: int,
                      flush_block: int) -> CacheCodec:
     return CacheCodec(tuple(LayerCodec(ladders["keys"][rungs[(i, "keys")]], ladders["values"][rungs[(i, "values")]],
@@ -243,19 +249,15 @@ def search(
         log("  tried " + trial.line)
         return trial
 
-    def uniform(level: int) -> dict:
-        k, v = LEVELS[level]
-        return {(i, s): (k if s == "keys" else v) for i in range(n) for s in STREAMS}
-
     best: tuple[Trial, dict] | None = None
     for window in windows:
         lo, hi = 0, len(LEVELS) - 1  # find the most compressed passing level
         found = None
         while lo <= hi:
             mid = (lo + hi) // 2
-            trial = measure(f"uniform level {mid}", uniform(mid), window)
+            trial = measure(f"uniform level {mid}", uniform_rungs(mid, n), window)
             if trial.measured_delta_pct <= target_pct:
-                found, hi = (trial, uniform(mid)), mid - 1
+                found, hi = (trial, uniform_rungs(mid, n)), mid - 1
             else:
                 lo = mid + 1
         if found and (best is None or found[0].ratio > best[0].ratio):
