@@ -210,7 +210,7 @@ def main() -> None:
             for ids in wins:
                 last = make()
                 r = window_nll(model, ids, last, args.chunk)
-                total = PerplexityResult(total.nll_sum + r.nll_sum, total.tokens + r.tokens)
+                total = total + r
             ppl[corpus] = total.ppl
         held, how = held_bytes(last)
         rows[name] = {"kind": kind, "ppl": ppl, "bytes": held, "bytes_how": how,

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import tempfile
@@ -36,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from kvhub import KVPreset, load_model  # noqa: E402
 from kvhub.eval import hardware  # noqa: E402
+from kvhub.eval.ppl import PerplexityResult  # noqa: E402
 from kvhub.eval.reuse import reuse_delta, reuse_windows  # noqa: E402
 from kvhub.integrations.chunks import ChunkCodec, HeadSlice  # noqa: E402
 from kvhub.integrations.lmcache_disk import DiskStore  # noqa: E402
@@ -129,7 +129,7 @@ def main() -> None:
         if len(windows) < count:
             raise SystemExit(f"{corpus} has room for {len(windows)} windows, not {count}: ask for fewer")
         window_counts[corpus] = count
-        baseline_ppl[corpus] = math.exp(sum(w.base.nll_sum for w in windows) / sum(w.base.tokens for w in windows))
+        baseline_ppl[corpus] = sum((w.base for w in windows), PerplexityResult(0.0, 0)).ppl
         chunks = [c for w in windows for c in w.chunks]
         per_window = len(windows[0].chunks)
         chunk_count += len(chunks)

@@ -12,7 +12,6 @@ reports each window's delta and the delta over the three: what a tuner verifying
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
@@ -21,11 +20,11 @@ from transformers import DynamicCache
 
 from kvhub import CompressedCache, KVPreset, ModelShape, calibrate, load_model
 from kvhub.corpora import CORPORA
-from kvhub.eval import hardware
-from kvhub.eval.ppl import perplexity
+from kvhub.eval import delta_pct, hardware
+from kvhub.eval.ppl import PerplexityResult, perplexity
 from kvhub.models import BENCHMARK_MODEL_ID
 from kvhub.protocol import worst_of
-from kvhub.tuning import LEVELS, TuneConfig, codec_from_rungs, split_calibration, stream_ladders
+from kvhub.tuning import TuneConfig, codec_from_rungs, split_calibration, stream_ladders, uniform_rungs
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESET = ROOT / "benchmarks" / "presets" / "smollm2-3pct-worst"
@@ -44,8 +43,7 @@ def main() -> None:
     cfg = TuneConfig(BENCHMARK_MODEL_ID, calib, tune_windows=WINDOWS, quantizer="lloyd-max")
     fit, held = split_calibration(tok, calib, cfg)
     bases, _ = calibrate(model, fit, sink=cfg.sink, progress=False)
-    k, v = LEVELS[FALLBACK_LEVEL]
-    rungs = {(i, s): (k if s == "keys" else v) for i in range(shape.num_layers) for s in ("keys", "values")}
+    rungs = uniform_rungs(FALLBACK_LEVEL, shape.num_layers)
     ladders = stream_ladders(shape.head_dim, cfg.quantizer, cfg.scale_format)
     codecs = {tuning["chosen"]: preset.codec,
               f"uniform level {FALLBACK_LEVEL} (window 0)": codec_from_rungs(ladders, rungs, shape.num_layers, cfg.sink,
@@ -63,17 +61,16 @@ def main() -> None:
         by_window, pooled = {}, {}
         for d, ws in held.items():
             runs = [perplexity(model, [w], make) for w in ws]
-            by_window[d] = [round(100 * (r.ppl / b.ppl - 1), 4) for r, b in zip(runs, dynamic[d])]
-            nll, base = sum(r.nll_sum for r in runs), sum(b.nll_sum for b in dynamic[d])
-            pooled[d] = round(100 * (math.exp((nll - base) / sum(r.tokens for r in runs)) - 1), 4)
+            by_window[d] = [round(delta_pct(r, b), 4) for r, b in zip(runs, dynamic[d])]
+            pooled[d] = round(delta_pct(*(sum(x, PerplexityResult(0.0, 0)) for x in (runs, dynamic[d]))), 4)
         worst_pooled = worst_of(pooled)
-        middle = {d: w[len(w) // 2] for d, w in by_window.items()}
+        worst_middle = worst_of({d: w[len(w) // 2] for d, w in by_window.items()})
         trial = next(t for t in tuning["trials"] if f"{t['name']} (window {t['window']})" == name)
         rows[name] = {"compression": round(made[-1].compression_ratio(), 4), "tuner_measured": trial["by_domain"],
                       "delta_pct_by_window": by_window,
                       "delta_pct_over_windows": pooled, "worst_over_windows": list(worst_pooled),
-                      "worst_middle_window": list(worst_of(middle))}
-        print(f"{name}: middle window worst {worst_of(middle)[1]:+.2f}% ({worst_of(middle)[0]}), over {WINDOWS} windows "
+                      "worst_middle_window": list(worst_middle)}
+        print(f"{name}: middle window worst {worst_middle[1]:+.2f}% ({worst_middle[0]}), over {WINDOWS} windows "
               f"worst {worst_pooled[1]:+.2f}% ({worst_pooled[0]})", flush=True)
     out = {"what": __doc__.splitlines()[0], "windows": {d: len(ws) for d, ws in held.items()},
            "window_tokens": cfg.tune_window_tokens, "target_ppl_delta_pct": 100 * tuning["target_ppl_delta"],

@@ -136,7 +136,7 @@ def evaluate(
                 for key, factory in (("base", baseline), ("compressed", make_cache)):
                     cache = factory()
                     pair[key] = r = window_nll(model, ids, cache, cfg.chunk)
-                    sums[key] = PerplexityResult(sums[key].nll_sum + r.nll_sum, sums[key].tokens + r.tokens)
+                    sums[key] = sums[key] + r
                     if key == "compressed":
                         last_cache, last_batch = cache, ids.shape[0]
                     bar.update()

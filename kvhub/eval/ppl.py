@@ -26,6 +26,10 @@ class PerplexityResult:
     def ppl(self) -> float:
         return math.exp(self.nll_sum / self.tokens)
 
+    def __add__(self, other: PerplexityResult) -> PerplexityResult:
+        """Two readings as one text (``sum(results, PerplexityResult(0.0, 0))`` pools windows): NLL and tokens add."""
+        return PerplexityResult(self.nll_sum + other.nll_sum, self.tokens + other.tokens)
+
 
 @torch.no_grad()
 def window_nll(model, ids: torch.Tensor, cache: Cache, chunk: int = 128) -> PerplexityResult:
@@ -49,11 +53,7 @@ def window_nll(model, ids: torch.Tensor, cache: Cache, chunk: int = 128) -> Perp
 
 def perplexity(model, windows: list[torch.Tensor], make_cache: Callable[[], Cache], chunk: int = 128) -> PerplexityResult:
     """Perplexity over several windows, each through a fresh cache from ``make_cache``."""
-    total = PerplexityResult(0.0, 0)
-    for ids in windows:
-        r = window_nll(model, ids, make_cache(), chunk)
-        total = PerplexityResult(total.nll_sum + r.nll_sum, total.tokens + r.tokens)
-    return total
+    return sum((window_nll(model, ids, make_cache(), chunk) for ids in windows), PerplexityResult(0.0, 0))
 
 
 @torch.no_grad()

@@ -57,7 +57,7 @@ def reuse_delta(model, windows: list[ReuseWindow], restored: list[list[torch.Ten
     for w, chunks in zip(windows, restored, strict=True):
         with torch.no_grad():
             pairs.append((continuation_nll(model, w.ids[:, prefix:], *from_chunks(chunks, head_dim)), w.base))
-    total = [PerplexityResult(sum(p[i].nll_sum for p in pairs), sum(p[i].tokens for p in pairs)) for i in (0, 1)]
+    total = [sum((p[i] for p in pairs), PerplexityResult(0.0, 0)) for i in (0, 1)]
     se = standard_error([delta_pct(got, base) for got, base in pairs])
     return ReuseDelta(delta_pct(*total), math.inf if se is None else se)
 
