@@ -349,6 +349,43 @@ def attention_metric_table() -> str:
     return "\n".join(lines)
 
 
+PREROPE = RESULTS + "prerope_keys.json"
+PREROPE_EVAL = RESULTS + "prerope_keys_evaluation.json"
+
+
+def prerope_table(path: str) -> str:
+    """frontier-4.md's tables of keys coded before and after RoPE (prerope_keys*.json): each row's deltas are means
+    over its rotation seeds."""
+    def layout(segments):
+        return "+".join(f"{size}x{bits}b" for size, bits in segments if bits)
+
+    lines = ["| keys / values | compression | keys coded | seeds | worst domain | mean | largest spread between seeds |",
+             "|---|---|---|---|---|---|---|"]
+    for r in load(path)["rows"]:
+        lines.append(f"| {layout(r['key_segments'])} / {layout(r['value_segments'])} | {r['compression']:.2f}x | "
+                     f"{r['keys']} | {len(r['seeds'])} | {r['worst_delta_pct']:+.2f}% ({r['worst_domain']}) | "
+                     f"{r['mean_delta_pct']:+.2f}% | "
+                     + (f"{r['largest_seed_spread_pct']:.2f} |" if len(r["seeds"]) > 1 else "(one seed) |"))
+    return "\n".join(lines)
+
+
+def prerope_row(path: str, rungs: tuple[int, int], keys: str) -> dict:
+    return next(r for r in load(path)["rows"] if (r["keys_rung"], r["values_rung"]) == rungs and r["keys"] == keys)
+
+
+def prerope_ratio(rungs: tuple[int, int]) -> str:
+    return f"{prerope_row(PREROPE, rungs, 'pre-rope')['compression']:.2f}x"
+
+
+def prerope_worst(path: str, rungs: tuple[int, int], keys: str) -> str:
+    r = prerope_row(path, rungs, keys)
+    return f"{r['worst_delta_pct']:+.2f}% ({r['worst_domain']})"
+
+
+def prerope_seeds(path: str, rungs: tuple[int, int], keys: str, domain: str) -> str:
+    return " / ".join(f"{s[domain]:+.2f}%" for s in prerope_row(path, rungs, keys)["by_seed"].values())
+
+
 TUNING_WINDOWS = RESULTS + "tuning_windows.json"
 
 
@@ -432,7 +469,39 @@ CLAIMS = [
     Claim(FRONTIER4, "which gives {} on the evaluation protocol", THREE, lambda d: preset_summary(THREE)),
     Claim(FRONTIER4, "{}", ATTENTION_METRIC, lambda d: attention_metric_table()),
     Claim(FRONTIER4, "{}", TUNING_WINDOWS, lambda d: tuning_windows_table()),
+    # ... keys coded before RoPE (prerope_keys.json, prerope_keys_evaluation.json)
+    Claim(FRONTIER4, "calibrated variance falls from {} to", PREROPE, ("spectrum", "post-rope", "total_variance"), ",.0f"),
+    Claim(FRONTIER4, "to {}, and the top eighth", PREROPE, ("spectrum", "pre-rope", "total_variance"), ",.0f"),
+    Claim(FRONTIER4, "components holds {} of it", PREROPE, ("spectrum", "pre-rope", "top_eighth_share"), ".0%"),
+    Claim(FRONTIER4, "of it instead of {} (`prerope_keys.json`", PREROPE, ("spectrum", "post-rope", "top_eighth_share"), ".0%"),
+    Claim(FRONTIER4, "{}", PREROPE, lambda d: prerope_table(PREROPE)),
+    Claim(FRONTIER4, "the worst tuning domain falls from\n  {} to", PREROPE, lambda d: prerope_worst(PREROPE, (2, 4), "post-rope")),
+    Claim(FRONTIER4, "to {}, lower than post-RoPE", PREROPE, lambda d: prerope_worst(PREROPE, (2, 4), "pre-rope")),
+    Claim(FRONTIER4, "one-percent promise:** {} becomes", PREROPE, lambda d: prerope_worst(PREROPE, (3, 3), "post-rope")),
+    Claim(FRONTIER4, "becomes\n  {}.", PREROPE, lambda d: prerope_worst(PREROPE, (3, 3), "pre-rope")),
+    Claim(FRONTIER4, "tuning split** ({} becomes", PREROPE, lambda d: prerope_worst(PREROPE, (2, 1), "post-rope")),
+    Claim(FRONTIER4, "becomes {}), where post-RoPE", PREROPE, lambda d: prerope_worst(PREROPE, (2, 1), "pre-rope")),
+    Claim(FRONTIER4, "it still misses ({}).", PREROPE, lambda d: prerope_worst(PREROPE, (2, 0), "pre-rope")),
+    Claim(FRONTIER4, "the same layout ({}), the worst", PREROPE, lambda d: prerope_ratio((2, 4))),
+    Claim(FRONTIER4, "preset's level ({}, the rows above)", PREROPE, lambda d: prerope_ratio((3, 3))),
+    Claim(FRONTIER4, "and at {} pre-RoPE keys still", PREROPE, lambda d: prerope_ratio((2, 3))),
+    Claim(FRONTIER4, "bundled preset's level ({}) it is not enough", PREROPE, lambda d: prerope_ratio((3, 3))),
+    Claim(FRONTIER4, "**At {} it is within three percent", PREROPE, lambda d: prerope_ratio((2, 1))),
+    Claim(FRONTIER4, "at {} it still misses", PREROPE, lambda d: prerope_ratio((2, 0))),
+    Claim(FRONTIER4, "Old Testament's delta is {} for", PREROPE,
+          lambda d: prerope_seeds(PREROPE, (3, 3), "post-rope", "kjv_old_testament")),
+    Claim(FRONTIER4, "{}", PREROPE_EVAL, lambda d: prerope_table(PREROPE_EVAL)),
+    Claim(FRONTIER4, "does not carry over:** {} becomes", PREROPE_EVAL, lambda d: prerope_worst(PREROPE_EVAL, (3, 3), "post-rope")),
+    Claim(FRONTIER4, "becomes {} on the\n  evaluation text", PREROPE_EVAL, lambda d: prerope_worst(PREROPE_EVAL, (3, 3), "pre-rope")),
+    Claim(FRONTIER4, "at 4.89x, {} becomes", PREROPE_EVAL, lambda d: prerope_worst(PREROPE_EVAL, (2, 1), "post-rope")),
+    Claim(FRONTIER4, "becomes {}: every evaluation", PREROPE_EVAL, lambda d: prerope_worst(PREROPE_EVAL, (2, 1), "pre-rope")),
+    Claim(FRONTIER4, "up to\n  {} points on one corpus", PREROPE_EVAL,
+          lambda d: f"{prerope_row(PREROPE_EVAL, (3, 3), 'post-rope')['largest_seed_spread_pct']:.2f}"),
     Claim(README, "the tuner's choice gives\n{} on the evaluation protocol", THREE, lambda d: preset_summary(THREE)),
+    Claim(README, "brings the codes at\n{} within three percent", PREROPE_EVAL,
+          lambda d: f"{prerope_row(PREROPE_EVAL, (2, 1), 'pre-rope')['compression']:.2f}x"),
+    Claim(README, "evaluation corpus: worst {} against", PREROPE_EVAL, lambda d: prerope_worst(PREROPE_EVAL, (2, 1), "pre-rope")),
+    Claim(README, "against {} with the keys as cached", PREROPE_EVAL, lambda d: prerope_worst(PREROPE_EVAL, (2, 1), "post-rope")),
     # ... bytes (bytes.json), whole table rows ...
     Claim(README, "{}", BYTES, lambda d: bytes_table_row(1)),
     Claim(README, "{}", BYTES, lambda d: bytes_table_row(4)),
@@ -570,3 +639,28 @@ def test_the_middle_tuning_window_is_the_tuners_own():
         for domain, recorded in trials[name]["by_domain"].items():
             windows = row["delta_pct_by_window"][domain]
             assert windows[len(windows) // 2] == pytest.approx(recorded, abs=0.02), (name, domain)
+
+
+@pytest.mark.parametrize("path", [PREROPE, PREROPE_EVAL])
+def test_prerope_rows_are_their_seeds_means(path):
+    """Each row of prerope_keys*.json quotes means over its seeds: they must be the means of the deltas it lists."""
+    for row in load(path)["rows"]:
+        seeds = row["by_seed"]
+        assert sorted(seeds) == sorted(map(str, row["seeds"]))
+        for domain, mean in row["by_domain"].items():
+            values = [s[domain] for s in seeds.values()]
+            assert mean == pytest.approx(sum(values) / len(values), abs=1e-3)
+            assert row["largest_seed_spread_pct"] >= max(values) - min(values) - 1e-3
+        assert row["worst_delta_pct"] == pytest.approx(max(row["by_domain"].values()), abs=1e-3)
+        assert row["by_domain"][row["worst_domain"]] == pytest.approx(row["worst_delta_pct"], abs=1e-3)
+
+
+def test_the_prerope_harness_row_is_the_tuners_trial():
+    """prerope_keys.json's engine row (the bundled level, seed 0, the engine's own cache) must give what the tuner
+    recorded for that level on the same tuning windows: the script measures as the tuner does."""
+    trial = next(t for t in load(THREE)["calibration"]["tuning"]["trials"]
+                 if t["name"] == "uniform level 6" and t["window"] == 0)
+    engine = next(r for r in load(PREROPE)["rows"] if r["keys"] == "engine")
+    assert engine["level"] == 6
+    for domain, recorded in trial["by_domain"].items():
+        assert engine["by_domain"][domain] == pytest.approx(recorded, abs=0.02), domain
