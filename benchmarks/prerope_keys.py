@@ -18,8 +18,8 @@ against the model's own ``k_proj`` output. Bases are fitted as ``kvhub tune`` fi
 calibration file, 8 windows of 1024 tokens), and every setting is measured as the tuner measures a trial: one held-out
 2048-token window of every calibration file, the worst of the nine domains.
 
-    python benchmarks/prerope_keys.py     # writes benchmarks/results/prerope_keys.json (~45 min on 2 cores)
-    python benchmarks/prerope_keys.py --protocol evaluation --settings '3,3'   # kvhub eval's corpora and windows
+    python benchmarks/prerope_keys.py     # writes benchmarks/results/prerope_keys.json (~55 min on 2 cores)
+    python benchmarks/prerope_keys.py --protocol evaluation --settings '3,3;2,1'   # kvhub eval's windows (~45 min)
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ from kvhub.eval.ppl import perplexity
 from kvhub.models import BENCHMARK_MODEL_ID
 from kvhub.protocol import worst_of
 from kvhub.storage import exact_dtype_for
-from kvhub.text import read_texts, token_windows
 from kvhub.stream import CompressedStream
+from kvhub.text import read_texts, token_windows
 from kvhub.tuning import LEVELS, TuneConfig, codec_from_rungs, split_calibration, stream_ladders
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,8 +54,8 @@ SINK = 4
 # never pairs with these values
 DEFAULT_SETTINGS = ((4, 5), (3, 3), (2, 4), (2, 3), (2, 1), (2, 0))
 # Seeds of the random rotation in each equal-bit segment (kvhub.bases.rotate_segments): equally good codecs whose
-# quantization noise falls differently. One window's delta moves by tenths of a point between them (a change of 1e-7
-# in the keys moves it as much: an error in one chunk changes the next chunks' keys, and so every later code), so a
+# quantization noise falls on other tokens. One window's delta moves by up to points between them (each row's
+# largest_seed_spread_pct: an error in one chunk changes the next chunks' keys, and so every later code), so a
 # comparison of two settings is a comparison of their means over seeds.
 SEEDS = (0, 1, 2)
 

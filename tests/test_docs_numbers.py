@@ -335,11 +335,13 @@ def attention_bases_table() -> str:
 ATTENTION_METRIC = RESULTS + "attention_metric.json"
 
 
+def layout(segments) -> str:
+    """A stream's segments as the tables write them: ``8x8b+56x4b`` (dropped, 0-bit components left out)."""
+    return "+".join(f"{size}x{bits}b" for size, bits in segments if bits)
+
+
 def attention_metric_table() -> str:
     """frontier-4.md's table of key bases in the queries' metric against PCA (attention_metric.json)."""
-    def layout(segments):
-        return "+".join(f"{size}x{bits}b" for size, bits in segments if bits)
-
     lines = ["| level | keys / values | compression | keys' bases | worst tuning domain | mean |",
              "|---|---|---|---|---|---|"]
     for r in load(ATTENTION_METRIC)["rows"]:
@@ -356,9 +358,6 @@ PREROPE_EVAL = RESULTS + "prerope_keys_evaluation.json"
 def prerope_table(path: str) -> str:
     """frontier-4.md's tables of keys coded before and after RoPE (prerope_keys*.json): each row's deltas are means
     over its rotation seeds."""
-    def layout(segments):
-        return "+".join(f"{size}x{bits}b" for size, bits in segments if bits)
-
     lines = ["| keys / values | compression | keys coded | seeds | worst domain | mean | largest spread between seeds |",
              "|---|---|---|---|---|---|---|"]
     for r in load(path)["rows"]:
