@@ -35,7 +35,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from kvhub import CompressedCache, ModelShape, load_model
 from kvhub.bases import Bases
-from kvhub.calibration import _RecordingLayer
+from kvhub.calibration import _Moments, _RecordingLayer
 from kvhub.codec import STREAMS, CacheCodec
 from kvhub.corpora import CORPORA
 from kvhub.eval import EvalConfig, delta_pct, hardware
@@ -74,16 +74,20 @@ def turn(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = 
 
 
 class _TwoRecorders(_RecordingLayer):
-    """Calibration's recording layer for the keys as cached, and a second one for the same keys un-rotated."""
+    """Calibration's recording layer for the keys and values as cached, plus the moments of the same keys un-rotated
+    (``unrotated``; the values have no RoPE, so one record of them serves both)."""
 
     def __init__(self, model, sink: int) -> None:
         super().__init__(sink)
-        self.model, self.unrotated = model, _RecordingLayer(sink)
+        self.model, self.unrotated = model, None
 
     def process(self, key_states, value_states):
         positions = torch.arange(key_states.shape[-2], device=key_states.device)
         cos, sin = rope(self.model, positions, key_states)
-        self.unrotated.process(turn(key_states.float(), cos, sin, inverse=True), value_states)
+        keys = turn(key_states.float(), cos, sin, inverse=True)[:, :, self.sink :]
+        if self.unrotated is None:
+            self.unrotated = _Moments(keys.shape[1], keys.shape[-1], keys.device)
+        self.unrotated.add(keys)
         return super().process(key_states, value_states)
 
 
@@ -98,7 +102,7 @@ def calibrate_both(model, windows) -> tuple[Bases, Bases]:
     for i, layer in enumerate(layers):
         for name in STREAMS:
             post[(i, name)] = pre[(i, name)] = layer.moments[name].basis()
-        pre[(i, "keys")] = layer.unrotated.moments["keys"].basis()
+        pre[(i, "keys")] = layer.unrotated.basis()
     return post, pre
 
 
@@ -236,10 +240,10 @@ def main() -> None:
         keys_of = {(i, "keys"): rungs[0] for i in range(shape.num_layers)}
         codec = codec_from_rungs(ladders, {**keys_of, **{(i, "values"): rungs[1] for i in range(shape.num_layers)}},
                                  shape.num_layers, SINK, 0, 16)
-        ratio = held_ratio(model, codec, post.rotated_for(codec, shape), cfg.tune_window_tokens)
+        engine_bases = post.rotated_for(codec, shape)  # seed 0, made once: every window's cache shares its plans
+        ratio = held_ratio(model, codec, engine_bases, cfg.tune_window_tokens)
         if rungs == LEVELS[6]:  # the harness against the engine, at the bundled preset's level
-            measure(rungs, codec, ratio, "engine", (0,),
-                    lambda seed: CompressedCache(model.config, codec, post.rotated_for(codec, shape, seed)))
+            measure(rungs, codec, ratio, "engine", (0,), lambda seed: CompressedCache(model.config, codec, engine_bases))
         for keys, bases in (("post-rope", post), ("pre-rope", pre)):
             rotated = {seed: bases.rotated_for(codec, shape, seed) for seed in SEEDS}
             measure(rungs, codec, ratio, keys, SEEDS,
