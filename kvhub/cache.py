@@ -12,6 +12,7 @@ from .attention import is_compressed_attention
 from .bases import Bases
 from .codec import CacheCodec, ModelShape
 from .layer import CompressedLayer
+from .rope import RotaryFrame
 from .storage import Scratch
 from .stream import derived_tensors
 
@@ -77,6 +78,7 @@ class CompressedCache(Cache):
         self._attn_config = text_config
         self.shape = ModelShape.from_config(text_config)
         codec.check(self.shape)
+        rope = RotaryFrame.from_config(text_config) if codec.keys_before_rope else None
         self.codec = codec
         self.bases = _prepared(bases if bases is not None else Bases(), codec, self.shape)
         layer_types, layer_kwargs = get_layer_types_and_kwargs(text_config)
@@ -97,6 +99,7 @@ class CompressedCache(Cache):
                         fast_path=self._uses_compressed_attention,
                         scratch=self.scratch,
                         on_rebuild=self._warn_rebuild,
+                        rope=rope,
                     )
                 )
             else:
@@ -129,12 +132,13 @@ class CompressedCache(Cache):
 
     def nbytes(self) -> dict[str, int]:
         """Bytes the cache holds, by part: ``codes``, ``scales``, ``full_precision`` (sink and recent tokens, and
-        the stock layers' tensors) and ``total``. Shared per-model bases are not included: see :meth:`bases_nbytes`."""
+        the stock layers' tensors), ``positions`` (keys coded before RoPE: each stored token's position) and
+        ``total``. Shared per-model bases are not included: see :meth:`bases_nbytes`."""
         out = {"codes": 0, "scales": 0, "full_precision": 0}
         for layer in self.layers:
             if isinstance(layer, CompressedLayer):
                 for part, n in layer.nbytes().items():
-                    out[part] += n
+                    out[part] = out.get(part, 0) + n
             elif getattr(layer, "is_initialized", False):
                 out["full_precision"] += layer.keys.nbytes + layer.values.nbytes
         out["total"] = sum(out.values())
@@ -179,7 +183,8 @@ class CompressedCache(Cache):
         total = self.scratch.nbytes()
         for layer in self.layers:
             if isinstance(layer, CompressedLayer) and layer.is_initialized:
-                total += sum(s.reserved_nbytes() for s in layer.streams.values()) + layer.nbytes()["full_precision"]
+                total += (sum(s.reserved_nbytes() for s in layer.streams.values()) + layer.nbytes()["full_precision"]
+                          + layer.recent_positions.nbytes)
             elif getattr(layer, "is_initialized", False):
                 total += layer.keys.nbytes + layer.values.nbytes
         return total

@@ -3,7 +3,9 @@
 The model reads calibration windows; a recording cache sees every layer's keys (after RoPE, as they are cached) and
 values and accumulates, per layer, stream and KV head, the sum and the outer-product sum in float64: memory is
 independent of the token count, so 100k+ calibration tokens cost nothing more than time. The first ``sink``
-positions of each window are left out: attention sinks are stored exactly and would only distort the basis.
+positions of each window are left out: attention sinks are stored exactly and would only distort the basis. For
+keys coded before RoPE (:mod:`kvhub.rope`) the keys are un-turned by their positions first: that is what the cache
+will code.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from tqdm.auto import tqdm
 from .bases import Bases, StreamBasis, variance_floor
 from .codec import STREAMS, ModelShape
 from .passthrough import PassThroughLayer
+from .rope import RotaryFrame
 
 
 class _Moments:
@@ -48,13 +51,17 @@ class _Moments:
 class _RecordingLayer(PassThroughLayer):
     """Accumulates moments and returns the states unchanged (each window is read in one forward pass)."""
 
-    def __init__(self, sink: int) -> None:
+    def __init__(self, sink: int, rope: RotaryFrame | None = None) -> None:
         super().__init__()
-        self.sink = sink
+        self.sink, self.rope = sink, rope
         self.moments: dict[str, _Moments] = {}
 
     def process(self, key_states, value_states):
-        for name, x in (("keys", key_states), ("values", value_states)):
+        keys = key_states
+        if self.rope is not None:  # one window per pass, from position 0
+            n = keys.shape[-2]
+            keys = self.rope.unturn(keys, torch.arange(n, device=keys.device).expand(keys.shape[0], n))
+        for name, x in (("keys", keys), ("values", value_states)):
             x = x[:, :, self.sink :]
             if name not in self.moments:
                 self.moments[name] = _Moments(x.shape[1], x.shape[-1], x.device)
@@ -78,10 +85,13 @@ def calibrate(
     windows: list[torch.Tensor],
     sink: int = 4,
     progress: bool = True,
+    keys_before_rope: bool = False,
 ) -> tuple[Bases, CalibrationStats]:
-    """Fit full ``d x d`` PCA bases for every layer's keys and values from ``windows`` (token id tensors [1, T])."""
+    """Fit full ``d x d`` PCA bases for every layer's keys and values from ``windows`` (token id tensors [1, T]);
+    ``keys_before_rope``: fit the key bases on keys un-turned by their positions (a codec with ``keys_before_rope``)."""
     shape = ModelShape.from_config(model.config)
-    layers = [_RecordingLayer(sink) for _ in range(shape.num_layers)]
+    rope = RotaryFrame.from_config(model.config) if keys_before_rope else None
+    layers = [_RecordingLayer(sink, rope) for _ in range(shape.num_layers)]
     device = next(model.parameters()).device
     for ids in tqdm(windows, desc="calibrating", unit="window", disable=not progress):
         cache = Cache(layers=layers)

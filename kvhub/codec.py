@@ -196,10 +196,12 @@ class ModelShape:
 @dataclass(frozen=True)
 class CacheCodec:
     """Every layer's codec, plus the flush block: how many tokens past the window accumulate before they are
-    compressed together (encoding in blocks amortizes the projection; history is never re-quantized)."""
+    compressed together (encoding in blocks amortizes the projection; history is never re-quantized), and whether
+    keys are coded before RoPE (:mod:`kvhub.rope`: the key bases are then fitted on un-turned keys)."""
 
     layers: tuple[LayerCodec, ...]
     flush_block: int = 16
+    keys_before_rope: bool = False
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @classmethod
@@ -248,6 +250,8 @@ class CacheCodec:
         dicts = [layer.to_dict() for layer in self.layers]
         default = max(dicts, key=dicts.count)
         out: dict[str, Any] = {"num_layers": len(dicts), "flush_block": self.flush_block, "default": default}
+        if self.keys_before_rope:  # written only when set, so presets made before it existed re-save byte for byte
+            out["keys_before_rope"] = True
         overrides = {str(i): d for i, d in enumerate(dicts) if d != default}
         if overrides:
             out["layers"] = overrides
@@ -265,7 +269,7 @@ class CacheCodec:
             raise CodecError(f"codec.layers has the key '{stray[0][:32]}', not a layer index below num_layers={count} "
                              "written without leading zeros; fix: key overrides by layer index (0, 1, ...)")
         layers = tuple(LayerCodec.from_dict(overrides.get(str(i), default)) for i in range(count))
-        return cls(layers, flush_block=int(d.get("flush_block", 16)))
+        return cls(layers, flush_block=int(d.get("flush_block", 16)), keys_before_rope=bool(d.get("keys_before_rope", False)))
 
     def describe(self) -> list[dict[str, Any]]:
         """One row per layer for tables: rank and bits layout of keys and values."""

@@ -30,6 +30,7 @@ from transformers.cache_utils import CacheLayerMixin
 from .bases import StreamBasis
 from .codec import LayerCodec
 from .errors import KVHubError
+from .rope import RotaryFrame
 from .storage import Scratch, exact_dtype_for
 from .stream import CompressedStream
 
@@ -64,6 +65,11 @@ def sink_order(position_ids: torch.Tensor | None, batch: int, n: int, sink: int)
     return torch.stack(rows).to(position_ids.device)
 
 
+def _position_ids(kwargs: dict) -> torch.Tensor | None:
+    """The call's ``position_ids`` as transformers passes them to ``Cache.update`` (inside ``kwargs``)."""
+    return (kwargs.get("kwargs") or {}).get("position_ids", kwargs.get("position_ids"))
+
+
 def _take(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     """``x[b, :, order[b]]`` along the token axis for the first ``order.shape[1]`` tokens; the rest unchanged."""
     k = order.shape[1]
@@ -86,8 +92,10 @@ class CompressedLayer(CacheLayerMixin):
         fast_path: Callable[[], bool] | None = None,
         scratch: Scratch | None = None,
         on_rebuild: Callable[[], None] | None = None,
+        rope: RotaryFrame | None = None,
     ) -> None:
         super().__init__()
+        self.rope = rope  # keys coded before RoPE: each token's position is kept until it is coded
         self.requested_exact_dtype = exact_dtype
         self.fast_path = fast_path
         self.on_rebuild = on_rebuild  # told when held history is rebuilt for a stock kernel
@@ -114,9 +122,10 @@ class CompressedLayer(CacheLayerMixin):
         self.recent_keys, self.recent_values = empty.clone(), self.sink_values.clone()
         self.streams = {
             name: CompressedStream(self.codec.stream(name), self.bases[name], self.device, self.exact_dtype,
-                                   self.scratch)
+                                   self.scratch, self.rope if name == "keys" else None)
             for name in ("keys", "values")
         }
+        self.recent_positions = torch.zeros(key_states.shape[0], 0, dtype=torch.long, device=self.device)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -133,8 +142,8 @@ class CompressedLayer(CacheLayerMixin):
         if self.is_sliding:  # before this call's attention, never after: its queries still see one more token
             self._forget_outside_window()
         first = self.cumulative_length == 0
+        position_ids = _position_ids(kwargs)
         if first:
-            position_ids = (kwargs.get("kwargs") or {}).get("position_ids", kwargs.get("position_ids"))
             self.order = sink_order(position_ids, key_states.shape[0], n, self.codec.sink)
         history = self.streams["keys"].length
         if history and self.fast_path is not None and self.fast_path():
@@ -149,15 +158,28 @@ class CompressedLayer(CacheLayerMixin):
             if history and self.on_rebuild is not None:
                 self.on_rebuild()
             keys, values = self._materialized(key_states, value_states)
-        self._store(key_states, value_states, first)
+        self._store(key_states, value_states, first, position_ids)
         return keys, values
 
-    def _store(self, key_states: torch.Tensor, value_states: torch.Tensor, first: bool) -> None:
+    def _positions(self, position_ids: torch.Tensor | None, batch: int, n: int) -> torch.Tensor:
+        """[batch, n] RoPE positions of this call's tokens: the model's ``position_ids`` (a padded row's own), or
+        the next ``n`` positions when a caller passes none."""
+        if position_ids is not None and position_ids.dim() == 2 and position_ids.shape[-1] == n:
+            return position_ids.to(self.device, torch.long).expand(batch, n)
+        return torch.arange(self.cumulative_length, self.cumulative_length + n, device=self.device).expand(batch, n)
+
+    def _store(self, key_states: torch.Tensor, value_states: torch.Tensor, first: bool,
+               position_ids: torch.Tensor | None = None) -> None:
         n = key_states.shape[-2]
         key_states, value_states = key_states.to(self.exact_dtype), value_states.to(self.exact_dtype)
+        positions = self._positions(position_ids, key_states.shape[0], n) if self.rope is not None else None
         if first and self.order is not None:
             key_states, value_states = _take(key_states, self.order), _take(value_states, self.order)
+            if positions is not None:
+                positions = _take(positions[:, None, :, None], self.order)[:, 0, :, 0]
         take = max(0, min(self.codec.sink - self.cumulative_length, n))
+        if positions is not None:
+            self.recent_positions = torch.cat([self.recent_positions, positions[:, take:]], -1)
         if take:
             self.sink_keys = _cat(self.sink_keys, key_states[:, :, :take])
             self.sink_values = _cat(self.sink_values, value_states[:, :, :take])
@@ -255,7 +277,11 @@ class CompressedLayer(CacheLayerMixin):
         excess = self.recent_keys.shape[-2] - self.codec.window
         if excess < self.flush_block:
             return
-        self.streams["keys"].append(self.recent_keys[:, :, :excess])
+        if self.rope is not None:
+            self.streams["keys"].append(self.recent_keys[:, :, :excess], self.recent_positions[:, :excess])
+            self.recent_positions = self.recent_positions[:, excess:].clone()
+        else:
+            self.streams["keys"].append(self.recent_keys[:, :, :excess])
         self.streams["values"].append(self.recent_values[:, :, :excess])
         self.recent_keys = self.recent_keys[:, :, excess:].clone()
         self.recent_values = self.recent_values[:, :, excess:].clone()
@@ -288,6 +314,7 @@ class CompressedLayer(CacheLayerMixin):
             return
         self.sink_keys, self.sink_values = fn(self.sink_keys), fn(self.sink_values)
         self.recent_keys, self.recent_values = fn(self.recent_keys), fn(self.recent_values)
+        self.recent_positions = fn(self.recent_positions)
         if self.order is not None:
             self.order = fn(self.order)
         for stream in self.streams.values():
@@ -319,6 +346,7 @@ class CompressedLayer(CacheLayerMixin):
         from_recent = min(remove, self.recent_keys.shape[-2])
         keep = self.recent_keys.shape[-2] - from_recent
         self.recent_keys, self.recent_values = self.recent_keys[:, :, :keep], self.recent_values[:, :, :keep]
+        self.recent_positions = self.recent_positions[:, :keep]
         remove -= from_recent
         stored = self.streams["keys"].length
         from_stream = min(remove, stored)
@@ -341,6 +369,7 @@ class CompressedLayer(CacheLayerMixin):
             return
         self.sink_keys, self.sink_values = self.sink_keys.to(device), self.sink_values.to(device)
         self.recent_keys, self.recent_values = self.recent_keys.to(device), self.recent_values.to(device)
+        self.recent_positions = self.recent_positions.to(device)
         for stream in self.streams.values():
             stream.to(device)
 
@@ -350,14 +379,15 @@ class CompressedLayer(CacheLayerMixin):
         self.cumulative_length = 0
         self.dropped = 0
         self.order = None
-        for attr in ("sink_keys", "sink_values", "recent_keys", "recent_values", "streams"):
+        for attr in ("sink_keys", "sink_values", "recent_keys", "recent_values", "recent_positions", "streams"):
             self.__dict__.pop(attr, None)
 
     # --- bytes ----------------------------------------------------------------------------------------------
     def stream_nbytes(self) -> dict[str, int]:
         if not self.is_initialized:
             return {"keys": 0, "values": 0}
-        exact = {"keys": (self.sink_keys, self.recent_keys), "values": (self.sink_values, self.recent_values)}
+        exact = {"keys": (self.sink_keys, self.recent_keys, self.recent_positions),
+                 "values": (self.sink_values, self.recent_values)}
         return {name: sum(self.streams[name].nbytes().values()) + sum(t.nbytes for t in exact[name]) for name in exact}
 
     def nbytes(self) -> dict[str, int]:
@@ -367,7 +397,9 @@ class CompressedLayer(CacheLayerMixin):
             return out
         for stream in self.streams.values():
             for part, n in stream.nbytes().items():
-                out[part] += n
+                out[part] = out.get(part, 0) + n
         for t in (self.sink_keys, self.sink_values, self.recent_keys, self.recent_values):
             out["full_precision"] += t.nbytes
+        if self.rope is not None:  # positions of the recent tokens, to be coded with them
+            out["positions"] = out.get("positions", 0) + self.recent_positions.nbytes
         return out

@@ -10,7 +10,10 @@ from .layout import storage_order
 from .plan import DecodePlan, compile_plan, segment_reference
 from .quant import CODES_PER_BYTE, pack
 from .quantizers import QUANTIZERS, SCALE_FORMATS, SCALES
+from .rope import RotaryFrame
 from .storage import GrowableTensor, Scratch
+
+POSITION_DTYPE = torch.int32  # a stored token's RoPE position (keys coded before RoPE): 4 bytes per token and row
 
 
 def _device_basis(basis: StreamBasis, rank: int, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -68,13 +71,17 @@ class CompressedStream:
 
     Coefficients are ``z = (x - mean) @ U`` (``U`` keeps ``rank`` columns); segment ``j`` covers components
     ``[start_j, end_j)`` of ``z`` and stores them at its bit width. ``scratch`` holds the PyTorch decode path's
-    per-step temporaries (one per cache, counted in its allocation)."""
+    per-step temporaries (one per cache, counted in its allocation). With a ``rope`` frame (keys coded before
+    RoPE), :meth:`append` un-turns each token by its position before coding, the positions are stored beside the
+    codes, and :meth:`decode` turns the decoded keys back; codes, rows and coefficients stay un-turned."""
 
     def __init__(
         self, codec: StreamCodec, basis: StreamBasis | None, device: torch.device, passthrough_dtype=torch.float16,
-        scratch: Scratch | None = None,
+        scratch: Scratch | None = None, rope: RotaryFrame | None = None,
     ) -> None:
         self.codec = codec
+        self.rope = rope
+        self.positions = GrowableTensor()  # [B, 1, T, 1] POSITION_DTYPE, filled only with a rope frame
         self.passthrough_dtype = passthrough_dtype
         self.segments = codec.kept
         self.bounds = []
@@ -123,7 +130,15 @@ class CompressedStream:
     def _reference_for(self, heads: int, device: torch.device) -> torch.Tensor | None:
         return self.reference(heads, device) if self.scale_format.relative else None
 
-    def append(self, x: torch.Tensor) -> None:
+    def append(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> None:
+        """Code ``x`` [B, H, n, d]; ``positions`` [B, n]: the RoPE position of each token, required with a rope
+        frame (and ignored without one)."""
+        if self.rope is not None:
+            if positions is None or tuple(positions.shape) != (x.shape[0], x.shape[2]):
+                raise ValueError(f"keys coded before RoPE need their positions as [{x.shape[0]}, {x.shape[2]}], got "
+                                 f"{None if positions is None else tuple(positions.shape)}")
+            x = self.rope.unturn(x, positions)
+            self.positions.append(positions.to(POSITION_DTYPE)[:, None, :, None])
         z = self.project(x)
         if self.n_scaled:  # the scales as the decoders will read them, rounded to the stored format first
             ref = self._reference_for(z.shape[1], z.device)
@@ -225,12 +240,19 @@ class CompressedStream:
         return torch.empty_like(z).index_copy_(-1, order, z)
 
     def decode(self, dtype: torch.dtype, start: int = 0, length: int | None = None) -> torch.Tensor:
-        """Reconstructed vectors [B, H, T, d] (a fresh tensor)."""
-        return (self.rows(start, length) @ self.plan().matrix.transpose(-1, -2)).to(dtype)
+        """Reconstructed vectors [B, H, T, d] (a fresh tensor), turned back by their positions with a rope frame."""
+        x = self.rows(start, length) @ self.plan().matrix.transpose(-1, -2)
+        if self.rope is not None:
+            x = self.rope.turn(x, self.stored_positions(start, length))
+        return x.to(dtype)
+
+    def stored_positions(self, start: int = 0, length: int | None = None) -> torch.Tensor:
+        """The RoPE positions [B, T] of stored tokens ``[start, start + length)`` (keys coded before RoPE)."""
+        return self.positions.view(start, self.length - start if length is None else length)[:, 0, :, 0]
 
     # --- bookkeeping ---------------------------------------------------------------------------------------
     def _stores(self) -> list[GrowableTensor]:
-        return self.codes + [self.scales]
+        return self.codes + [self.scales] + ([self.positions] if self.rope is not None else [])
 
     def truncate(self, length: int) -> None:
         for s in self._stores():
@@ -249,7 +271,10 @@ class CompressedStream:
             s.to(device)
 
     def nbytes(self) -> dict[str, int]:
-        return {"codes": sum(s.nbytes() for s in self.codes), "scales": self.scales.nbytes()}
+        out = {"codes": sum(s.nbytes() for s in self.codes), "scales": self.scales.nbytes()}
+        if self.rope is not None:
+            out["positions"] = self.positions.nbytes()
+        return out
 
     def reserved_nbytes(self) -> int:
         """Bytes allocated for this stream's tokens, growth headroom included (the scratch is its cache's)."""

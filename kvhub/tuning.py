@@ -40,6 +40,7 @@ from .errors import PresetExistsError
 from .eval.ppl import perplexity
 from .passthrough import PassThroughLayer
 from .protocol import WORST_DOMAIN, worst_of
+from .rope import RotaryFrame
 from .stream import CompressedStream
 
 def stream_ladders(head_dim: int, quantizer: str = "uniform", scale_format: str = "log8") -> dict[str, list[StreamCodec]]:
@@ -75,16 +76,19 @@ class _DistortingLayer(PassThroughLayer):
     """Pass-through cache layer that, for one stream, returns its states encoded and decoded by ``codec`` (sink
     positions exact): the real codec's error structure in a single forward pass, without chunking."""
 
-    def __init__(self, stream: str | None = None, codec: StreamCodec | None = None, basis=None, sink: int = 0) -> None:
+    def __init__(self, stream: str | None = None, codec: StreamCodec | None = None, basis=None, sink: int = 0,
+                 rope: RotaryFrame | None = None) -> None:
         super().__init__()
         self.stream, self.codec, self.basis, self.sink = stream, codec, basis, sink
+        self.rope = rope if stream == "keys" else None
 
     def process(self, key_states, value_states):
         if self.stream is None:
             return key_states, value_states
         x = key_states if self.stream == "keys" else value_states
-        coder = CompressedStream(self.codec, self.basis, x.device, torch.float16)
-        coder.append(x[:, :, self.sink :])
+        coder = CompressedStream(self.codec, self.basis, x.device, torch.float16, rope=self.rope)
+        n = x.shape[-2]
+        coder.append(x[:, :, self.sink :], torch.arange(self.sink, n, device=x.device).expand(x.shape[0], n - self.sink))
         x = torch.cat([x[:, :, : self.sink], coder.decode(x.dtype)], dim=2)
         return (x, value_states) if self.stream == "keys" else (key_states, x)
 
@@ -100,8 +104,9 @@ def probe_layouts(head_dim: int) -> dict[str, StreamCodec]:
 
 @torch.no_grad()
 def sensitivities(model, ids: torch.Tensor, bases: Bases, sink: int,
-                  progress: Callable[[], None] | None = None) -> dict[tuple[int, str], float]:
-    """NLL increase when only one (layer, stream) is encoded and decoded by the probe layout."""
+                  progress: Callable[[], None] | None = None, rope: RotaryFrame | None = None) -> dict[tuple[int, str], float]:
+    """NLL increase when only one (layer, stream) is encoded and decoded by the probe layout (keys un-turned out of
+    ``rope`` first when it is given: keys coded before RoPE)."""
     shape = ModelShape.from_config(model.config)
     ids = ids.to(next(model.parameters()).device)
     probes = probe_layouts(shape.head_dim)
@@ -111,7 +116,7 @@ def sensitivities(model, ids: torch.Tensor, bases: Bases, sink: int,
         for i in range(shape.num_layers):
             if target and target[0] == i:
                 probe = probes[target[1]]
-                layers.append(_DistortingLayer(target[1], probe, rotate_segments(bases[target], probe), sink))
+                layers.append(_DistortingLayer(target[1], probe, rotate_segments(bases[target], probe), sink, rope))
             else:
                 layers.append(_DistortingLayer())
         logits = model(input_ids=ids, cache=Cache(layers=layers), use_cache=True).logits[0, :-1].float()
@@ -128,10 +133,10 @@ def sensitivities(model, ids: torch.Tensor, bases: Bases, sink: int,
 
 
 def domain_sensitivities(model, windows: dict[str, torch.Tensor], bases: Bases, sink: int,
-                         tokens: int = 1024) -> dict[tuple[int, str], float]:
+                         tokens: int = 1024, rope: RotaryFrame | None = None) -> dict[tuple[int, str], float]:
     """Per layer and stream, the largest :func:`sensitivities` over one window (its first ``tokens``) of each
     domain: the target binds the worst domain, so a layer is only as insensitive as it is on every domain."""
-    per_domain = [sensitivities(model, w[:, :tokens], bases, sink) for w in windows.values()]
+    per_domain = [sensitivities(model, w[:, :tokens], bases, sink, rope=rope) for w in windows.values()]
     return {key: max(s[key] for s in per_domain) for key in per_domain[0]}
 
 
@@ -183,9 +188,10 @@ def uniform_rungs(level: int, num_layers: int) -> dict[tuple[int, str], int]:
 
 
 def codec_from_rungs(ladders: dict, rungs: dict[tuple[int, str], int], num_layers: int, sink: int, window: int,
-                     flush_block: int) -> CacheCodec:
+                     flush_block: int, keys_before_rope: bool = False) -> CacheCodec:
     return CacheCodec(tuple(LayerCodec(ladders["keys"][rungs[(i, "keys")]], ladders["values"][rungs[(i, "values")]],
-                                       sink, window) for i in range(num_layers)), flush_block=flush_block)
+                                       sink, window) for i in range(num_layers)), flush_block=flush_block,
+                      keys_before_rope=keys_before_rope)
 
 
 def reallocate(rungs: dict[tuple[int, str], int], sens: dict[tuple[int, str], float], ladders: dict,
@@ -214,9 +220,11 @@ def search(
     log: Callable[[str], None] = print,
     quantizer: str = "uniform",
     scale_format: str = "log8",
+    keys_before_rope: bool = False,
 ) -> TuneResult:
     """Steps 2-4 of the module docstring. ``tune_windows`` maps each calibration domain to its held-out windows; a
-    trial passes when its *worst* domain is within ``target_delta`` (a fraction: 0.01 = +1% perplexity)."""
+    trial passes when its *worst* domain is within ``target_delta`` (a fraction: 0.01 = +1% perplexity).
+    ``keys_before_rope``: every codec tried codes keys before RoPE (``bases`` were fitted so)."""
     t0 = time.time()
     shape = ModelShape.from_config(model.config)
     n = shape.num_layers
@@ -224,7 +232,8 @@ def search(
     log(f"measuring sensitivity of {n} layers x 2 streams on {len(tune_windows)} domain(s) (one distorted stream per "
         "forward pass)")
     first = next(iter(tune_windows.values()))[0]
-    sens = domain_sensitivities(model, {d: w[0] for d, w in tune_windows.items()}, bases, sink)
+    rope = RotaryFrame.from_config(model.config) if keys_before_rope else None
+    sens = domain_sensitivities(model, {d: w[0] for d, w in tune_windows.items()}, bases, sink, rope=rope)
     log("most sensitive: " + ", ".join(f"L{i}.{s[0].upper()} +{d:.4f} nats" for (i, s), d in
                                        sorted(sens.items(), key=lambda kv: -kv[1])[:6]))
     base = {d: perplexity(model, w, lambda: DynamicCache(config=model.config)).ppl for d, w in tune_windows.items()}
@@ -234,7 +243,7 @@ def search(
     trials: list[Trial] = []
 
     def measure(name: str, rungs: dict, window: int) -> Trial:
-        codec = codec_from_rungs(ladders, rungs, n, sink, window, flush_block)
+        codec = codec_from_rungs(ladders, rungs, n, sink, window, flush_block, keys_before_rope)
         made: list[CompressedCache] = []
 
         def make() -> CompressedCache:
@@ -315,6 +324,7 @@ class TuneConfig:
     windows: tuple[int, ...] = (0, 32)
     quantizer: str = "uniform"  # level set of the values' 2/4-bit segments (kvhub.quantizers)
     scale_format: str = "log8"  # how per-token scales are stored (kvhub.quantizers)
+    keys_before_rope: bool = False  # code keys before RoPE (kvhub.rope): bases fitted and codes made on un-turned keys
     device: str | None = None
     dtype: str = "float32"
     progress: bool = True
@@ -400,9 +410,9 @@ def tune(cfg: TuneConfig, out: str | None = None, log: Callable[[str], None] = p
     shape = ModelShape.from_config(model.config)
     fit, held = split_calibration(tokenizer, cfg.calib_files, cfg)
     log(f"calibrating on {sum(w.shape[-1] for w in fit)} tokens ({len(fit)} windows of {cfg.calib_seq_len})")
-    bases, stats = calibrate(model, fit, sink=cfg.sink, progress=cfg.progress)
+    bases, stats = calibrate(model, fit, sink=cfg.sink, progress=cfg.progress, keys_before_rope=cfg.keys_before_rope)
     result = search(model, bases, held, cfg.target_ppl_delta, cfg.sink, cfg.windows, log=log, quantizer=cfg.quantizer,
-                    scale_format=cfg.scale_format)
+                    scale_format=cfg.scale_format, keys_before_rope=cfg.keys_before_rope)
     log(f"tuning took {time.time() - t0:.0f} s")
     metrics = None
     if cfg.eval_files:

@@ -43,6 +43,7 @@ class Capabilities:
     scale_dtypes: tuple[torch.dtype, ...]  # per-token scales as stored: fp16 values, uint8 codes (log8)
     max_rank: int | None = None
     max_segments: int | None = None
+    keys_before_rope: bool = False  # scores keys coded before RoPE (decoded and turned per position)
     levels: str = "uniform, Lloyd-Max"
     masks: str = "SDPA, eager, flash-attention (None or 2-D: the layer adds the causal and window part)"
 
@@ -80,6 +81,8 @@ class DecodeBackend(ABC):
                 return f"rank {stream.codec.rank}, more than {cap.max_rank}"
             if cap.max_segments is not None and len(stream.segments) > cap.max_segments:
                 return f"{len(stream.segments)} segments, more than {cap.max_segments}"
+        if call.keys.rope is not None and not cap.keys_before_rope:
+            return "keys coded before RoPE (scored from keys decoded and turned by their positions)"
         return None
 
     @abstractmethod
@@ -95,6 +98,7 @@ class DecodeBackend(ABC):
             "query tokens": "any" if cap.max_query_tokens is None else f"<= {cap.max_query_tokens}",
             "query dtypes": _names(cap.query_dtypes),
             "16-bit segments stored as": _names(cap.stored_dtypes),
+            "keys": "after or before RoPE" if cap.keys_before_rope else "after RoPE",
             "levels": cap.levels,
             "scales": _names(cap.scale_dtypes).replace("float16", "fp16").replace("uint8", "log8"),
             "masks": cap.masks,

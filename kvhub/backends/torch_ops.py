@@ -8,6 +8,9 @@ mean_v]`` (:mod:`kvhub.plan`)::
     q . k_t         = (q W_k) . (s_t c_t) + q . mean_k       (one d x r product per query, not per key)
     sum_t p_t v_t   = (sum_t p_t s_t c_t) W_v^T + (sum_t p_t) mean_v
 
+Keys coded before RoPE (:mod:`kvhub.rope`) are the exception: each must be turned by its own position, so their
+scores come from the keys decoded and turned (``q . k_t`` over ``d``, not ``r``); values keep the path above.
+
 Grouped-query heads are handled by viewing the queries as ``[batch, kv_heads, group * q_len, d]``, so K/V are never
 repeated; sink and recent tokens (exact) join the same softmax. Per-token scales ``s_t`` multiply the small
 ``[queries, tokens]`` products, never the history itself.
@@ -60,6 +63,7 @@ class TorchBackend(DecodeBackend):
         query_dtypes=(torch.float16, torch.bfloat16, torch.float32),
         stored_dtypes=(torch.float16, torch.bfloat16, torch.float32),
         scale_dtypes=(torch.float16, torch.uint8),
+        keys_before_rope=True,
     )
 
     # The history's two products; the C backend replaces these with its kernels and keeps the rest.
@@ -74,6 +78,9 @@ class TorchBackend(DecodeBackend):
             raw = [r.flatten(0, 1) for r in stream.raw(0, call.history, slot=slot if step else None)]
             scales = stream.token_scales(0, call.history)
             return raw, None if scales is None else scales.flatten(0, 1)
+        if call.keys.rope is not None:  # keys turned back by their positions: [B*H, T, d]
+            keys = call.keys.decode(torch.float32, 0, call.history).flatten(0, 1)
+            return keys, flat(call.values, "zv")
         return flat(call.keys, "zk"), flat(call.values, "zv")
 
     def scores(self, g, call, prepared, out):
@@ -105,9 +112,11 @@ class TorchBackend(DecodeBackend):
             m1 = min(q_len, m0 + tile)
             rows = group * (m1 - m0)
             q_t = q[:, :, :, m0:m1].reshape(bsz, kv_heads, rows, dim)
-            g = torch.matmul(q_t, plan_k.matrix).view(heads, rows, -1)
             scores = torch.empty(heads, rows, total, device=query.device)
-            self.scores(g, call, prepared, scores)
+            if call.keys.rope is not None:
+                scores[..., :history] = torch.bmm(q_t.reshape(heads, rows, dim), prepared[0].transpose(-1, -2))
+            else:
+                self.scores(torch.matmul(q_t, plan_k.matrix).view(heads, rows, -1), call, prepared, scores)
             scores[..., history:] = torch.bmm(q_t.reshape(heads, rows, dim), exact_k.transpose(-1, -2))
             if call.softcap:
                 scores = scores.div_(call.softcap).tanh_().mul_(call.softcap)

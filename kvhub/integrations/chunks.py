@@ -237,6 +237,10 @@ class ChunkCodec:
     (default: the preset's sink count, see the module docstring)."""
 
     def __init__(self, preset: Any, exact: int | None = None) -> None:
+        if preset.codec.keys_before_rope:
+            raise CodecError("this preset codes keys before RoPE, and a chunk does not carry its tokens' positions; "
+                             "fix: store chunks with a preset whose keys are coded after RoPE (tuned without "
+                             "--keys-before-rope)")
         self.codec = preset.codec
         self.shape = preset.shape
         self.bases = preset.bases
