@@ -8,7 +8,7 @@ from .bases import SIGMA_FLOOR_ABS, SIGMA_FLOOR_REL, StreamBasis
 from .codec import StreamCodec
 from .layout import storage_order
 from .plan import DecodePlan, compile_plan, segment_reference
-from .quant import CODES_PER_BYTE, pack
+from .quant import pack
 from .quantizers import QUANTIZERS, SCALE_FORMATS, SCALES
 from .rope import RotaryFrame
 from .storage import GrowableTensor, Scratch

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from kvhub import CompressedCache, ModelShape
+from kvhub.calibration import calibrate
 from kvhub.codec import CacheCodec, LayerCodec, Segment, StreamCodec
 from kvhub.eval.ppl import window_nll
 from tests.paths import ROOT
@@ -98,3 +100,29 @@ def test_pre_rope_keys_round_trip_through_a_lossless_codec(prerope, llama):
     torch.testing.assert_close(cache.layers[0].streams["keys"].decode(torch.float32), unrotated, rtol=2e-3, atol=2e-3)
     # and the pre-RoPE bases are other bases than the post-RoPE ones: the keys were fitted un-rotated
     assert not torch.allclose(pre[(0, "keys")].basis, post[(0, "keys")].basis, atol=1e-2)
+
+
+def test_the_harness_pre_rope_layer_is_the_engines_keys_before_rope(prerope, llama):
+    """The measurements that argued for keys before RoPE are what the engine now does: the harness's un-rotated bases
+    are ``calibrate(keys_before_rope=True)``'s, and its pre-RoPE layer codes and loses what the engine's does."""
+    shape = ModelShape.from_config(llama.config)
+    windows = [torch.randint(3, VOCAB, (1, 64), generator=torch.Generator().manual_seed(s)) for s in range(4)]
+    _, harness_bases = prerope.calibrate_both(llama, windows)
+    engine_bases, _ = calibrate(llama, windows, sink=prerope.SINK, progress=False, keys_before_rope=True)
+    for key, basis in engine_bases.items():
+        torch.testing.assert_close(harness_bases[key].variance, basis.variance, rtol=1e-4, atol=1e-6)
+    codec = replace(_codec(llama, 2), keys_before_rope=True)
+    bases = engine_bases.rotated_for(codec, shape)
+    ids = torch.randint(3, VOCAB, (1, 200), generator=torch.Generator().manual_seed(2))
+    engine_cache = CompressedCache(llama.config, codec, bases)
+    layer_cache = prerope.decoded_past_cache(llama, codec, bases, prerope=True)
+    engine = window_nll(llama, ids, engine_cache, chunk=32)
+    layer = window_nll(llama, ids, layer_cache, chunk=32)
+    exact = window_nll(llama, ids, DynamicCache(config=llama.config), chunk=32)
+    for held, ours in zip(engine_cache.layers, layer_cache.layers):
+        coded = held.streams["keys"].decode(torch.float32)
+        assert coded.shape[-2] == 200 - 4 - 8
+        torch.testing.assert_close(ours.keys[:, :, 4 : 4 + coded.shape[-2]], coded, rtol=0, atol=1e-5)
+    lost = engine.nll_sum - exact.nll_sum
+    assert abs(lost) > 0.02  # (less than the post-RoPE codes lose on this model, above)
+    assert layer.nll_sum - exact.nll_sum == pytest.approx(lost, rel=1e-3)
