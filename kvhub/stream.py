@@ -10,10 +10,9 @@ from .layout import storage_order
 from .plan import DecodePlan, compile_plan, segment_reference
 from .quant import pack
 from .quantizers import QUANTIZERS, SCALE_FORMATS, SCALES
+from .positions import StoredPositions
 from .rope import RotaryFrame
 from .storage import GrowableTensor, Scratch
-
-POSITION_DTYPE = torch.int32  # a stored token's RoPE position (keys coded before RoPE): 4 bytes per token and row
 
 
 def _device_basis(basis: StreamBasis, rank: int, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -72,8 +71,9 @@ class CompressedStream:
     Coefficients are ``z = (x - mean) @ U`` (``U`` keeps ``rank`` columns); segment ``j`` covers components
     ``[start_j, end_j)`` of ``z`` and stores them at its bit width. ``scratch`` holds the PyTorch decode path's
     per-step temporaries (one per cache, counted in its allocation). With a ``rope`` frame (keys coded before
-    RoPE), :meth:`append` un-turns each token by its position before coding, the positions are stored beside the
-    codes, and :meth:`decode` turns the decoded keys back; codes, rows and coefficients stay un-turned."""
+    RoPE), :meth:`append` un-turns each token by its position before coding, the positions are kept beside the codes
+    (:mod:`kvhub.positions`), and :meth:`decode` turns the decoded keys back; codes, rows and coefficients stay
+    un-turned."""
 
     def __init__(
         self, codec: StreamCodec, basis: StreamBasis | None, device: torch.device, passthrough_dtype=torch.float16,
@@ -81,7 +81,7 @@ class CompressedStream:
     ) -> None:
         self.codec = codec
         self.rope = rope
-        self.positions = GrowableTensor()  # [B, 1, T, 1] POSITION_DTYPE, filled only with a rope frame
+        self.positions = StoredPositions() if rope is not None else None
         self.passthrough_dtype = passthrough_dtype
         self.segments = codec.kept
         self.bounds = []
@@ -138,7 +138,7 @@ class CompressedStream:
                 raise ValueError(f"keys coded before RoPE need their positions as [{x.shape[0]}, {x.shape[2]}], got "
                                  f"{None if positions is None else tuple(positions.shape)}")
             x = self.rope.unturn(x, positions)
-            self.positions.append(positions.to(POSITION_DTYPE)[:, None, :, None])
+            self.positions.append(positions)
         z = self.project(x)
         if self.n_scaled:  # the scales as the decoders will read them, rounded to the stored format first
             ref = self._reference_for(z.shape[1], z.device)
@@ -248,11 +248,11 @@ class CompressedStream:
 
     def stored_positions(self, start: int = 0, length: int | None = None) -> torch.Tensor:
         """The RoPE positions [B, T] of stored tokens ``[start, start + length)`` (keys coded before RoPE)."""
-        return self.positions.view(start, self.length - start if length is None else length)[:, 0, :, 0]
+        return self.positions.view(start, self.length - start if length is None else length)
 
     # --- bookkeeping ---------------------------------------------------------------------------------------
-    def _stores(self) -> list[GrowableTensor]:
-        return self.codes + [self.scales] + ([self.positions] if self.rope is not None else [])
+    def _stores(self) -> list[GrowableTensor | StoredPositions]:
+        return self.codes + [self.scales] + ([self.positions] if self.positions is not None else [])
 
     def truncate(self, length: int) -> None:
         for s in self._stores():
@@ -272,7 +272,7 @@ class CompressedStream:
 
     def nbytes(self) -> dict[str, int]:
         out = {"codes": sum(s.nbytes() for s in self.codes), "scales": self.scales.nbytes()}
-        if self.rope is not None:
+        if self.positions is not None:
             out["positions"] = self.positions.nbytes()
         return out
 

@@ -19,7 +19,7 @@ from kvhub.calibration import calibrate
 from kvhub.errors import CodecError
 from kvhub.integrations.chunks import ChunkCodec
 from kvhub.rope import RopeFrameError, RotaryFrame
-from kvhub.stream import POSITION_DTYPE
+from kvhub.positions import POSITION_DTYPE
 from kvhub.tuning import search
 from tests.test_engine import EXACT, forward_loop, lossless
 from tests.test_user_paths import lossy_codec
@@ -187,18 +187,61 @@ def test_beam_search_matches_dynamic_cache():
     assert torch.equal(ref, new)
 
 
-def test_positions_are_counted_in_the_bytes():
-    """Every held token past the sink keeps a 4-byte position per row and layer, counted in ``nbytes`` and the
-    allocation."""
+def test_a_run_of_positions_costs_one_origin_per_row_whatever_the_length():
+    """Unpadded rows run on by one position per token: what the positions cost does not grow with the history."""
     model, codec, bases = setup()
-    ids = torch.randint(3, VOCAB, (2, 50), generator=torch.Generator().manual_seed(8))
+    held = []
+    for length in (50, 150):
+        ids = torch.randint(3, VOCAB, (2, length), generator=torch.Generator().manual_seed(8))
+        cache = CompressedCache(model.config, codec, bases)
+        forward_loop(model, ids, cache, prefill=30)
+        held.append(cache.nbytes())
+        assert cache.reserved_nbytes() >= held[-1]["total"]
+    assert held[0]["positions"] == held[1]["positions"] > 0
+    assert held[1]["codes"] > 2 * held[0]["codes"]
+    for n in held:
+        assert n["total"] == n["codes"] + n["scales"] + n["full_precision"] + n["positions"]
+
+
+def test_a_padded_row_keeps_one_position_per_token_and_counts_them():
+    """A left-padded row's pads sit at position 1, which breaks the run: from then on every coded token keeps a
+    4-byte position per row, in ``nbytes`` and the allocation."""
+    model, codec, bases = setup()
+    ids = torch.randint(3, VOCAB, (2, 60), generator=torch.Generator().manual_seed(8))
+    mask = torch.ones_like(ids)
+    mask[1, :9] = 0
     cache = CompressedCache(model.config, codec, bases)
-    forward_loop(model, ids, cache, prefill=30)
-    held = cache.nbytes()
-    layers = model.config.num_hidden_layers
-    assert held["positions"] == 4 * 2 * (50 - SINK) * layers
-    assert held["total"] == held["codes"] + held["scales"] + held["full_precision"] + held["positions"]
-    assert cache.reserved_nbytes() >= held["total"]
+    with torch.no_grad():
+        model.generate(ids, attention_mask=mask, cache=cache, max_new_tokens=20, do_sample=False)
+    coded = sum(layer.streams["keys"].length for layer in cache.layers)
+    assert coded > 0 and cache.nbytes()["positions"] >= 4 * 2 * coded
+    assert cache.reserved_nbytes() >= cache.nbytes()["total"]
+
+
+@pytest.mark.parametrize("steps", [
+    [torch.arange(0, 5), torch.arange(5, 9)],  # a run throughout
+    [torch.arange(3, 8), torch.tensor([1, 1, 8, 9])],  # broken at the second append
+    [torch.tensor([1, 1, 0, 1, 2]), torch.arange(3, 7)],  # broken from the first
+])
+def test_stored_positions_read_back_what_was_appended_through_the_housekeeping(steps):
+    """Against a plain tensor of the same positions: appends, a beam reorder, a crop, a sliding window's drop."""
+    from kvhub.positions import StoredPositions
+
+    rows = torch.tensor([[0], [100]])
+    held, plain = StoredPositions(), torch.zeros(2, 0, dtype=torch.long)
+    for step in steps:
+        held.append(step + rows)
+        plain = torch.cat([plain, step + rows], -1)
+    assert torch.equal(held.view().long(), plain)
+    held.map_batch(lambda t: t.index_select(0, torch.tensor([1, 1])))
+    plain = plain[[1, 1]]
+    held.truncate(7)
+    plain = plain[:, :7]
+    held.drop_front(3)
+    plain = plain[:, 3:]
+    assert torch.equal(held.view().long(), plain) and torch.equal(held.view(1, 2).long(), plain[:, 1:3])
+    held.append(plain[:, -1:] + 1)  # one more token after the last one
+    assert torch.equal(held.view().long(), torch.cat([plain, plain[:, -1:] + 1], -1))
 
 
 def test_decode_steps_are_scored_on_the_pytorch_backend_and_say_why():
