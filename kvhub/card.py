@@ -85,7 +85,9 @@ def model_card(config: dict[str, Any]) -> str:
         "",
         "A calibrated KV-cache compression preset for [kvhub](https://github.com/kvhub/kvhub): per layer and KV head, "
         "keys and values are rotated onto a PCA basis fitted on calibration text and stored as packed low-bit codes, "
-        "with the first tokens and a recent window kept exact.",
+        "with the first tokens and a recent window kept exact."
+        + (" Keys are coded before RoPE: un-turned by their position before coding, turned back after decoding."
+           if codec.keys_before_rope else ""),
         "",
         "```python",
         "from kvhub import KVPreset, load_model",

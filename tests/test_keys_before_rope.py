@@ -265,6 +265,7 @@ def test_a_preset_keeps_the_flag_and_one_without_it_does_not_write_it(tmp_path):
         written = json.loads((folder / "kvhub_preset.json").read_text())["codec"]
         assert written.get("keys_before_rope", "absent") == (True if flag else "absent")
         assert KVPreset.from_pretrained(folder).codec.keys_before_rope is flag
+        assert ("Keys are coded before RoPE" in (folder / "README.md").read_text()) is flag
 
 
 def test_chunks_for_lmcache_refuse_keys_coded_before_rope(tmp_path):

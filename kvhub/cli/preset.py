@@ -101,6 +101,8 @@ def describe(preset) -> str:
         lines.append(f"  weights: {b['provenance']}")
     cal = preset.config["calibration"]
     lines.append(f"  calibrated on {cal['tokens']} tokens of {printable(cal['corpus'])} (sink {cal['sink']} excluded)")
+    if preset.codec.keys_before_rope:
+        lines.append("  keys coded before RoPE (un-turned by their positions; scored on the PyTorch backend)")
     rows = preset.codec.describe()
     lines += ["", f"  {'layer':>5}  {'keys (rank, layout)':<36} {'values (rank, layout)':<36} sink window"]
     for row in rows:
