@@ -8,6 +8,9 @@ chunked 8k-token generate in a fresh process.
 
     python benchmarks/decode_speed.py                # SmolLM2 + a 7B-shaped random model, 1k/4k/8k, batch 1 and 4
     python benchmarks/decode_speed.py --device cuda --models 7b --contexts 8192,16384,32768 --dtype bfloat16
+    python benchmarks/decode_speed.py --presets benchmarks/presets/smollm2-3pct-worst,benchmarks/presets/smollm2-3pct-prerope \
+        --contexts 1024,4096 --batches 1 --peak-context 0 --out benchmarks/results/decode_speed_prerope.json
+                                                     # presets side by side (keys after and before RoPE)
 """
 
 from __future__ import annotations
@@ -69,20 +72,23 @@ def scaled_codec(preset: KVPreset, shape: ModelShape) -> CacheCodec:
         return replace(s, segments=segments)
 
     one = replace(layer, keys=stretch(layer.keys), values=stretch(layer.values))
-    return CacheCodec((one,) * shape.num_layers, preset.codec.flush_block)
+    return CacheCodec((one,) * shape.num_layers, preset.codec.flush_block, preset.codec.keys_before_rope)
 
 
-def make_caches(model, preset: KVPreset) -> dict:
+def make_caches(model, presets: dict[str, KVPreset]) -> dict:
+    """DynamicCache, quanto int4 and a kvhub cache per preset (named ``kvhub`` when there is one preset)."""
     shape = ModelShape.from_config(model.config)
-    if preset.shape == shape:
-        codec, bases = preset.codec, preset.bases
-    else:  # the 7B-shaped random model: the SmolLM2 preset's layout on random bases
-        codec, bases = scaled_codec(preset, shape), random_bases(shape)
-    return {
+    makers = {
         "DynamicCache": lambda: DynamicCache(config=model.config),
         "QuantizedCache quanto int4": lambda: QuantizedCache(backend="quanto", config=model.config, nbits=4),
-        "kvhub": lambda: CompressedCache(model.config, codec, bases),
     }
+    for name, preset in presets.items():
+        if preset.shape == shape:
+            codec, bases = preset.codec, preset.bases
+        else:  # the 7B-shaped random model: the SmolLM2 preset's layout on random bases
+            codec, bases = scaled_codec(preset, shape), random_bases(shape)
+        makers[name] = lambda codec=codec, bases=bases: CompressedCache(model.config, codec, bases)
+    return makers
 
 
 def fill(cache, shape: ModelShape, batch: int, context: int, dtype, device) -> None:
@@ -136,13 +142,13 @@ def interleaved_step_times(model, caches: dict, batch: int, steps: int, device) 
 def peak_rss_child(method: str, context: int) -> None:
     """Run in a fresh process: chunked prefill of ``context`` tokens + 16 generated, print the RSS increase."""
     model, _ = load_model("HuggingFaceTB/SmolLM2-135M-Instruct")
-    preset = KVPreset.from_pretrained(str(PRESET))
+    makers = make_caches(model, {"kvhub": KVPreset.from_pretrained(str(PRESET))})
     if method == "kvhub":
         enable(model)
-    cache = make_caches(model, preset)[method]()
+    cache = makers[method]()
     ids = torch.randint(0, model.config.vocab_size, (1, context))
     with torch.no_grad():
-        model(input_ids=ids[:, :8], cache=make_caches(model, preset)[method](), use_cache=True)  # warm up
+        model(input_ids=ids[:, :8], cache=makers[method](), use_cache=True)  # warm up
         with RssSampler() as rss:
             for start in range(0, context - 1, FILL_CHUNK):
                 model(input_ids=ids[:, start : min(start + FILL_CHUNK, context - 1)], cache=cache, use_cache=True)
@@ -190,6 +196,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=7)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--presets", default=None,
+                    help="comma-separated preset folders, each timed as 'kvhub: <folder name>' (default: the bundled "
+                         "preset, as 'kvhub')")
     ap.add_argument("--peak-context", type=int, default=8192, help="0 to skip the peak-RSS generate")
     ap.add_argument("--peak-only", action="store_true", help="only the peak-RSS part, merged into --out")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "decode_speed.json"))
@@ -199,7 +208,10 @@ def main() -> None:
         return peak_rss_child(args.child[0], int(args.child[1]))
 
     dtype = getattr(torch, args.dtype)
-    preset = KVPreset.from_pretrained(str(PRESET))
+    if args.presets:
+        presets = {f"kvhub: {Path(p).name}": KVPreset.from_pretrained(p) for p in args.presets.split(",")}
+    else:
+        presets = {"kvhub": KVPreset.from_pretrained(str(PRESET))}
     rows = []
     for name in [] if args.peak_only else args.models.split(","):
         if name == "smollm2":
@@ -207,7 +219,7 @@ def main() -> None:
         else:
             model = seven_b_shaped(dtype, args.device)
         shape = ModelShape.from_config(model.config)
-        makers = make_caches(model, preset)
+        makers = make_caches(model, presets)
         for context in map(int, args.contexts.split(",")):
             for batch in map(int, args.batches.split(",")):
                 row = {"model": name, "context": context, "batch": batch, "methods": {}}
