@@ -52,7 +52,9 @@ PRESETS = {"kvhub 1% preset (bundled)": ROOT / "presets" / "HuggingFaceTB--SmolL
            # tuned with Lloyd-Max values and the widened calibration (books + Python docs and source)
            "kvhub 1% Lloyd-Max preset, widened calibration": ROOT / "benchmarks" / "presets" / "smollm2-1pct-lloydmax",
            # tuned on every calibration domain, the target held to the worst one (kvhub tune's rule since 2026-12)
-           "kvhub 1% preset, worst-domain tune": ROOT / "benchmarks" / "presets" / "smollm2-1pct-worst"}
+           "kvhub 1% preset, worst-domain tune": ROOT / "benchmarks" / "presets" / "smollm2-1pct-worst",
+           # the worst-domain tune held to three percent, keys coded before RoPE (kvhub tune --keys-before-rope)
+           "kvhub 3% preset, keys before RoPE": ROOT / "benchmarks" / "presets" / "smollm2-3pct-prerope"}
 NEEDLE_ROWS = ("DynamicCache (fp)", "kvhub 1% preset (bundled)", "kvhub 3% preset, log8 scales + Lloyd-Max V")
 
 
