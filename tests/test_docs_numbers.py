@@ -351,6 +351,8 @@ def attention_metric_table() -> str:
     return "\n".join(lines)
 
 
+# the worst-domain three-percent tune with keys coded before RoPE (kvhub tune --keys-before-rope)
+PREROPE3 = "benchmarks/presets/smollm2-3pct-prerope/kvhub_preset.json"
 PREROPE = RESULTS + "prerope_keys.json"
 PREROPE_EVAL = RESULTS + "prerope_keys_evaluation.json"
 
@@ -396,6 +398,21 @@ def tuning_windows_table() -> str:
         lines.append(f"| {name} | {r['compression']:.2f}x | {middle:+.2f}% ({middle_domain}) | "
                      f"{pooled:+.2f}% ({pooled_domain}) |")
     return "\n".join(lines)
+
+
+def trial(path: str, name: str, window: int = 0) -> dict:
+    """One trial of a tuned preset's calibration.tuning block."""
+    return next(t for t in load(path)["calibration"]["tuning"]["trials"] if t["name"] == name and t["window"] == window)
+
+
+def over_target(path: str) -> str:
+    """How far a three-percent preset's worst corpus is over three percent, in points."""
+    return f"{load(path)['metrics']['perplexity']['worst_delta_pct'] - 3:.2f}"
+
+
+def worst_se(path: str) -> str:
+    p = load(path)["metrics"]["perplexity"]
+    return f"{p['corpora'][p['worst_corpus']]['delta_pct_se']:.2f}"
 
 
 def preset_summary(path: str) -> str:
@@ -466,6 +483,19 @@ CLAIMS = [
     Claim(FRONTIER4, "{}", THREE, lambda d: trials_table(THREE)),
     Claim(FRONTIER4, "It chose {}, which gives", THREE, ("calibration", "tuning", "chosen")),
     Claim(FRONTIER4, "which gives {} on the evaluation protocol", THREE, lambda d: preset_summary(THREE)),
+    Claim(FRONTIER4, "--keys-before-rope --out\nbenchmarks/presets/smollm2-3pct-prerope`:\n\n{}", PREROPE3,
+          lambda d: trials_table(PREROPE3)),
+    Claim(FRONTIER4, "It chose {}, which gives\n", PREROPE3, ("calibration", "tuning", "chosen")),
+    Claim(FRONTIER4, "which gives\n{} on the evaluation protocol, against", PREROPE3, lambda d: preset_summary(PREROPE3)),
+    Claim(FRONTIER4, "protocol, against\n{} with the keys as cached", THREE, lambda d: preset_summary(THREE)),
+    Claim(FRONTIER4, "over\n  the target by {} points", PREROPE3, lambda d: over_target(PREROPE3)),
+    Claim(FRONTIER4, "over the three windows ({})", PREROPE3, lambda d: worst_se(PREROPE3)),
+    Claim(FRONTIER4, "The ladder's level 2 ({}) now", PREROPE3,
+          lambda d: f"{trial(PREROPE3, 'uniform level 2')['compression']:.2f}x"),
+    Claim(FRONTIER4, "now comes within\n  {} of the baseline", PREROPE3,
+          lambda d: f"{trial(PREROPE3, 'uniform level 2')['measured_delta_pct']:+.2f}%"),
+    Claim(FRONTIER4, "against {} with the keys after RoPE: the", THREE,
+          lambda d: f"{trial(THREE, 'uniform level 2')['measured_delta_pct']:+.2f}%"),
     Claim(FRONTIER4, "{}", ATTENTION_METRIC, lambda d: attention_metric_table()),
     Claim(FRONTIER4, "{}", TUNING_WINDOWS, lambda d: tuning_windows_table()),
     # ... keys coded before RoPE (prerope_keys.json, prerope_keys_evaluation.json)
@@ -497,6 +527,8 @@ CLAIMS = [
     Claim(FRONTIER4, "up to\n  {} points on one corpus", PREROPE_EVAL,
           lambda d: f"{prerope_row(PREROPE_EVAL, (3, 3), 'post-rope')['largest_seed_spread_pct']:.2f}"),
     Claim(README, "the tuner's choice gives\n{} on the evaluation protocol", THREE, lambda d: preset_summary(THREE)),
+    Claim(README, "benchmarks/presets/smollm2-3pct-prerope`) gives\n{}: more compression", PREROPE3,
+          lambda d: preset_summary(PREROPE3)),
     Claim(README, "brings the codes at\n{} within three percent", PREROPE_EVAL,
           lambda d: f"{prerope_row(PREROPE_EVAL, (2, 1), 'pre-rope')['compression']:.2f}x"),
     Claim(README, "evaluation corpus: worst {} against", PREROPE_EVAL, lambda d: prerope_worst(PREROPE_EVAL, (2, 1), "pre-rope")),
@@ -608,7 +640,7 @@ CHECKED = {README: ("## Results on the benchmark model", "## Use it"), BENCH: ("
            FRONTIER4: ("## The bundled preset on the whole protocol", "## What was not done")}
 SETTINGS = {LMCACHE_DOC: ("torch 2.13", "lmcache 0.5.6"), README: ("tuned for +1%",), BENCH: ("torch 2.13", "above 1.00x is slower"),
             FRONTIER4: ("+1%", "1% target", "2048-token", "32-token", "8 bits", "4 bits", "--target-ppl-delta 0.01", "--target-ppl-delta 0.03",
-                        "smollm2-1pct-worst")}
+                        "smollm2-1pct-worst", "the issue's 5.5x")}
 FIGURE = re.compile(r"[+-]?\d[\d,]*\.\d+(?:x|%)?|[+-]?\d+(?:x|%)(?!\w)|\d{1,3}(?:,\d{3})+")
 
 
@@ -663,3 +695,13 @@ def test_the_prerope_harness_row_is_the_tuners_trial():
     assert engine["level"] == 6
     for domain, recorded in trial["by_domain"].items():
         assert engine["by_domain"][domain] == pytest.approx(recorded, abs=0.02), domain
+
+
+def test_every_rung_loses_less_with_keys_before_rope():
+    """frontier-4.md: "every rung loses less than with the keys after RoPE": each uniform trial of the pre-RoPE tune
+    against the same level and window of the post-RoPE tune, on the same tuning split."""
+    post = {(t["name"], t["window"]): t for t in load(THREE)["calibration"]["tuning"]["trials"] if t["name"].startswith("uniform")}
+    pre = [t for t in load(PREROPE3)["calibration"]["tuning"]["trials"] if t["name"].startswith("uniform")]
+    assert len(pre) >= 6
+    for t in pre:
+        assert t["measured_delta_pct"] < post[(t["name"], t["window"])]["measured_delta_pct"], t["name"]
