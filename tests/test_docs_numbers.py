@@ -734,3 +734,13 @@ def test_every_rung_loses_less_with_keys_before_rope():
     assert len(pre) >= 6
     for t in pre:
         assert t["measured_delta_pct"] < post[(t["name"], t["window"])]["measured_delta_pct"], t["name"]
+
+
+def test_keys_before_rope_cost_more_the_longer_the_context_and_the_larger_the_batch():
+    """benchmarks/README.md: the keys-before-RoPE step's multiple of the keys-after-RoPE step grows with the context
+    and with the batch, on both models."""
+    rows = load(DECODE_PREROPE)["rows"]
+    cost = {(r["model"], r["context"], r["batch"]): s for r, s in zip(rows, prerope_steps())}
+    for (model, context, batch), c in cost.items():
+        assert all(c > other for (m, ctx, b), other in cost.items()
+                   if m == model and (ctx, b) != (context, batch) and ctx <= context and b <= batch), (model, context, batch)
