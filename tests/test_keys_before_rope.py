@@ -284,3 +284,16 @@ def test_the_tuner_searches_codecs_that_code_keys_before_rope():
                     log=lambda line: None, keys_before_rope=True)
     assert result.trials and all(t.codec.keys_before_rope for t in result.trials)
     assert result.codec.keys_before_rope
+
+
+def test_the_fused_kernels_refuse_keys_coded_before_rope():
+    from kvhub.kernels import decode_attention
+
+    model, codec, bases = setup()
+    cache = CompressedCache(model.config, codec, bases)
+    forward_loop(model, torch.randint(3, VOCAB, (1, 40), generator=torch.Generator().manual_seed(3)), cache, prefill=39)
+    layer = cache.layers[0]
+    query = torch.zeros(1, 4, 1, 16)
+    with pytest.raises(ValueError, match="coded before it"):
+        decode_attention(query, layer.streams["keys"], layer.streams["values"], layer.streams["keys"].length,
+                         layer.recent_keys, layer.recent_values, None, None, 0.25)

@@ -26,4 +26,7 @@ def decode_attention(query, keys, values, length, exact_k, exact_v, history_mask
     speed, not the result beyond rounding)."""
     from .triton_decode import decode_attention as run
 
+    if getattr(keys, "rope", None) is not None:
+        raise ValueError("decode_attention scores keys coded after RoPE; these were coded before it: read them with "
+                         "kvhub.backends (the PyTorch backend turns each key back by its position)")
     return run(query, keys, values, length, exact_k, exact_v, history_mask, exact_mask, scaling, softcap, **tuning)
