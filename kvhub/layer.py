@@ -277,11 +277,9 @@ class CompressedLayer(CacheLayerMixin):
         excess = self.recent_keys.shape[-2] - self.codec.window
         if excess < self.flush_block:
             return
-        if self.rope is not None:
-            self.streams["keys"].append(self.recent_keys[:, :, :excess], self.recent_positions[:, :excess])
-            self.recent_positions = self.recent_positions[:, excess:].clone()
-        else:
-            self.streams["keys"].append(self.recent_keys[:, :, :excess])
+        # (positions are kept, and read by the keys' stream, only with a rope frame: empty otherwise)
+        self.streams["keys"].append(self.recent_keys[:, :, :excess], self.recent_positions[:, :excess])
+        self.recent_positions = self.recent_positions[:, excess:].clone()
         self.streams["values"].append(self.recent_values[:, :, :excess])
         self.recent_keys = self.recent_keys[:, :, excess:].clone()
         self.recent_values = self.recent_values[:, :, excess:].clone()
