@@ -8,9 +8,9 @@ from .bases import SIGMA_FLOOR_ABS, SIGMA_FLOOR_REL, StreamBasis
 from .codec import StreamCodec
 from .layout import storage_order
 from .plan import DecodePlan, compile_plan, segment_reference
+from .positions import StoredPositions
 from .quant import pack
 from .quantizers import QUANTIZERS, SCALE_FORMATS, SCALES
-from .positions import StoredPositions
 from .rope import RotaryFrame
 from .storage import GrowableTensor, Scratch
 
@@ -248,7 +248,7 @@ class CompressedStream:
 
     def stored_positions(self, start: int = 0, length: int | None = None) -> torch.Tensor:
         """The RoPE positions [B, T] of stored tokens ``[start, start + length)`` (keys coded before RoPE)."""
-        return self.positions.view(start, self.length - start if length is None else length)
+        return self.positions.view(start, length)
 
     # --- bookkeeping ---------------------------------------------------------------------------------------
     def _stores(self) -> list[GrowableTensor | StoredPositions]:
