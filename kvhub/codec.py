@@ -19,8 +19,9 @@ from .errors import CodecError
 BITS = (0, 2, 4, 8, 16)
 Projection = Literal["pca", "identity"]
 ScaleScheme = Literal["token", "rms", "channel"]
-# Level sets of kvhub.quantizers (named here so a preset validates without torch); lloyd-max needs a deviation scale.
-QUANTIZERS = ("uniform", "lloyd-max")
+# Level sets of kvhub.quantizers (named here so a preset validates without torch); lloyd-max and vq (vector codes)
+# need a deviation scale.
+QUANTIZERS = ("uniform", "lloyd-max", "vq")
 # How a per-token scale is stored (kvhub.quantizers), and its bits.
 SCALE_FORMATS = {"fp16": 16, "log8": 8}
 _DEVIATION_SCALES = ("rms", "channel")
@@ -107,10 +108,11 @@ class StreamCodec:
         if self.scale_format != "fp16" and self.scale == "channel":
             raise CodecError(f"{where}: a 'channel' scale stores nothing per token; fix: drop scale_format or use "
                              "scale 'token' or 'rms'")
-        if self.quantizer == "lloyd-max" and self.scale not in _DEVIATION_SCALES:
-            raise CodecError(f"{where}: Lloyd-Max levels are those of a unit Gaussian; fix: use scale 'rms' or 'channel'")
-        if self.quantizer == "lloyd-max" and any(s.bits == 8 for s in self.segments):
-            raise CodecError(f"{where}: Lloyd-Max levels are tabulated for 2 and 4 bits; fix: use the uniform quantizer")
+        gaussian = {"lloyd-max": "Lloyd-Max levels", "vq": "vector codebooks"}.get(self.quantizer)
+        if gaussian and self.scale not in _DEVIATION_SCALES:
+            raise CodecError(f"{where}: {gaussian} are those of a unit Gaussian; fix: use scale 'rms' or 'channel'")
+        if gaussian and any(s.bits == 8 for s in self.segments):
+            raise CodecError(f"{where}: {gaussian} are tabulated for 2 and 4 bits; fix: use the uniform quantizer")
 
     @classmethod
     def uniform(cls, head_dim: int, bits: int, rank: int | None = None, **kw: Any) -> "StreamCodec":

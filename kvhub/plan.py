@@ -5,7 +5,7 @@ token the same way, and none of them asks the codec anything itself:
 
 * the stored row of a token is read in *storage order* (:mod:`kvhub.layout`: segment by segment, code plane by code
   plane) as *raw values*: ``code - centre`` for evenly spaced levels, ``table[code]`` for tabled ones (Lloyd-Max),
-  the 16-bit data as stored;
+  ``byte_table[byte, plane]`` for vector codes (a byte's components come out together), the 16-bit data as stored;
 * each quantized segment's raw values are multiplied by the token's scale for that segment (``scale`` index into
   the stored scales; None where the scale is static, folded into the matrix), read directly for fp16 scales and
   through ``scale_table`` (``[H, groups, 256]``) for byte-coded ones (``log8``);
@@ -34,7 +34,8 @@ from .quantizers import QUANTIZERS, SCALE_FORMATS, SCALES
 class SegmentPlan:
     """One kept segment: storage columns ``[start, end)``, ``planes`` code planes of ``width`` columns each (1 plane
     for 8- and 16-bit data); a code's raw value is ``code - centre`` or ``table[code]`` (float32 [2**bits]) for
-    tabled levels; ``scale`` the column of its per-token scale (None: static, or 16-bit data)."""
+    tabled levels, or for vector codes ``byte_table[byte, j]`` (float32 [256, planes]) in plane ``j``; ``scale`` the
+    column of its per-token scale (None: static, or 16-bit data)."""
 
     start: int
     end: int
@@ -44,6 +45,7 @@ class SegmentPlan:
     centre: float
     table: torch.Tensor | None
     scale: int | None
+    byte_table: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -68,7 +70,7 @@ class DecodePlan:
 
     def tensors(self) -> list[torch.Tensor]:
         """Every device tensor the plan keeps alive (what a preset costs a device beyond its bases)."""
-        tables = [s.table for s in self.segments if s.table is not None]
+        tables = [t for s in self.segments for t in (s.table, s.byte_table) if t is not None]
         return [self.matrix, *tables, *([self.scale_table] if self.scale_table is not None else [])]
 
 
@@ -96,10 +98,13 @@ def compile_plan(u: torch.Tensor, mean: torch.Tensor, sigma: torch.Tensor, codec
         cols = order[start:end]
         w = u.index_select(-1, cols)
         planes = CODES_PER_BYTE.get(seg.bits, 1)
-        centre, table, scale = 0.0, None, None
+        centre, table, scale, byte_table = 0.0, None, None, None
         if seg.bits < 16:
             grid = quantizer.grid(seg.bits, scheme.statistic)
-            if grid is None:
+            byte_table = quantizer.byte_table(seg.bits, scheme.statistic)
+            if byte_table is not None:
+                byte_table = byte_table.float().to(u.device)
+            elif grid is None:
                 table = quantizer.levels(seg.bits, scheme.statistic).float().to(u.device)
             else:
                 w, centre = w * grid[0], grid[1]
@@ -108,7 +113,7 @@ def compile_plan(u: torch.Tensor, mean: torch.Tensor, sigma: torch.Tensor, codec
             else:
                 w = w * sigma.index_select(-1, cols)[:, None, :]
         columns.append(w)
-        segments.append(SegmentPlan(start, end, seg.bits, planes, seg.size // planes, centre, table, scale))
+        segments.append(SegmentPlan(start, end, seg.bits, planes, seg.size // planes, centre, table, scale, byte_table))
         start = end
     matrix = torch.cat([*columns, mean[..., None]], -1).contiguous()
     scale_table = scale_format.table(segment_reference(sigma, codec)) if scheme.per_token else None

@@ -9,7 +9,6 @@ from .codec import StreamCodec
 from .layout import storage_order
 from .plan import DecodePlan, compile_plan, segment_reference
 from .positions import StoredPositions
-from .quant import pack
 from .quantizers import QUANTIZERS, SCALE_FORMATS, SCALES
 from .rope import RotaryFrame
 from .storage import GrowableTensor, Scratch
@@ -158,7 +157,7 @@ class CompressedStream:
                 group += 1
             else:
                 scale = self.sigma[:, None, a:b]
-            store.append(pack(self.quantizer.encode(zs, scale, seg.bits, self.scale.statistic), seg.bits))
+            store.append(self.quantizer.encode_packed(zs, scale, seg.bits, self.scale.statistic))
 
     # --- reading -------------------------------------------------------------------------------------------
     @property
@@ -182,7 +181,9 @@ class CompressedStream:
                 dst = self.scratch.get(f"{slot}{i}", shape, torch.float32, data.device)
             else:
                 dst = torch.empty(shape, device=data.device)
-            if seg.planes == 1:
+            if seg.byte_table is not None:  # vector codes: each byte gives its components in every plane at once
+                dst.copy_(seg.byte_table[data.long()].permute(0, 1, 4, 2, 3))
+            elif seg.planes == 1:
                 dst[:, :, 0].copy_(data)
             else:
                 if slot:

@@ -98,3 +98,18 @@ def test_log8_scales_travel_as_one_byte_each(tiny_llama, kv):
         assert 0 < err < 0.2, err
         # per layer: indices 2x2 + exact 2x2x2x16x2 + 30 tokens x 2 heads x (K 4+2 codes + 2 scales, V 8 + 1) bytes
         assert n == HEADER_BYTES + 2 * (4 + 256 + 30 * 2 * (4 + 2 + 2 + 8 + 1))
+
+
+def test_vector_codes_travel_in_the_bytes_of_scalar_codes(tiny_llama, kv):
+    """Values as vector codes (each byte a codeword): a chunk is as large as with Lloyd-Max levels of the same bits,
+    keeps its exact tokens, and decodes within the scalar codes' error."""
+    keys = StreamCodec((Segment(8, 4), Segment(8, 2)), scale="token", scale_format="log8")
+    sizes, errors = {}, {}
+    for quantizer in ("lloyd-max", "vq"):
+        values = StreamCodec((Segment(8, 4), Segment(8, 2)), scale="rms", quantizer=quantizer, scale_format="log8")
+        preset = make_preset(tiny_llama, CacheCodec((LayerCodec(keys, values, sink=2),) * 2))
+        out, sizes[quantizer] = round_trip(preset, kv[0])
+        assert torch.equal(out[:, :, :2], kv[0][:, :, :2])
+        errors[quantizer] = ((out[1].float() - kv[0][1].float()).norm() / kv[0][1].float().norm()).item()
+    assert sizes["vq"] == sizes["lloyd-max"]
+    assert 0 < errors["vq"] < 1.1 * errors["lloyd-max"], errors

@@ -22,6 +22,7 @@ from contextlib import nullcontext
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import DynamicCache
 
 import kvhub.attention
@@ -29,11 +30,13 @@ from kvhub import CompressedCache, compressed_attention
 from kvhub.codec import LayerCodec, Segment, StreamCodec
 from kvhub.layer import CompressedLayer
 from kvhub.quantizers import QUANTIZERS, SCALE_FORMATS, SCALES
+from kvhub.quantizers.vector import CODEBOOK_FILE
 from tests.flash_like import NAME as FLASH_LIKE
 from tests.test_engine import lossless
 from tests.tiny_models import VOCAB, basis_samples, random_basis, tiny_bases, tiny_model
 
 BACKENDS = ("torch", "native", "triton")
+VQ_BOOKS = load_file(str(CODEBOOK_FILE))  # the packaged codebooks, read from the file, not through kvhub
 MAX_KERNEL_QUERIES = 16  # the fused kernels' query limit (kvhub.kernels.MAX_QUERY_TOKENS): longer chunks fall back
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PADS = 7  # left pads of the second row in padded cells
@@ -227,8 +230,8 @@ def stream(segments, **kw) -> StreamCodec:
     return StreamCodec(tuple(Segment(*s) for s in segments), **kw)
 
 
-# head_dim 16; segments cover 2/4/8/16 bits, a dropped tail, uniform and Lloyd-Max levels, fp16 and log8 scales,
-# absmax ("token"), RMS and static ("channel") scales, PCA and identity projections.
+# head_dim 16; segments cover 2/4/8/16 bits, a dropped tail, uniform and Lloyd-Max levels, vector codes, fp16 and
+# log8 scales, absmax ("token"), RMS and static ("channel") scales, PCA and identity projections.
 LOSSY = {
     "uniform-token-fp16": (stream([(4, 16), (4, 8), (4, 4), (4, 2)]),
                            stream([(8, 4), (4, 2), (4, 0)])),
@@ -240,7 +243,11 @@ LOSSY = {
                  stream([(16, 4)], projection="identity", scale="rms")),
     "uniform-log8-mixed": (stream([(8, 8), (8, 2)], scale="rms", scale_format="log8"),
                            stream([(4, 16), (12, 4)], scale_format="log8")),
+    "vq": (stream([(4, 16), (8, 4), (4, 2)], scale="rms", quantizer="vq", scale_format="log8"),
+           stream([(8, 4), (4, 2), (4, 0)], scale="channel", quantizer="vq")),
 }
+# The fused kernels read scalar codes only; a call on vector codes must fall back to the PyTorch backend.
+SCALAR_ONLY = {"vq"}
 KV_HEADS, Q_HEADS, DIM, BATCH, HISTORY_TOKENS = 2, 4, 16, 2, 60
 SCALING, SOFTCAP = 0.31, 20.0
 QUERY_LENGTHS = (1, 4, MAX_KERNEL_QUERIES + 4)
@@ -306,8 +313,10 @@ def decoded_history(layer, name: str, length: int) -> torch.Tensor:
         if seg.bits == 16:
             parts.append(data.double())
             continue
-        levels = QUANTIZERS[codec.quantizer].levels(seg.bits, scheme.statistic).double()
-        z = levels[unpack_codes(data, seg.bits)]
+        if codec.quantizer == "vq":  # each byte indexes a codeword of its 8 / bits consecutive components
+            z = VQ_BOOKS[f"bits{seg.bits}"].double()[data.long()].flatten(-2)
+        else:
+            z = QUANTIZERS[codec.quantizer].levels(seg.bits, scheme.statistic).double()[unpack_codes(data, seg.bits)]
         if scheme.per_token:
             z = z * scales[..., group : group + 1]
             group += 1
@@ -396,7 +405,7 @@ def test_lossy_layer_matches_float64_reference(codec, backend, q_len, mask_kind,
     with recording() as rec:
         got, ref = attend_and_reference(layer, full, gen, q_len, mask_kind, softcap)
     assert_close_to_reference(got, ref)
-    if q_len > MAX_KERNEL_QUERIES:
+    if q_len > MAX_KERNEL_QUERIES or codec in SCALAR_ONLY:
         assert_fell_back(rec, backend)
     else:
         assert_served(rec, backend)

@@ -44,6 +44,7 @@ class Capabilities:
     max_rank: int | None = None
     max_segments: int | None = None
     keys_before_rope: bool = False  # scores keys coded before RoPE (decoded and turned per position)
+    vector_codes: bool = False  # reads segments whose bytes are codewords of a codebook (kvhub.quantizers.vector)
     levels: str = "uniform, Lloyd-Max"
     masks: str = "SDPA, eager, flash-attention (None or 2-D: the layer adds the causal and window part)"
 
@@ -81,6 +82,9 @@ class DecodeBackend(ABC):
                 return f"rank {stream.codec.rank}, more than {cap.max_rank}"
             if cap.max_segments is not None and len(stream.segments) > cap.max_segments:
                 return f"{len(stream.segments)} segments, more than {cap.max_segments}"
+        if not cap.vector_codes and any(seg.byte_table is not None for stream in (call.keys, call.values)
+                                        for seg in stream.plan().segments):
+            return "vector codes (each byte a codeword, decoded through the codebook)"
         if call.keys.rope is not None and not cap.keys_before_rope:
             return "keys coded before RoPE (scored from keys decoded and turned by their positions)"
         return None

@@ -58,9 +58,9 @@ SCALES = {"token": "per-token absmax scale", "rms": "per-token RMS scale", "chan
 
 
 def _stream(s: dict) -> str:
-    """A stream's layout in the table: segments, scale, how scales are stored (log8), levels (lloyd-max)."""
+    """A stream's layout in the table: segments, scale, how scales are stored (log8), codes (lloyd-max, vq)."""
     scale = s["scale"] + ("/log8" if s["scale_format"] == "log8" and s["scale"] != "channel" else "")
-    return f"{s['layout']} {scale}" + (" lloyd-max" if s["quantizer"] == "lloyd-max" else "")
+    return f"{s['layout']} {scale}" + (f" {s['quantizer']}" if s["quantizer"] != "uniform" else "")
 
 
 def _legend(rows: list[dict]) -> list[str]:
@@ -73,6 +73,8 @@ def _legend(rows: list[dict]) -> list[str]:
         lines.append("  /log8: each scale stored in one byte on a log grid (4.4% steps), else fp16")
     if used("quantizer", "lloyd-max"):
         lines.append("  lloyd-max: non-uniform levels, MSE-optimal for Gaussian coefficients, else uniform levels")
+    if used("quantizer", "vq"):
+        lines.append("  vq: vector codes, each byte one of 256 codewords for its 8/bits components (a Gaussian codebook)")
     return lines
 
 

@@ -2,7 +2,8 @@
 (for per-token schemes) one scale per token; decoding is ``level_table[code] * scale``. The split: the *scale
 scheme* says which statistic of a token's segment is measured (its absmax, its RMS, or nothing: a static
 per-component deviation), the *scale format* how that per-token number is stored (fp16, or an 8-bit code), the
-*quantizer* where the ``2**bits`` levels sit in units of the scale and which code a coefficient gets."""
+*quantizer* where the ``2**bits`` levels sit in units of the scale and which code a coefficient gets (or, for
+vector codes, which codeword a group of coefficients gets: :mod:`.vector`)."""
 
 from __future__ import annotations
 
@@ -11,28 +12,48 @@ from typing import ClassVar, Literal
 
 import torch
 
+from ..quant import pack
+
 # What a scale measures: a bound on the segment's values (absmax) or their spread (one standard deviation).
 Statistic = Literal["absmax", "deviation"]
 
 
 class Quantizer(ABC):
-    """Scalar codes: ``2**bits`` levels for a unit scale, and the encoder that picks one per coefficient."""
+    """Codes for a segment's coefficients in units of their scale: what each stored byte holds and decodes to."""
 
     name: ClassVar[str]
     statistics: ClassVar[tuple[Statistic, ...]]  # the scale statistics its levels are defined for
 
     @abstractmethod
     def levels(self, bits: int, statistic: Statistic) -> torch.Tensor:
-        """The value of each code ``0 .. 2**bits - 1`` for a scale of 1, float64, increasing."""
+        """The value of each code ``0 .. 2**bits - 1`` for a scale of 1, float64, increasing (for vector codes,
+        the distinct component values they decode to: what bounds a decoded component)."""
 
     @abstractmethod
-    def encode(self, z: torch.Tensor, scale: torch.Tensor, bits: int, statistic: Statistic) -> torch.Tensor:
-        """uint8 codes of coefficients ``z``; ``scale`` (float32) broadcasts against ``z``."""
+    def encode_packed(self, z: torch.Tensor, scale: torch.Tensor, bits: int, statistic: Statistic) -> torch.Tensor:
+        """The bytes a ``bits``-bit segment stores for coefficients ``z`` [..., size]: uint8 [..., size * bits / 8]
+        (:mod:`kvhub.layout`); ``scale`` (float32) broadcasts against ``z``."""
 
     def grid(self, bits: int, statistic: Statistic) -> tuple[float, float] | None:
         """``(step, centre)`` when the levels are evenly spaced, ``level(q) = (q - centre) * step``, so a decoder
         computes a level from its code with no table; None where the levels must be looked up (:meth:`levels`)."""
         return None
+
+    def byte_table(self, bits: int, statistic: Statistic) -> torch.Tensor | None:
+        """For codes that take a whole byte jointly (vector codes): float32 [256, 8 // bits], the components each
+        stored byte decodes to, in its components' order; None where each code in a byte is read alone."""
+        return None
+
+
+class ScalarQuantizer(Quantizer):
+    """One code per coefficient, packed ``8 / bits`` to a byte (:mod:`kvhub.quant`)."""
+
+    @abstractmethod
+    def encode(self, z: torch.Tensor, scale: torch.Tensor, bits: int, statistic: Statistic) -> torch.Tensor:
+        """uint8 codes of coefficients ``z``; ``scale`` (float32) broadcasts against ``z``."""
+
+    def encode_packed(self, z: torch.Tensor, scale: torch.Tensor, bits: int, statistic: Statistic) -> torch.Tensor:
+        return pack(self.encode(z, scale, bits, statistic), bits)
 
 
 class ScaleScheme(ABC):

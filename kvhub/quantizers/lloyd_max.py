@@ -13,7 +13,7 @@ from functools import lru_cache
 
 import torch
 
-from .base import Quantizer, Statistic
+from .base import ScalarQuantizer, Statistic
 from .uniform import GAUSSIAN_STEP, half_levels
 
 
@@ -38,7 +38,7 @@ def gaussian_levels(bits: int, tol: float = 1e-12, max_iter: int = 200_000) -> t
     return levels, (levels[1:] + levels[:-1]) / 2
 
 
-class LloydMaxQuantizer(Quantizer):
+class LloydMaxQuantizer(ScalarQuantizer):
     name = "lloyd-max"
     statistics = ("deviation",)  # the levels are those of a unit Gaussian: the scale must be a standard deviation
 

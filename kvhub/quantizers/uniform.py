@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Quantizer, Statistic
+from .base import ScalarQuantizer, Statistic
 
 # MSE-optimal uniform quantizer step for a unit Gaussian, by bits (Max 1960, Table II: 2, 4, 8, 16 and 256 levels);
 # 1 and 3 bits start the Lloyd-Max iteration of the storage codec's levels.
@@ -18,7 +18,7 @@ def half_levels(bits: int) -> float:
     return 2 ** (bits - 1) - 0.5
 
 
-class UniformQuantizer(Quantizer):
+class UniformQuantizer(ScalarQuantizer):
     name = "uniform"
     statistics = ("absmax", "deviation")
 
