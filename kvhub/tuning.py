@@ -48,7 +48,9 @@ def stream_ladders(head_dim: int, quantizer: str = "uniform", scale_format: str 
     cost +35% PPL, far more than 2-bit codes for them. Keys keep >= 2.5 bits per component (2-bit keys change
     attention non-linearly) and per-token absmax scales (4-bit K: +0.53% with absmax, +0.66% with RMS); values use
     RMS scales, MSE-optimal at 2 bits, and ``quantizer``'s levels (``kvhub.quantizers``) wherever a layout has no
-    8-bit segment (Lloyd-Max levels exist for 2 and 4 bits). Segment sizes are multiples of 4 so 2-bit codes pack.
+    8-bit segment (Lloyd-Max levels and vector codebooks exist for 2 and 4 bits; vector codes with RMS scales on
+    the keys too lost on SmolLM2, benchmarks/results/vector_codes.json). Segment sizes are multiples of 4 so 2-bit
+    codes pack.
     Per-token scales are stored in ``scale_format`` (log8: one byte each, no measurable loss against fp16 on
     SmolLM2, see kvhub/quantizers/scale_log8.py)."""
     d, q, e = head_dim, head_dim // 4, 4 * max(1, round(3 * head_dim / 32))  # e: 3/8 of head_dim, packable
@@ -181,6 +183,26 @@ class TuneResult:
     sensitivity: dict[tuple[int, str], float]
 
 
+def measure_trial(model, name: str, codec: CacheCodec, bases: Bases, windows: dict[str, list[torch.Tensor]],
+                  baseline_ppl: dict[str, float], seed: int = 0) -> Trial:
+    """``codec`` measured as the tuner measures a trial: chunked perplexity on every domain's ``windows`` against
+    ``baseline_ppl`` (DynamicCache's), with ``bases`` rotated for the codec by ``seed``
+    (:func:`~kvhub.bases.rotate_segments`)."""
+    shape = ModelShape.from_config(model.config)
+    rotated = bases.rotated_for(codec, shape, seed)
+    made: list[CompressedCache] = []
+
+    def make() -> CompressedCache:
+        made.append(CompressedCache(model.config, codec, rotated))
+        return made[-1]
+
+    by_domain = {d: 100 * (perplexity(model, w, make).ppl / baseline_ppl[d] - 1) for d, w in windows.items()}
+    n = shape.num_layers
+    kb = sum(layer.keys.bits_per_token() for layer in codec.layers) / n
+    vb = sum(layer.values.bits_per_token() for layer in codec.layers) / n
+    return Trial(name, codec.layers[0].window, kb, vb, by_domain, made[-1].compression_ratio(), codec)
+
+
 def uniform_rungs(level: int, num_layers: int) -> dict[tuple[int, str], int]:
     """Every layer's keys and values on the rungs of ladder level ``level`` (:data:`LEVELS`)."""
     k, v = LEVELS[level]
@@ -244,16 +266,7 @@ def search(
 
     def measure(name: str, rungs: dict, window: int) -> Trial:
         codec = codec_from_rungs(ladders, rungs, n, sink, window, flush_block, keys_before_rope)
-        made: list[CompressedCache] = []
-
-        def make() -> CompressedCache:
-            made.append(CompressedCache(model.config, codec, bases.rotated_for(codec, shape)))
-            return made[-1]
-
-        by_domain = {d: 100 * (perplexity(model, w, make).ppl / base[d] - 1) for d, w in tune_windows.items()}
-        kb = sum(layer.keys.bits_per_token() for layer in codec.layers) / n
-        vb = sum(layer.values.bits_per_token() for layer in codec.layers) / n
-        trial = Trial(name, window, kb, vb, by_domain, made[-1].compression_ratio(), codec)
+        trial = measure_trial(model, name, codec, bases, tune_windows, base)
         trials.append(trial)
         log("  tried " + trial.line)
         return trial

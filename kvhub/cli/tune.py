@@ -48,8 +48,10 @@ def _from_recipe(path: Path, model: str | None, target: float | None):
               help="Evaluation text to measure the winner on (repeatable).")
 @click.option("--needle/--no-needle", default=True, help="Run the needle grid in the final evaluation.")
 @click.option("--windows", default="0,32", show_default=True, help="Recent-window sizes to try.")
-@click.option("--quantizer", type=click.Choice(["uniform", "lloyd-max"]), default="uniform", show_default=True,
-              help="Levels of the values' 2/4-bit segments: uniform, or Lloyd-Max (MSE-optimal for Gaussian coefficients).")
+@click.option("--quantizer", type=click.Choice(["uniform", "lloyd-max", "vq"]), default="uniform", show_default=True,
+              help="Codes of the values' 2/4-bit segments: uniform levels, Lloyd-Max levels (MSE-optimal scalar levels "
+                   "for Gaussian coefficients), or vq (one byte codes 8/bits components jointly: less MSE at the same "
+                   "bytes; decoded on the PyTorch backend only).")
 @click.option("--scale-format", type=click.Choice(["log8", "fp16"]), default="log8", show_default=True,
               help="How per-token scales are stored: one byte on a log grid (log8), or fp16 (as presets made before log8 existed).")
 @click.option("--keys-before-rope/--keys-after-rope", default=False, show_default=True,
