@@ -15,6 +15,10 @@
    the most sensitive one rung up; kept only if it measures within target with more compression, and repeated from
    the kept setting (up to ``REALLOCATION_STEPS`` times) while it is (on SmolLM2 the second step lost and was
    dropped: a failed step costs one trial).
+5. **Confirmation** (``kvhub tune --confirm-seeds``): the passing trials, most compressed first, are measured again
+   at other seeds of the segments' rotation, and the first whose mean over seeds passes is chosen: a search that
+   keeps what passes once keeps lucky draws of the codes' noise (:func:`averaged_over_seeds`). When none holds,
+   the ladder's next less compressed levels are measured and confirmed in turn.
 
 A Lagrangian allocation (sensitivity x distortion per layer) was tried first and measured worse than the uniform
 ladder on SmolLM2 (+2.7% against +0.9% at similar bytes): errors compound across layers non-linearly, so the
@@ -181,6 +185,7 @@ class TuneResult:
     baseline_ppl: dict[str, float]  # per domain
     seconds: float
     sensitivity: dict[tuple[int, str], float]
+    confirm_seeds: tuple[int, ...] = ()  # the other rotation seeds the choice was measured at (step 5)
 
 
 def measure_trial(model, name: str, codec: CacheCodec, bases: Bases, windows: dict[str, list[torch.Tensor]],
@@ -243,10 +248,12 @@ def search(
     quantizer: str = "uniform",
     scale_format: str = "log8",
     keys_before_rope: bool = False,
+    confirm_seeds: tuple[int, ...] = (),
 ) -> TuneResult:
-    """Steps 2-4 of the module docstring. ``tune_windows`` maps each calibration domain to its held-out windows; a
+    """Steps 2-5 of the module docstring. ``tune_windows`` maps each calibration domain to its held-out windows; a
     trial passes when its *worst* domain is within ``target_delta`` (a fraction: 0.01 = +1% perplexity).
-    ``keys_before_rope``: every codec tried codes keys before RoPE (``bases`` were fitted so)."""
+    ``keys_before_rope``: every codec tried codes keys before RoPE (``bases`` were fitted so). ``confirm_seeds``:
+    the rotation seeds a passing trial is measured again at before it is chosen (none: the first pass is trusted)."""
     t0 = time.time()
     shape = ModelShape.from_config(model.config)
     n = shape.num_layers
@@ -271,7 +278,15 @@ def search(
         log("  tried " + trial.line)
         return trial
 
+    def confirm(trial: Trial) -> Trial | None:
+        """Step 5 for one passing trial: its mean over ``confirm_seeds`` and its own seed, when that passes."""
+        averaged = averaged_over_seeds(model, trial, confirm_seeds, bases, tune_windows, base, trials)
+        held = averaged.measured_delta_pct <= target_pct
+        log(f"  {'confirmed' if held else 'not confirmed'} {averaged.line}")
+        return averaged if held else None
+
     best: tuple[Trial, dict] | None = None
+    level = None  # the uniform level ``best`` starts from
     for window in windows:
         lo, hi = 0, len(LEVELS) - 1  # find the most compressed passing level
         found = None
@@ -279,11 +294,11 @@ def search(
             mid = (lo + hi) // 2
             trial = measure(f"uniform level {mid}", uniform_rungs(mid, n), window)
             if trial.measured_delta_pct <= target_pct:
-                found, hi = (trial, uniform_rungs(mid, n)), mid - 1
+                found, hi = (trial, uniform_rungs(mid, n), mid), mid - 1
             else:
                 lo = mid + 1
         if found and (best is None or found[0].ratio > best[0].ratio):
-            best = found
+            best, level = found[:2], found[2]
     for step in range(REALLOCATION_STEPS if best is not None else 0):
         moved = reallocate(best[1], sens, ladders)
         if moved == best[1]:
@@ -292,20 +307,48 @@ def search(
         if trial.measured_delta_pct > target_pct or trial.ratio <= best[0].ratio:
             break
         best = (trial, moved)
-    if best is None:
+    chosen = best[0] if best is not None else None
+    if chosen is not None and confirm_seeds:
+        # the passing trials from the most compressed down, then the ladder's less compressed levels, until one holds
+        chosen = None
+        for trial in sorted((t for t in trials if t.measured_delta_pct <= target_pct), key=lambda t: -t.ratio):
+            if chosen := confirm(trial):
+                break
+        while chosen is None and level + 1 < len(LEVELS):
+            level += 1
+            trial = measure(f"uniform level {level}", uniform_rungs(level, n), best[0].window)
+            chosen = confirm(trial) if trial.measured_delta_pct <= target_pct else None
+    if chosen is None:
         chosen = min(trials, key=lambda t: t.measured_delta_pct)
         log(f"no setting met {target_pct:+.2f}%; keeping the closest")
-    else:
-        chosen = best[0]
     log(f"chose {chosen.line}: the most compression among the {sum(t.measured_delta_pct <= target_pct for t in trials)}"
         f" of {len(trials)} trials within {target_pct:+.2f}% on every domain of the tuning split")
-    return TuneResult(chosen.codec, trials, chosen, base, time.time() - t0, sens)
+    return TuneResult(chosen.codec, trials, chosen, base, time.time() - t0, sens, confirm_seeds)
+
+
+def averaged_over_seeds(model, trial: Trial, seeds: tuple[int, ...], bases: Bases,
+                        windows: dict[str, list[torch.Tensor]], baseline_ppl: dict[str, float],
+                        trials: list[Trial]) -> Trial:
+    """``trial``'s codec measured again at ``seeds`` of the segments' rotation, and the mean of those runs and its
+    own per domain, as a trial (runs and mean appended to ``trials``). One window's delta is one draw of the codes'
+    noise, and a search that keeps what passes once keeps lucky draws: the setting the three-percent tune passed at
+    +3.39% loses +4.35% on average over three seeds (benchmarks/results/vector_codes.json), and its choice missed
+    its target on the evaluation text (benchmarks/results/frontier-4.md)."""
+    runs = [trial] + [measure_trial(model, f"{trial.name} seed {seed}", trial.codec, bases, windows, baseline_ppl, seed)
+                      for seed in seeds]
+    mean = {d: sum(r.by_domain[d] for r in runs) / len(runs) for d in windows}
+    averaged = Trial(f"{trial.name}, mean of {len(runs)} seeds", trial.window, trial.key_bits, trial.value_bits, mean,
+                     trial.ratio, trial.codec)
+    trials.extend(runs[1:] + [averaged])
+    return averaged
 
 
 def tuning_summary(result: TuneResult) -> dict[str, Any]:
     """What the tuner tried and chose, for the preset's calibration.tuning block."""
     return {
-        "method": "bisection over a bits ladder, then sensitivity-ordered reallocation (worst over domains, repeated while it passes), each verified by chunked perplexity on a tuning split",
+        "method": "bisection over a bits ladder, then sensitivity-ordered reallocation (worst over domains, repeated while it passes), each verified by chunked perplexity on a tuning split"
+                  + (", the choice confirmed as a mean over rotation seeds 0 and "
+                     + ", ".join(map(str, result.confirm_seeds)) if result.confirm_seeds else ""),
         "target_on": WORST_DOMAIN,
         "baseline_ppl": {d: round(p, 4) for d, p in result.baseline_ppl.items()},
         "trials": [
@@ -338,6 +381,7 @@ class TuneConfig:
     quantizer: str = "uniform"  # level set of the values' 2/4-bit segments (kvhub.quantizers)
     scale_format: str = "log8"  # how per-token scales are stored (kvhub.quantizers)
     keys_before_rope: bool = False  # code keys before RoPE (kvhub.rope): bases fitted and codes made on un-turned keys
+    confirm_seeds: int = 2  # other rotation seeds a passing trial must also pass at, on average, to be chosen
     device: str | None = None
     dtype: str = "float32"
     progress: bool = True
@@ -425,7 +469,8 @@ def tune(cfg: TuneConfig, out: str | None = None, log: Callable[[str], None] = p
     log(f"calibrating on {sum(w.shape[-1] for w in fit)} tokens ({len(fit)} windows of {cfg.calib_seq_len})")
     bases, stats = calibrate(model, fit, sink=cfg.sink, progress=cfg.progress, keys_before_rope=cfg.keys_before_rope)
     result = search(model, bases, held, cfg.target_ppl_delta, cfg.sink, cfg.windows, log=log, quantizer=cfg.quantizer,
-                    scale_format=cfg.scale_format, keys_before_rope=cfg.keys_before_rope)
+                    scale_format=cfg.scale_format, keys_before_rope=cfg.keys_before_rope,
+                    confirm_seeds=tuple(range(1, cfg.confirm_seeds + 1)))
     log(f"tuning took {time.time() - t0:.0f} s")
     metrics = None
     if cfg.eval_files:
