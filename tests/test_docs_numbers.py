@@ -411,6 +411,44 @@ def prerope_seeds(path: str, rungs: tuple[int, int], keys: str, domain: str) -> 
     return " / ".join(f"{s[domain]:+.2f}%" for s in prerope_row(path, rungs, keys)["by_seed"].values())
 
 
+VECTOR_CODES = RESULTS + "vector_codes.json"
+VQ_BOOKS = RESULTS + "vq_codebooks.json"
+
+
+def vector_codes_table() -> str:
+    """frontier-4.md's table of vector codes against Lloyd-Max levels over rotation seeds (vector_codes.json)."""
+    lines = ["| level | keys / values | compression | codes | seeds | worst domain | mean | largest spread between seeds |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in load(VECTOR_CODES)["rows"]:
+        lines.append(f"| {r['level']} | {layout(r['keys'])} / {layout(r['values'])} | {r['compression']:.2f}x | "
+                     f"{r['codes']} | {len(r['seeds'])} | {r['worst_delta_pct']:+.2f}% ({r['worst_domain']}) | "
+                     f"{r['mean_delta_pct']:+.2f}% | "
+                     + (f"{r['largest_seed_spread_pct']:.2f} |" if len(r["seeds"]) > 1 else "(one seed) |"))
+    return "\n".join(lines)
+
+
+def vector_row(level: int, codes: str) -> dict:
+    return next(r for r in load(VECTOR_CODES)["rows"] if r["level"] == level and r["codes"] == codes)
+
+
+def vector_worst(level: int, codes: str) -> str:
+    r = vector_row(level, codes)
+    return f"{r['worst_delta_pct']:+.2f}% ({r['worst_domain']})"
+
+
+def vector_first_seed(level: int, codes: str) -> str:
+    """A row's worst domain on its first seed alone."""
+    first = vector_row(level, codes)["by_seed"][0]
+    worst = max(first, key=first.get)
+    return f"{first[worst]:+.2f}% ({worst})"
+
+
+def vq_gain(bits: int) -> str:
+    """How much less MSE a packaged codebook has than Lloyd-Max's levels, percent, as the prose writes it."""
+    row = next(r for r in load(VQ_BOOKS)["codebooks"] if r["bits"] == bits)
+    return f"{-row['vq_vs_lloyd_max_pct']:.0f}%"
+
+
 TUNING_WINDOWS = RESULTS + "tuning_windows.json"
 
 
@@ -527,6 +565,23 @@ CLAIMS = [
           lambda d: f"{trial(THREE, 'uniform level 2')['measured_delta_pct']:+.2f}%"),
     Claim(FRONTIER4, "{}", ATTENTION_METRIC, lambda d: attention_metric_table()),
     Claim(FRONTIER4, "{}", TUNING_WINDOWS, lambda d: tuning_windows_table()),
+    # ... vector codes, and the tuner's confirmation over seeds (vq_codebooks.json, vector_codes.json)
+    Claim(FRONTIER4, "with {} less MSE than Lloyd-Max's", VQ_BOOKS, lambda d: vq_gain(2)),
+    Claim(FRONTIER4, "levels at 2 bits and {} less at 4 bits", VQ_BOOKS, lambda d: vq_gain(4)),
+    Claim(FRONTIER4, "{}", VECTOR_CODES, lambda d: vector_codes_table()),
+    Claim(FRONTIER4, "worst domain falls from\n  {} to", VECTOR_CODES, lambda d: vector_worst(2, "lloyd-max")),
+    Claim(FRONTIER4, " to {}, and the mean over domains", VECTOR_CODES, lambda d: vector_worst(2, "vq")),
+    Claim(FRONTIER4, "mean over domains\n  from {} to", VECTOR_CODES,
+          lambda d: f"{vector_row(2, 'lloyd-max')['mean_delta_pct']:+.2f}%"),
+    Claim(FRONTIER4, "to {}.\n- **Where half", VECTOR_CODES, lambda d: f"{vector_row(2, 'vq')['mean_delta_pct']:+.2f}%"),
+    Claim(FRONTIER4, "they do not:** {}\n  against", VECTOR_CODES, lambda d: vector_worst(6, "lloyd-max")),
+    Claim(FRONTIER4, "against\n  {}, within what one seed", VECTOR_CODES, lambda d: vector_worst(6, "vq")),
+    Claim(FRONTIER4, "gave {} at the bundled", VECTOR_CODES, lambda d: vector_first_seed(6, "vq keys and values")),
+    Claim(FRONTIER4, "against {} with the\n  values alone", VECTOR_CODES, lambda d: vector_first_seed(6, "vq")),
+    Claim(FRONTIER4, "first seed ({}, as the tune", VECTOR_CODES, lambda d: vector_first_seed(2, "lloyd-max")),
+    Claim(FRONTIER4, "setting loses\n  {} on its worst", VECTOR_CODES, lambda d: vector_worst(2, "lloyd-max")),
+    Claim(FRONTIER4, "moves by up to {} points between", VECTOR_CODES,
+          lambda d: f"{vector_row(2, 'lloyd-max')['largest_seed_spread_pct']:.2f}"),
     # ... keys coded before RoPE (prerope_keys.json, prerope_keys_evaluation.json)
     Claim(FRONTIER4, "calibrated variance falls from {} to", PREROPE, ("spectrum", "post-rope", "total_variance"), ",.0f"),
     Claim(FRONTIER4, "to {}, and the top eighth", PREROPE, ("spectrum", "pre-rope", "total_variance"), ",.0f"),
@@ -731,6 +786,22 @@ def test_the_prerope_harness_row_is_the_tuners_trial():
     assert engine["level"] == 6
     for domain, recorded in trial["by_domain"].items():
         assert engine["by_domain"][domain] == pytest.approx(recorded, abs=0.02), domain
+
+
+def test_vector_codes_rows_are_their_seeds_means_and_the_first_seed_is_the_tuners_trial():
+    """vector_codes.json quotes means over seeds; its Lloyd-Max level-2 run at seed 0 must give what the pre-RoPE
+    three-percent tune recorded for that level on the same tuning windows (it measures as the tuner does)."""
+    for row in load(VECTOR_CODES)["rows"]:
+        assert len(row["by_seed"]) == len(row["seeds"])
+        mean = {d: sum(s[d] for s in row["by_seed"]) / len(row["by_seed"]) for d in row["by_seed"][0]}
+        assert row["worst_delta_pct"] == pytest.approx(max(mean.values()), abs=1e-3)
+        assert mean[row["worst_domain"]] == pytest.approx(row["worst_delta_pct"], abs=1e-3)
+        assert row["mean_delta_pct"] == pytest.approx(sum(mean.values()) / len(mean), abs=1e-3)
+    trial = next(t for t in load(PREROPE3)["calibration"]["tuning"]["trials"]
+                 if t["name"] == "uniform level 2" and t["window"] == 0)
+    first = vector_row(2, "lloyd-max")["by_seed"][0]
+    for domain, recorded in trial["by_domain"].items():
+        assert first[domain] == pytest.approx(recorded, abs=0.02), domain
 
 
 def test_every_rung_loses_less_with_keys_before_rope():
