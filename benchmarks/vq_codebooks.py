@@ -6,8 +6,11 @@ codewords in ``8/b`` dimensions (:mod:`kvhub.quantizers.vector`). The codewords 
 of each codebook, of Lloyd-Max's scalar levels at the same bits, and the rate-distortion bound ``2**(-2b)`` are
 measured on fresh samples and written to ``benchmarks/results/vq_codebooks.json``.
 
-    python benchmarks/vq_codebooks.py            # ~1 min on 2 cores; rewrites the packaged codebooks
-    python benchmarks/vq_codebooks.py --check    # measures the packaged codebooks only
+    python benchmarks/vq_codebooks.py            # measures the packaged codebooks
+    python benchmarks/vq_codebooks.py --refit    # ~1 min on 2 cores: fits them again and rewrites the file
+
+Refitting changes what every stored vector code decodes to (presets' caches, KV at rest, LMCache chunks): a new
+codebook needs a new quantizer name, and ``tests/test_vector_codes.py`` pins the packaged file's digest.
 """
 
 from __future__ import annotations
@@ -53,9 +56,9 @@ def scalar_mse(bits: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--check", action="store_true", help="measure the packaged codebooks, fit nothing")
+    parser.add_argument("--refit", action="store_true", help="fit the codebooks again and rewrite the packaged file")
     args = parser.parse_args()
-    if not args.check:
+    if args.refit:
         save_file({codebook_name(b): kmeans(8 // b).contiguous() for b in (2, 4)}, str(CODEBOOK_FILE))
         codebooks.cache_clear()
     rows = []

@@ -99,6 +99,9 @@ class CompressedStream:
         self.scratch = scratch if scratch is not None else Scratch()
         self.codes = [GrowableTensor() for _ in self.segments]
         self.quantizer, self.scale = QUANTIZERS[codec.quantizer], SCALES[codec.scale]
+        # bytes that are codewords (kvhub.quantizers.vector): only decoders that look bytes up in a codebook read them
+        self.vector_codes = any(self.quantizer.byte_table(s.bits, self.scale.statistic) is not None
+                                for s in self.segments if s.bits < 16)
         self.scale_format = SCALE_FORMATS[codec.scale_format]
         self.n_scaled = sum(1 for s in self.segments if s.bits < 16) if self.scale.per_token else 0
         self.scales = GrowableTensor()

@@ -314,8 +314,11 @@ def search(
         for trial in sorted((t for t in trials if t.measured_delta_pct <= target_pct), key=lambda t: -t.ratio):
             if chosen := confirm(trial):
                 break
+        measured = {(t.name, t.window) for t in trials}  # a level measured already passed unconfirmed or failed
         while chosen is None and level + 1 < len(LEVELS):
             level += 1
+            if (f"uniform level {level}", best[0].window) in measured:
+                continue
             trial = measure(f"uniform level {level}", uniform_rungs(level, n), best[0].window)
             chosen = confirm(trial) if trial.measured_delta_pct <= target_pct else None
     if chosen is None:

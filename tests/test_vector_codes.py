@@ -4,6 +4,8 @@ the stored bytes is held to a float64 reference in tests/test_conformance.py (co
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -16,6 +18,13 @@ from kvhub.schema import load_schema
 from kvhub.stream import CompressedStream
 
 LLOYD_MAX_MSE = {2: 0.1175, 4: 0.009497}  # N(0, 1), Max 1960, Table I
+# The packaged codebooks as first published: every stored vector code (a preset's cache, KV at rest, an LMCache
+# chunk) decodes only with these, so a refit needs a new quantizer name, not a new file under this one.
+CODEBOOK_SHA256 = "3356cae26f0397742741a4cbd1031076b28a41ece04851f602890e533836f47d"
+
+
+def test_the_packaged_codebooks_are_the_published_ones():
+    assert hashlib.sha256(vector.CODEBOOK_FILE.read_bytes()).hexdigest() == CODEBOOK_SHA256
 
 
 def book(bits: int) -> torch.Tensor:

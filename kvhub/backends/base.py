@@ -82,8 +82,7 @@ class DecodeBackend(ABC):
                 return f"rank {stream.codec.rank}, more than {cap.max_rank}"
             if cap.max_segments is not None and len(stream.segments) > cap.max_segments:
                 return f"{len(stream.segments)} segments, more than {cap.max_segments}"
-        if not cap.vector_codes and any(seg.byte_table is not None for stream in (call.keys, call.values)
-                                        for seg in stream.plan().segments):
+        if not cap.vector_codes and (call.keys.vector_codes or call.values.vector_codes):
             return "vector codes (each byte a codeword, decoded through the codebook)"
         if call.keys.rope is not None and not cap.keys_before_rope:
             return "keys coded before RoPE (scored from keys decoded and turned by their positions)"

@@ -29,7 +29,7 @@ def decode_attention(query, keys, values, length, exact_k, exact_v, history_mask
     if getattr(keys, "rope", None) is not None:
         raise ValueError("decode_attention scores keys coded after RoPE; these were coded before it: read them with "
                          "kvhub.backends (the PyTorch backend turns each key back by its position)")
-    if any(seg.byte_table is not None for stream in (keys, values) for seg in stream.plan().segments):
+    if keys.vector_codes or values.vector_codes:
         raise ValueError("decode_attention reads scalar codes; these streams hold vector codes: read them with "
                          "kvhub.backends (the PyTorch backend looks each byte up in its codebook)")
     return run(query, keys, values, length, exact_k, exact_v, history_mask, exact_mask, scaling, softcap, **tuning)

@@ -13,7 +13,8 @@ components at once (:class:`kvhub.plan.SegmentPlan` ``byte_table``). Encoding co
 codewords, in blocks of tokens so the distances stay within :data:`ENCODE_BLOCK_BYTES`.
 
 The codebooks are a packaged file, not refitted at import: a stored code decodes only with the very codebook that
-made it (KV at rest, chunks in LMCache), and k-means is not bit-reproducible across platforms and versions."""
+made it (KV at rest, chunks in LMCache), and k-means is not bit-reproducible across platforms and versions. For
+the same reason a new codebook needs a new quantizer name (a test pins this file's digest)."""
 
 from __future__ import annotations
 
