@@ -54,7 +54,9 @@ PRESETS = {"kvhub 1% preset (bundled)": ROOT / "presets" / "HuggingFaceTB--SmolL
            # tuned on every calibration domain, the target held to the worst one (kvhub tune's rule since 2026-12)
            "kvhub 1% preset, worst-domain tune": ROOT / "benchmarks" / "presets" / "smollm2-1pct-worst",
            # the worst-domain tune held to three percent, keys coded before RoPE (kvhub tune --keys-before-rope)
-           "kvhub 3% preset, keys before RoPE": ROOT / "benchmarks" / "presets" / "smollm2-3pct-prerope"}
+           "kvhub 3% preset, keys before RoPE": ROOT / "benchmarks" / "presets" / "smollm2-3pct-prerope",
+           # the same with the values as vector codes and the choice confirmed over seeds (kvhub tune --quantizer vq)
+           "kvhub 3% preset, vector-coded values": ROOT / "benchmarks" / "presets" / "smollm2-3pct-vq"}
 NEEDLE_ROWS = ("DynamicCache (fp)", "kvhub 1% preset (bundled)", "kvhub 3% preset, log8 scales + Lloyd-Max V")
 
 
