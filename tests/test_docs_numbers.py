@@ -136,6 +136,7 @@ FRONTIER_ROWS = [
     ("the same codes with fp16 scales, uniform values (bundled before)", "kvhub 1% preset, fp16 scales (bundled before)"),
     ("3% preset (log8 scales, Lloyd-Max values)", "kvhub 3% preset, log8 scales + Lloyd-Max V"),
     ("3% preset, keys coded before RoPE (worst-domain tune)", "kvhub 3% preset, keys before RoPE"),
+    ("3% preset, keys before RoPE, values as vector codes (choice confirmed over seeds)", "kvhub 3% preset, vector-coded values"),
     ("int8 per token, K and V", "int8 per token K+V"),
     ("KIVI-4 (simulated: quantize-dequantize, analytic bytes)", "KIVI-4 (simulated)"),
     ("transformers QuantizedCache, int4 (quanto)", "QuantizedCache quanto int4"),
@@ -193,6 +194,7 @@ FRONTIER_SUMMARY = [
     ("int4 per token with a 128-token exact window", "int4 per token, 128 fp window"),
     ("the 1% preset tuned with its target on the worst domain", "kvhub 1% preset, worst-domain tune"),
     ("the 3% preset tuned on the worst domain with keys coded before RoPE", "kvhub 3% preset, keys before RoPE"),
+    ("the same with the values as vector codes, its choice confirmed over seeds", "kvhub 3% preset, vector-coded values"),
 ]
 
 
