@@ -384,16 +384,20 @@ PREROPE = RESULTS + "prerope_keys.json"
 PREROPE_EVAL = RESULTS + "prerope_keys_evaluation.json"
 
 
+def over_seeds(r: dict) -> str:
+    """The cells a seed-averaged row ends with: seeds, worst domain, mean, largest spread between seeds."""
+    spread = f"{r['largest_seed_spread_pct']:.2f}" if len(r["seeds"]) > 1 else "(one seed)"
+    return (f"{len(r['seeds'])} | {r['worst_delta_pct']:+.2f}% ({r['worst_domain']}) | {r['mean_delta_pct']:+.2f}% | "
+            f"{spread} |")
+
+
 def prerope_table(path: str) -> str:
     """frontier-4.md's tables of keys coded before and after RoPE (prerope_keys*.json): each row's deltas are means
     over its rotation seeds."""
     lines = ["| keys / values | compression | keys coded | seeds | worst domain | mean | largest spread between seeds |",
              "|---|---|---|---|---|---|---|"]
-    for r in load(path)["rows"]:
-        lines.append(f"| {layout(r['key_segments'])} / {layout(r['value_segments'])} | {r['compression']:.2f}x | "
-                     f"{r['keys']} | {len(r['seeds'])} | {r['worst_delta_pct']:+.2f}% ({r['worst_domain']}) | "
-                     f"{r['mean_delta_pct']:+.2f}% | "
-                     + (f"{r['largest_seed_spread_pct']:.2f} |" if len(r["seeds"]) > 1 else "(one seed) |"))
+    lines += [f"| {layout(r['key_segments'])} / {layout(r['value_segments'])} | {r['compression']:.2f}x | {r['keys']} | "
+              + over_seeds(r) for r in load(path)["rows"]]
     return "\n".join(lines)
 
 
@@ -422,11 +426,8 @@ def vector_codes_table() -> str:
     """frontier-4.md's table of vector codes against Lloyd-Max levels over rotation seeds (vector_codes.json)."""
     lines = ["| level | keys / values | compression | codes | seeds | worst domain | mean | largest spread between seeds |",
              "|---|---|---|---|---|---|---|---|"]
-    for r in load(VECTOR_CODES)["rows"]:
-        lines.append(f"| {r['level']} | {layout(r['keys'])} / {layout(r['values'])} | {r['compression']:.2f}x | "
-                     f"{r['codes']} | {len(r['seeds'])} | {r['worst_delta_pct']:+.2f}% ({r['worst_domain']}) | "
-                     f"{r['mean_delta_pct']:+.2f}% | "
-                     + (f"{r['largest_seed_spread_pct']:.2f} |" if len(r["seeds"]) > 1 else "(one seed) |"))
+    lines += [f"| {r['level']} | {layout(r['keys'])} / {layout(r['values'])} | {r['compression']:.2f}x | {r['codes']} | "
+              + over_seeds(r) for r in load(VECTOR_CODES)["rows"]]
     return "\n".join(lines)
 
 
