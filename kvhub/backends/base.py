@@ -45,7 +45,7 @@ class Capabilities:
     max_segments: int | None = None
     keys_before_rope: bool = False  # scores keys coded before RoPE (decoded and turned per position)
     vector_codes: bool = False  # reads segments whose bytes are codewords of a codebook (kvhub.quantizers.vector)
-    levels: str = "uniform, Lloyd-Max"
+    levels: str = "uniform, Lloyd-Max"  # scalar level sets read (vector codes: the flag above)
     masks: str = "SDPA, eager, flash-attention (None or 2-D: the layer adds the causal and window part)"
 
 
@@ -102,7 +102,7 @@ class DecodeBackend(ABC):
             "query dtypes": _names(cap.query_dtypes),
             "16-bit segments stored as": _names(cap.stored_dtypes),
             "keys": "after or before RoPE" if cap.keys_before_rope else "after RoPE",
-            "levels": cap.levels,
+            "levels": cap.levels + (", vector codes" if cap.vector_codes else ""),
             "scales": _names(cap.scale_dtypes).replace("float16", "fp16").replace("uint8", "log8"),
             "masks": cap.masks,
             "limits": ", ".join(f"{k} <= {v}" for k, v in (("rank", cap.max_rank), ("segments", cap.max_segments))

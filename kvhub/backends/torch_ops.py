@@ -63,7 +63,7 @@ class TorchBackend(DecodeBackend):
         query_dtypes=(torch.float16, torch.bfloat16, torch.float32),
         stored_dtypes=(torch.float16, torch.bfloat16, torch.float32),
         scale_dtypes=(torch.float16, torch.uint8),
-        keys_before_rope=True, vector_codes=True, levels="uniform, Lloyd-Max, vector codes",
+        keys_before_rope=True, vector_codes=True,
     )
 
     # The history's two products; the C backend replaces these with its kernels and keeps the rest.

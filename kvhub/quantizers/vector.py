@@ -70,13 +70,12 @@ class VectorQuantizer(Quantizer):
 
     def encode_packed(self, z: torch.Tensor, scale: torch.Tensor, bits: int, statistic: Statistic) -> torch.Tensor:
         book = self._book(bits).to(z.device)
-        groups = (z / scale).unflatten(-1, (-1, book.shape[1]))  # [..., n, groups, per]
-        flat = groups.flatten(0, -4) if groups.dim() > 3 else groups.unsqueeze(0)  # [rows, n, groups, per]
         norms = book.pow(2).sum(-1)
-        per_token = flat.shape[2] * book.shape[0] * 4
-        block = max(1, ENCODE_BLOCK_BYTES // max(per_token * flat.shape[0], 1))
-        codes = torch.empty(flat.shape[:3], dtype=torch.uint8, device=z.device)
-        for t in range(0, flat.shape[1], block):
+        groups = (z / scale).unflatten(-1, (-1, book.shape[1]))  # [..., n, groups, per]
+        per_token = groups[..., :1, :, 0].numel() * book.shape[0] * 4  # distance bytes of one token
+        block = max(1, ENCODE_BLOCK_BYTES // max(per_token, 1))
+        codes = torch.empty(groups.shape[:-1], dtype=torch.uint8, device=z.device)
+        for t in range(0, groups.shape[-3], block):
             # nearest codeword: argmin |g - c|^2 = argmax 2 g.c - |c|^2
-            codes[:, t : t + block] = (2 * flat[:, t : t + block] @ book.T - norms).argmax(-1).to(torch.uint8)
-        return codes.reshape(groups.shape[:-1])
+            codes[..., t : t + block, :] = (2 * groups[..., t : t + block, :, :] @ book.T - norms).argmax(-1)
+        return codes
