@@ -113,3 +113,28 @@ def test_vector_codes_travel_in_the_bytes_of_scalar_codes(tiny_llama, kv):
         errors[quantizer] = ((out[1].float() - kv[0][1].float()).norm() / kv[0][1].float().norm()).item()
     assert sizes["vq"] == sizes["lloyd-max"]
     assert 0 < errors["vq"] < 1.1 * errors["lloyd-max"], errors
+
+
+def test_vector_code_chunks_name_their_codebook(tiny_llama, kv, monkeypatch):
+    """A chunk of vector codes is tied to the packaged codebook that made its bytes: under another codebook file of
+    the same quantizer name it is refused, not decoded with the wrong codewords. Scalar-code presets keep the digest
+    of their config alone (chunks already at rest stay readable)."""
+    import hashlib
+    import json
+
+    from kvhub.quantizers import vector
+
+    keys = StreamCodec((Segment(8, 4), Segment(8, 2)), scale="token", scale_format="log8")
+    values = StreamCodec((Segment(8, 4), Segment(8, 2)), scale="rms", quantizer="vq", scale_format="log8")
+    preset = make_preset(tiny_llama, CacheCodec((LayerCodec(keys, values, sink=2),) * 2))
+    codec = ChunkCodec(preset)
+    buf = torch.empty(codec.nbytes(kv[0].shape, kv[0].dtype, HEADS), dtype=torch.uint8)
+    codec.encode(kv[0], buf, HEADS)
+
+    monkeypatch.setattr(vector, "codebook_sha256", lambda: hashlib.sha256(b"another codebook").digest())
+    with pytest.raises(ChunkPresetMismatchError):
+        ChunkCodec(preset).decode(buf, torch.empty_like(kv[0]), HEADS)
+
+    scalar = make_preset(tiny_llama, CacheCodec.uniform(ModelShape.from_config(tiny_llama.config), 8, 4))
+    config_only = hashlib.sha256(json.dumps(scalar.config, sort_keys=True, separators=(",", ":")).encode()).digest()
+    assert ChunkCodec(scalar).digest == config_only

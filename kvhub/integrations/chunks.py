@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from ..bases import StreamBasis
-from ..codec import STREAMS, StreamCodec
+from ..codec import STREAMS, CacheCodec, StreamCodec
 from ..errors import (
     ChunkChecksumError,
     ChunkFormatError,
@@ -50,7 +50,7 @@ from ..errors import (
     ChunkTruncatedError,
     CodecError,
 )
-from ..quantizers import SCALE_FORMATS
+from ..quantizers import QUANTIZERS, SCALE_FORMATS
 from ..stream import CompressedStream
 
 MAGIC = b"KVHC"
@@ -66,8 +66,15 @@ _MAX_EXACT = 2**15 - 1  # exact-token indices are stored as int16
 
 def preset_digest(config: dict[str, Any]) -> bytes:
     """sha256 of the preset's config in canonical JSON. The config lists its bases file's sha256, so the digest also
-    pins the bases: a chunk is decoded only by the preset that encoded it."""
-    return hashlib.sha256(json.dumps(config, sort_keys=True, separators=(",", ":")).encode()).digest()
+    pins the bases: a chunk is decoded only by the preset that encoded it. A quantizer whose codes mean what a
+    packaged file says (vector codes: the codebook) adds that file's digest, so a chunk written under another
+    codebook of the same name is refused, not decoded wrongly; presets of scalar codes keep the config's digest."""
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, separators=(",", ":")).encode())
+    codec = CacheCodec.from_dict(config["codec"])
+    names = sorted({stream.quantizer for layer in codec.layers for stream in (layer.keys, layer.values)})
+    for name in names:
+        digest.update(QUANTIZERS[name].fingerprint())
+    return digest.digest()
 
 
 def store_dtype(dtype: torch.dtype) -> torch.dtype:

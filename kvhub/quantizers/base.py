@@ -44,6 +44,12 @@ class Quantizer(ABC):
         stored byte decodes to, in its components' order; None where each code in a byte is read alone."""
         return None
 
+    def fingerprint(self) -> bytes:
+        """What a stored code's meaning depends on beyond the preset's config: the digest of a packaged codebook,
+        so bytes written at rest name it (:func:`kvhub.integrations.chunks.preset_digest`); empty where the levels
+        are defined by the code alone."""
+        return b""
+
 
 class ScalarQuantizer(Quantizer):
     """One code per coefficient, packed ``8 / bits`` to a byte (:mod:`kvhub.quant`)."""

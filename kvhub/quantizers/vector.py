@@ -18,6 +18,7 @@ the same reason a new codebook needs a new quantizer name (a test pins this file
 
 from __future__ import annotations
 
+import hashlib
 from functools import lru_cache
 from pathlib import Path
 
@@ -51,6 +52,12 @@ def codebooks() -> dict[int, torch.Tensor]:
     return out
 
 
+@lru_cache(maxsize=None)
+def codebook_sha256() -> bytes:
+    """sha256 of the packaged codebook file: what chunks of vector codes at rest are tied to."""
+    return hashlib.sha256(CODEBOOK_FILE.read_bytes()).digest()
+
+
 class VectorQuantizer(Quantizer):
     name = "vq"
     statistics = ("deviation",)  # the codebooks are those of unit Gaussian vectors: the scale must be a deviation
@@ -67,6 +74,9 @@ class VectorQuantizer(Quantizer):
 
     def byte_table(self, bits: int, statistic: Statistic) -> torch.Tensor:
         return self._book(bits)
+
+    def fingerprint(self) -> bytes:
+        return codebook_sha256()
 
     def encode_packed(self, z: torch.Tensor, scale: torch.Tensor, bits: int, statistic: Statistic) -> torch.Tensor:
         book = self._book(bits).to(z.device)
