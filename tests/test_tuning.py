@@ -235,12 +235,17 @@ def test_a_pass_that_other_seeds_do_not_repeat_is_not_chosen(searched, monkeypat
     def fake_measure(model, name, codec, bases, windows, baseline_ppl, seed=0):
         bits = sum(layer.keys.bits_per_token() + layer.values.bits_per_token() for layer in codec.layers)
         loss = 0.999 * bits9 / bits + (bump if seed else 0.0)  # seed 0 passes 1% from level 9 up
-        return Trial(name, codec.layers[0].window, bits, 0.0, {"d": loss}, 1000 / bits, codec)
+        return Trial(name, codec.layers[0].window, bits, 0.0, {"d": loss}, 1000 / bits, codec, seed)
 
     monkeypatch.setattr(kvhub.tuning, "measure_trial", fake_measure)
+    lines: list[str] = []
     result = search(model, bases, {"d": windows[:1]}, target_delta=0.01, sink=2, windows=(0,), flush_block=4,
-                    log=lambda _: None, confirm_seeds=(1, 2))
+                    log=lines.append, confirm_seeds=(1, 2))
     first = [t for t in result.trials if " seed" not in t.name and ", mean of" not in t.name]
+    # the last line counts each setting once, its runs at other seeds and their means apart
+    passed = sum(t.measured_delta_pct <= 1.0 for t in first)
+    assert f"; {passed} of {len(first)} settings within" in lines[-1], lines[-1]
+    assert f"({len(result.trials) - len(first)} runs at other seeds and means)" in lines[-1], lines[-1]
     lucky = max((t for t in first if t.measured_delta_pct <= 1.0), key=lambda t: t.ratio)
     assert result.chosen.name.endswith(", mean of 3 seeds") and result.chosen.measured_delta_pct <= 1.0
     assert result.chosen.ratio < lucky.ratio  # the most compressed first pass did not hold over seeds
