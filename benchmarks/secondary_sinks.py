@@ -1,0 +1,210 @@
+"""Secondary sinks: where the compressed past's attention goes, and what keeping those tokens exact would buy.
+
+Measured before building (frontier-4.md, "Secondary sinks, measured"). Two parts:
+
+1. **Where attention goes.** One 1,536-token window per evaluation corpus through the benchmark model with eager
+   attention: per layer, the share of the attention that queries send to the *compressed* past (not the 4 exact
+   sink tokens, not their own 128-token chunk) which lands on the top 1% of those tokens; and how much of it a rule
+   a cache can apply when it codes a token, with no future queries, catches: *a token whose value vector is shorter
+   than ``tau`` times its layer and head's median* (the median measured on calibration text).
+2. **What exact secondary sinks would buy.** Each preset's codes measured on the evaluation protocol (7 corpora x 3
+   windows x 2,048 tokens, chunks of 128) by a stand-in for a cache that keeps flagged tokens exact: a DynamicCache
+   whose past is, at every chunk, the preset's own stored codes decoded (:class:`kvhub.stream.CompressedStream`,
+   the engine's encoder and decoder), with the sink tokens and the flagged tokens (keys, values or both) put back
+   exact, and the chunk itself exact, as the engine attends. The row with nothing flagged is the check on the
+   stand-in: it is compared with the preset's own recorded metrics (the engine on the same windows). Bytes: what a
+   side table of the flagged tokens would add (fp16 vectors and a 4-byte position per flagged token and head, the
+   codes kept in place), against the preset's measured ratio.
+
+    python benchmarks/secondary_sinks.py   # writes benchmarks/results/secondary_sinks.json (~35 min on 2 cores)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache
+
+from kvhub import KVPreset, ModelShape, load_model
+from kvhub.corpora import CORPORA
+from kvhub.eval import hardware
+from kvhub.eval.ppl import perplexity
+from kvhub.models import BENCHMARK_MODEL_ID
+from kvhub.protocol import worst_of
+from kvhub.rope import RotaryFrame
+from kvhub.stream import CompressedStream
+from kvhub.text import read_texts, token_windows
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "benchmarks" / "results" / "secondary_sinks.json"
+PRESETS = {"bundled 1% preset": ROOT / "presets" / "HuggingFaceTB--SmolLM2-135M-Instruct",
+           "3% preset, vector-coded values": ROOT / "benchmarks" / "presets" / "smollm2-3pct-vq"}
+CHUNK, WINDOW_TOKENS, WINDOWS = 128, 2048, 3  # the evaluation protocol (kvhub.eval.EvalConfig)
+SINK = 4  # the presets' exact sink tokens
+ATTENTION_TOKENS = 1536  # part 1's window: eager attention weights of every layer must fit in memory
+TAUS = (0.3, 0.4)
+SIDES = {"keys and values": ("keys", "values"), "values only": ("values",), "keys only": ("keys",)}
+POSITION_BYTES = 4
+
+
+def value_norm_medians(model, windows: list[torch.Tensor]) -> torch.Tensor:
+    """[layers, kv_heads]: the median length of a value vector per layer and head over ``windows`` (calibration
+    text), what the flagging rule is relative to."""
+    heads, d = model.config.num_key_value_heads, ModelShape.from_config(model.config).head_dim
+    norms: dict[int, list[torch.Tensor]] = {}
+    hooks = [layer.self_attn.v_proj.register_forward_hook(
+        lambda m, a, o, i=i: norms.setdefault(i, []).append(o[0].view(-1, heads, d).norm(dim=-1)))
+        for i, layer in enumerate(model.model.layers)]
+    try:
+        for ids in windows:
+            model(ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    return torch.stack([torch.cat(norms[i]).median(0).values for i in range(len(norms))])
+
+
+def attention_shares(model, ids: torch.Tensor, medians: torch.Tensor, sink: int, tau: float) -> dict[str, list[float]]:
+    """Per layer: the top 1% of compressed-past tokens' share of the attention sent to the compressed past, the
+    share the value-norm rule catches, and the fraction of token-heads it flags (module docstring, part 1)."""
+    heads, d = model.config.num_key_value_heads, ModelShape.from_config(model.config).head_dim
+    values: dict[int, torch.Tensor] = {}
+    hooks = [layer.self_attn.v_proj.register_forward_hook(
+        lambda m, a, o, i=i: values.__setitem__(i, o[0].view(-1, heads, d).norm(dim=-1)))
+        for i, layer in enumerate(model.model.layers)]
+    try:
+        attentions = model(ids, output_attentions=True).attentions
+    finally:
+        for h in hooks:
+            h.remove()
+    t = ids.shape[-1]
+    q, k = torch.arange(t)[:, None], torch.arange(t)[None, :]
+    past = (k >= sink) & (k < q - CHUNK)
+    top = max(1, t // 100)
+    out: dict[str, list[float]] = {"top1pct_share": [], "rule_share": [], "rule_flagged": []}
+    for i, a in enumerate(attentions):
+        received = (a[0] * past)[:, 2 * CHUNK:].sum(1)  # [query heads, keys]: what each past token receives
+        total = received.sum(-1)
+        out["top1pct_share"].append(float((received.topk(top, -1).values.sum(-1) / total).mean()))
+        flag = values[i] < tau * medians[i]  # [tokens, kv heads]
+        flag[:sink] = False
+        group = received.shape[0] // heads
+        caught = (received * flag.T.repeat_interleave(group, 0)).sum(-1)
+        out["rule_share"].append(float((caught / total).mean()))
+        out["rule_flagged"].append(float(flag[sink:].float().mean()))
+    return out
+
+
+class ExactSinksStandIn(DynamicCache):
+    """A DynamicCache whose past is the preset's codes decoded at every chunk, the sinks and the tokens flagged by
+    the value-norm rule (on ``sides``) exact, and the incoming chunk exact (module docstring, part 2). ``tau`` 0
+    flags nothing: the preset as the engine runs it."""
+
+    def __init__(self, model, preset: KVPreset, medians: torch.Tensor, tau: float, sides: tuple[str, ...]):
+        super().__init__(config=model.config)
+        self.preset, self.codec, self.medians, self.tau, self.sides = preset, preset.codec, medians, tau, sides
+        self.rope = RotaryFrame.from_config(model.config) if self.codec.keys_before_rope else None
+        self.streams: dict[int, tuple[CompressedStream, CompressedStream]] = {}
+        self.flags: dict[int, torch.Tensor] = {}
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        codec = self.codec.layers[layer_idx]
+        if layer_idx not in self.streams:
+            self.streams[layer_idx] = (
+                CompressedStream(codec.keys, self.preset.bases[(layer_idx, "keys")], keys.device, rope=self.rope),
+                CompressedStream(codec.values, self.preset.bases[(layer_idx, "values")], values.device))
+        ks, vs = self.streams[layer_idx]
+        start, n = ks.length, key_states.shape[2]
+        ks.append(key_states, torch.arange(start, start + n, device=keys.device)[None].expand(keys.shape[0], -1))
+        vs.append(value_states)
+        flag = value_states.norm(dim=-1) < self.tau * self.medians[layer_idx].to(values.device)[None, :, None]
+        self.flags[layer_idx] = flag if start == 0 else torch.cat([self.flags[layer_idx], flag], -1)
+        if start == 0:
+            return keys, values
+        sink = torch.zeros_like(self.flags[layer_idx][..., :start])
+        sink[..., : codec.sink] = True
+        flagged = self.flags[layer_idx][..., :start] | sink
+        out = []
+        for name, stream, exact in (("keys", ks, keys), ("values", vs, values)):
+            keep = (flagged if name in self.sides else sink)[..., None]
+            past = torch.where(keep, exact[..., :start, :], stream.decode(exact.dtype, 0, start))
+            out.append(torch.cat([past, exact[..., start:, :]], 2))
+        return tuple(out)
+
+    def flagged_fraction(self) -> tuple[int, int]:
+        """(flagged token-heads past the sinks, token-heads past the sinks) over every layer."""
+        sink = self.codec.layers[0].sink
+        flags = [f[..., sink:] for f in self.flags.values()]
+        return sum(int(f.sum()) for f in flags), sum(f.numel() for f in flags)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.parse_args()
+    t0 = time.time()
+    torch.set_grad_enabled(False)
+    model, tok = load_model(BENCHMARK_MODEL_ID)
+    calibration = [w for _, text in read_texts([str(CORPORA / "calibration")])
+                   for w in token_windows(tok, text, WINDOW_TOKENS, 1)]
+    medians = value_norm_medians(model, calibration)
+    texts = read_texts([str(CORPORA / "evaluation")])
+    windows = {name: token_windows(tok, text, WINDOW_TOKENS, WINDOWS) for name, text in texts}
+
+    implementation, model.config._attn_implementation = model.config._attn_implementation, "eager"  # part 1 only
+    shares = {name: {f"tau {tau}": attention_shares(model, w[0][:, :ATTENTION_TOKENS], medians, SINK, tau) for tau in TAUS}
+              for name, w in windows.items()}
+    model.config._attn_implementation = implementation
+    print(f"part 1 done ({time.time() - t0:.0f}s)", flush=True)
+
+    base = {name: perplexity(model, w, lambda: DynamicCache(config=model.config), CHUNK).ppl
+            for name, w in windows.items()}
+    rows = []
+    for label, folder in PRESETS.items():
+        preset = KVPreset.from_pretrained(folder)
+        metrics = preset.metrics
+        ratio = metrics["compression"]["total"]
+        head_dim = preset.shape.head_dim
+        runs = [("none", 0.0, ())] + [(side, tau, SIDES[side]) for tau in TAUS[:1] for side in SIDES] + \
+               [("keys and values", tau, SIDES["keys and values"]) for tau in TAUS[1:]]
+        for side, tau, sides in runs:
+            made: list[ExactSinksStandIn] = []
+
+            def make() -> ExactSinksStandIn:
+                made.append(ExactSinksStandIn(model, preset, medians, tau, sides))
+                return made[-1]
+
+            by = {name: 100 * (perplexity(model, w, make, CHUNK).ppl / base[name] - 1) for name, w in windows.items()}
+            flagged, total = (sum(x) for x in zip(*(m.flagged_fraction() for m in made)))
+            fraction = flagged / total
+            side_bytes = len(sides) * 2 * head_dim + POSITION_BYTES if sides else 0
+            with_table = 4 * head_dim / (4 * head_dim / ratio + fraction * side_bytes)
+            worst = worst_of(by)
+            row = {"preset": label, "exact": side, "tau": tau, "by_corpus": {k: round(v, 4) for k, v in by.items()},
+                   "worst_corpus": worst[0], "worst_delta_pct": round(worst[1], 4),
+                   "mean_delta_pct": round(sum(by.values()) / len(by), 4),
+                   "flagged_token_heads_pct": round(100 * fraction, 4), "compression": ratio,
+                   "compression_with_side_table": round(with_table, 4)}
+            if not sides:
+                row["recorded"] = {"worst_corpus": metrics["perplexity"]["worst_corpus"],
+                                   "worst_delta_pct": metrics["perplexity"]["worst_delta_pct"],
+                                   "mean_delta_pct": metrics["perplexity"]["mean_delta_pct"]}
+            rows.append(row)
+            print(f"{label:32s} exact {side:16s} tau {tau}: worst {row['worst_delta_pct']:+.2f}% ({worst[0]}) mean "
+                  f"{row['mean_delta_pct']:+.2f}%, flagged {row['flagged_token_heads_pct']:.2f}%, "
+                  f"{row['compression_with_side_table']:.2f}x ({time.time() - t0:.0f}s)", flush=True)
+    out = {"what": __doc__.splitlines()[0], "model": BENCHMARK_MODEL_ID,
+           "command": "python benchmarks/secondary_sinks.py", "hardware": hardware(), "seconds": round(time.time() - t0),
+           "protocol": {"windows": WINDOWS, "window_tokens": WINDOW_TOKENS, "chunk": CHUNK},
+           "value_norm_medians": [[round(float(x), 4) for x in row] for row in medians],
+           "attention": shares, "baseline_ppl": base, "rows": rows}
+    OUT.write_text(json.dumps(out, indent=1) + "\n")
+    print(f"wrote {OUT}")
+
+
+if __name__ == "__main__":
+    main()
