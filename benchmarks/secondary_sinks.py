@@ -12,11 +12,18 @@ Measured before building (frontier-4.md, "Secondary sinks, measured"). Two parts
    whose past is, at every chunk, the preset's own stored codes decoded (:class:`kvhub.stream.CompressedStream`,
    the engine's encoder and decoder), with the sink tokens and the flagged tokens (keys, values or both) put back
    exact, and the chunk itself exact, as the engine attends. The row with nothing flagged is the check on the
-   stand-in: it is compared with the preset's own recorded metrics (the engine on the same windows). Bytes: what a
+   stand-in: it is compared with the preset's own recorded metrics (the engine on the same windows; the engine also
+   keeps its tokens not yet flushed exact, which the stand-in codes). Bytes: what a
    side table of the flagged tokens would add (fp16 vectors and a 4-byte position per flagged token and head, the
    codes kept in place), against the preset's measured ratio.
 
-    python benchmarks/secondary_sinks.py   # writes benchmarks/results/secondary_sinks.json (~35 min on 2 cores)
+3. **Does it open a more compressed rung?** With ``--ladder-level N``: the tuner's ladder level ``N`` with
+   vector-coded values and keys coded before RoPE, measured as the tuner measures a trial (the tuning split, bases
+   fitted as ``kvhub tune`` fits them, three seeds of the segments' rotation), by the stand-in with nothing flagged
+   and with the keys and values of flagged tokens exact, beside the engine's own trial at the first seed.
+
+    python benchmarks/secondary_sinks.py                   # parts 1 and 2: secondary_sinks.json (~42 min on 2 cores)
+    python benchmarks/secondary_sinks.py --ladder-level 2  # part 3: secondary_sinks_level2.json (~20 min)
 """
 
 from __future__ import annotations
@@ -29,7 +36,8 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-from kvhub import KVPreset, ModelShape, load_model
+from kvhub import CacheCodec, KVPreset, ModelShape, calibrate, load_model
+from kvhub.bases import Bases
 from kvhub.corpora import CORPORA
 from kvhub.eval import hardware
 from kvhub.eval.ppl import perplexity
@@ -38,9 +46,12 @@ from kvhub.protocol import worst_of
 from kvhub.rope import RotaryFrame
 from kvhub.stream import CompressedStream
 from kvhub.text import read_texts, token_windows
+from kvhub.tuning import (TuneConfig, codec_from_rungs, measure_trial, split_calibration, stream_ladders,
+                          uniform_rungs)
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "secondary_sinks.json"
+SEEDS = (0, 1, 2)
 PRESETS = {"bundled 1% preset": ROOT / "presets" / "HuggingFaceTB--SmolLM2-135M-Instruct",
            "3% preset, vector-coded values": ROOT / "benchmarks" / "presets" / "smollm2-3pct-vq"}
 CHUNK, WINDOW_TOKENS, WINDOWS = 128, 2048, 3  # the evaluation protocol (kvhub.eval.EvalConfig)
@@ -104,9 +115,9 @@ class ExactSinksStandIn(DynamicCache):
     the value-norm rule (on ``sides``) exact, and the incoming chunk exact (module docstring, part 2). ``tau`` 0
     flags nothing: the preset as the engine runs it."""
 
-    def __init__(self, model, preset: KVPreset, medians: torch.Tensor, tau: float, sides: tuple[str, ...]):
+    def __init__(self, model, codec: CacheCodec, bases: Bases, medians: torch.Tensor, tau: float, sides: tuple[str, ...]):
         super().__init__(config=model.config)
-        self.preset, self.codec, self.medians, self.tau, self.sides = preset, preset.codec, medians, tau, sides
+        self.codec, self.bases, self.medians, self.tau, self.sides = codec, bases, medians, tau, sides
         self.rope = RotaryFrame.from_config(model.config) if self.codec.keys_before_rope else None
         self.streams: dict[int, tuple[CompressedStream, CompressedStream]] = {}
         self.flags: dict[int, torch.Tensor] = {}
@@ -116,8 +127,8 @@ class ExactSinksStandIn(DynamicCache):
         codec = self.codec.layers[layer_idx]
         if layer_idx not in self.streams:
             self.streams[layer_idx] = (
-                CompressedStream(codec.keys, self.preset.bases[(layer_idx, "keys")], keys.device, rope=self.rope),
-                CompressedStream(codec.values, self.preset.bases[(layer_idx, "values")], values.device))
+                CompressedStream(codec.keys, self.bases[(layer_idx, "keys")], keys.device, rope=self.rope),
+                CompressedStream(codec.values, self.bases[(layer_idx, "values")], values.device))
         ks, vs = self.streams[layer_idx]
         start, n = ks.length, key_states.shape[2]
         ks.append(key_states, torch.arange(start, start + n, device=keys.device)[None].expand(keys.shape[0], -1))
@@ -143,15 +154,74 @@ class ExactSinksStandIn(DynamicCache):
         return sum(int(f.sum()) for f in flags), sum(f.numel() for f in flags)
 
 
+def side_table_ratio(ratio: float, fraction: float, head_dim: int, sides: int) -> float:
+    """``ratio`` against fp16 once a side table holds ``fraction`` of the token-heads exact on ``sides`` streams."""
+    side_bytes = sides * 2 * head_dim + POSITION_BYTES if sides else 0
+    return 4 * head_dim / (4 * head_dim / ratio + fraction * side_bytes)
+
+
+def ladder(model, tok, level: int, medians: torch.Tensor) -> dict:
+    """Part 3 (module docstring): ladder level ``level`` over :data:`SEEDS` on the tuning split."""
+    shape = ModelShape.from_config(model.config)
+    calib = [str(CORPORA / "calibration")]
+    fit, held = split_calibration(tok, calib, TuneConfig(BENCHMARK_MODEL_ID, calib))
+    bases, _ = calibrate(model, fit, sink=SINK, progress=False, keys_before_rope=True)
+    codec = codec_from_rungs(stream_ladders(shape.head_dim, "vq"), uniform_rungs(level, shape.num_layers),
+                             shape.num_layers, SINK, 0, 16, keys_before_rope=True)
+    base = {d: perplexity(model, w, lambda: DynamicCache(config=model.config), CHUNK).ppl for d, w in held.items()}
+    engine = measure_trial(model, f"level {level}", codec, bases, held, base, SEEDS[0])
+    runs: dict[str, list[dict]] = {"none": [], "keys and values": []}
+    flagged = total = 0
+    for seed in SEEDS:
+        rotated = bases.rotated_for(codec, shape, seed)
+        for exact, tau in (("none", 0.0), ("keys and values", TAUS[0])):
+            made: list[ExactSinksStandIn] = []
+
+            def make() -> ExactSinksStandIn:
+                made.append(ExactSinksStandIn(model, codec, rotated, medians, tau, SIDES[exact] if tau else ()))
+                return made[-1]
+
+            runs[exact].append({d: 100 * (perplexity(model, w, make, CHUNK).ppl / base[d] - 1) for d, w in held.items()})
+            if tau:
+                f, t = (sum(x) for x in zip(*(m.flagged_fraction() for m in made)))
+                flagged, total = flagged + f, total + t
+            print(f"level {level} seed {seed} exact {exact}: worst {worst_of(runs[exact][-1])[1]:+.2f}%", flush=True)
+    rows = []
+    for exact, by_seed in runs.items():
+        mean = {d: sum(r[d] for r in by_seed) / len(by_seed) for d in held}
+        worst = worst_of(mean)
+        fraction = flagged / total if exact != "none" else 0.0
+        rows.append({"exact": exact, "tau": TAUS[0] if exact != "none" else 0.0, "seeds": list(SEEDS),
+                     "by_seed": [{d: round(v, 4) for d, v in r.items()} for r in by_seed],
+                     "worst_domain": worst[0], "worst_delta_pct": round(worst[1], 4),
+                     "mean_delta_pct": round(sum(mean.values()) / len(mean), 4),
+                     "flagged_token_heads_pct": round(100 * fraction, 4),
+                     "compression_with_side_table": round(side_table_ratio(engine.ratio, fraction, shape.head_dim,
+                                                                           2 if fraction else 0), 4)})
+    return {"level": level, "compression": round(engine.ratio, 4),
+            "engine_first_seed": {d: round(v, 4) for d, v in engine.by_domain.items()}, "baseline_ppl": base,
+            "rows": rows}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.parse_args()
+    parser.add_argument("--ladder-level", type=int, help="part 3 only: this ladder level on the tuning split")
+    args = parser.parse_args()
     t0 = time.time()
     torch.set_grad_enabled(False)
     model, tok = load_model(BENCHMARK_MODEL_ID)
     calibration = [w for _, text in read_texts([str(CORPORA / "calibration")])
                    for w in token_windows(tok, text, WINDOW_TOKENS, 1)]
     medians = value_norm_medians(model, calibration)
+    if args.ladder_level is not None:
+        out = {"what": "secondary sinks kept exact at a ladder level, on the tuning split (secondary_sinks.py part 3)",
+               "model": BENCHMARK_MODEL_ID, "command": f"python benchmarks/secondary_sinks.py --ladder-level "
+               f"{args.ladder_level}", "hardware": hardware(), **ladder(model, tok, args.ladder_level, medians)}
+        out["seconds"] = round(time.time() - t0)
+        path = OUT.with_name(f"secondary_sinks_level{args.ladder_level}.json")
+        path.write_text(json.dumps(out, indent=1) + "\n")
+        print(f"wrote {path}")
+        return
     texts = read_texts([str(CORPORA / "evaluation")])
     windows = {name: token_windows(tok, text, WINDOW_TOKENS, WINDOWS) for name, text in texts}
 
@@ -175,14 +245,13 @@ def main() -> None:
             made: list[ExactSinksStandIn] = []
 
             def make() -> ExactSinksStandIn:
-                made.append(ExactSinksStandIn(model, preset, medians, tau, sides))
+                made.append(ExactSinksStandIn(model, preset.codec, preset.bases, medians, tau, sides))
                 return made[-1]
 
             by = {name: 100 * (perplexity(model, w, make, CHUNK).ppl / base[name] - 1) for name, w in windows.items()}
             flagged, total = (sum(x) for x in zip(*(m.flagged_fraction() for m in made)))
             fraction = flagged / total
-            side_bytes = len(sides) * 2 * head_dim + POSITION_BYTES if sides else 0
-            with_table = 4 * head_dim / (4 * head_dim / ratio + fraction * side_bytes)
+            with_table = side_table_ratio(ratio, fraction, head_dim, len(sides))
             worst = worst_of(by)
             row = {"preset": label, "exact": side, "tau": tau, "by_corpus": {k: round(v, 4) for k, v in by.items()},
                    "worst_corpus": worst[0], "worst_delta_pct": round(worst[1], 4),
