@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -62,51 +63,56 @@ SIDES = {"keys and values": ("keys", "values"), "values only": ("values",), "key
 POSITION_BYTES = 4
 
 
-def value_norm_medians(model, windows: list[torch.Tensor]) -> torch.Tensor:
-    """[layers, kv_heads]: the median length of a value vector per layer and head over ``windows`` (calibration
-    text), what the flagging rule is relative to."""
+@contextmanager
+def value_norms(model):
+    """While inside: every forward pass's value-vector lengths, ``{layer: [[tokens, kv heads], ...]}``."""
     heads, d = model.config.num_key_value_heads, ModelShape.from_config(model.config).head_dim
     norms: dict[int, list[torch.Tensor]] = {}
     hooks = [layer.self_attn.v_proj.register_forward_hook(
         lambda m, a, o, i=i: norms.setdefault(i, []).append(o[0].view(-1, heads, d).norm(dim=-1)))
         for i, layer in enumerate(model.model.layers)]
     try:
-        for ids in windows:
-            model(ids)
+        yield norms
     finally:
         for h in hooks:
             h.remove()
+
+
+def value_norm_medians(model, windows: list[torch.Tensor]) -> torch.Tensor:
+    """[layers, kv_heads]: the median length of a value vector per layer and head over ``windows`` (calibration
+    text), what the flagging rule is relative to."""
+    with value_norms(model) as norms:
+        for ids in windows:
+            model(ids)
     return torch.stack([torch.cat(norms[i]).median(0).values for i in range(len(norms))])
 
 
-def attention_shares(model, ids: torch.Tensor, medians: torch.Tensor, sink: int, tau: float) -> dict[str, list[float]]:
-    """Per layer: the top 1% of compressed-past tokens' share of the attention sent to the compressed past, the
-    share the value-norm rule catches, and the fraction of token-heads it flags (module docstring, part 1)."""
-    heads, d = model.config.num_key_value_heads, ModelShape.from_config(model.config).head_dim
-    values: dict[int, torch.Tensor] = {}
-    hooks = [layer.self_attn.v_proj.register_forward_hook(
-        lambda m, a, o, i=i: values.__setitem__(i, o[0].view(-1, heads, d).norm(dim=-1)))
-        for i, layer in enumerate(model.model.layers)]
-    try:
+def attention_shares(model, ids: torch.Tensor, medians: torch.Tensor, sink: int,
+                     taus: tuple[float, ...]) -> dict[str, dict[str, list[float]]]:
+    """Per threshold and layer: the top 1% of compressed-past tokens' share of the attention sent to the compressed
+    past (the same under every threshold), the share the value-norm rule catches, and the fraction of token-heads
+    it flags (module docstring, part 1)."""
+    with value_norms(model) as norms:
         attentions = model(ids, output_attentions=True).attentions
-    finally:
-        for h in hooks:
-            h.remove()
+    heads = model.config.num_key_value_heads
     t = ids.shape[-1]
     q, k = torch.arange(t)[:, None], torch.arange(t)[None, :]
     past = (k >= sink) & (k < q - CHUNK)
     top = max(1, t // 100)
-    out: dict[str, list[float]] = {"top1pct_share": [], "rule_share": [], "rule_flagged": []}
+    out = {f"tau {tau}": {"top1pct_share": [], "rule_share": [], "rule_flagged": []} for tau in taus}
     for i, a in enumerate(attentions):
         received = (a[0] * past)[:, 2 * CHUNK:].sum(1)  # [query heads, keys]: what each past token receives
         total = received.sum(-1)
-        out["top1pct_share"].append(float((received.topk(top, -1).values.sum(-1) / total).mean()))
-        flag = values[i] < tau * medians[i]  # [tokens, kv heads]
-        flag[:sink] = False
+        top_share = float((received.topk(top, -1).values.sum(-1) / total).mean())
         group = received.shape[0] // heads
-        caught = (received * flag.T.repeat_interleave(group, 0)).sum(-1)
-        out["rule_share"].append(float((caught / total).mean()))
-        out["rule_flagged"].append(float(flag[sink:].float().mean()))
+        for tau in taus:
+            flag = norms[i][0] < tau * medians[i]  # [tokens, kv heads]
+            flag[:sink] = False
+            caught = (received * flag.T.repeat_interleave(group, 0)).sum(-1)
+            row = out[f"tau {tau}"]
+            row["top1pct_share"].append(top_share)
+            row["rule_share"].append(float((caught / total).mean()))
+            row["rule_flagged"].append(float(flag[sink:].float().mean()))
     return out
 
 
@@ -226,7 +232,7 @@ def main() -> None:
     windows = {name: token_windows(tok, text, WINDOW_TOKENS, WINDOWS) for name, text in texts}
 
     implementation, model.config._attn_implementation = model.config._attn_implementation, "eager"  # part 1 only
-    shares = {name: {f"tau {tau}": attention_shares(model, w[0][:, :ATTENTION_TOKENS], medians, SINK, tau) for tau in TAUS}
+    shares = {name: attention_shares(model, w[0][:, :ATTENTION_TOKENS], medians, SINK, TAUS)
               for name, w in windows.items()}
     model.config._attn_implementation = implementation
     print(f"part 1 done ({time.time() - t0:.0f}s)", flush=True)
