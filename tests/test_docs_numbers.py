@@ -510,6 +510,11 @@ def sinks_cut(level: int) -> float:
     return 1 - sinks_level_row(level, "keys and values")["worst_delta_pct"] / sinks_level_row(level, "none")["worst_delta_pct"]
 
 
+def side_table_ratio(row: dict) -> str:
+    """A secondary_sinks row's compression with its side table, as the prose writes it."""
+    return f"{row['compression_with_side_table']:.2f}x"
+
+
 def sinks_levels_table() -> str:
     """frontier-4.md's table of ladder levels with and without secondary sinks exact, means over seeds."""
     from kvhub.tuning import LEVELS, stream_ladders
@@ -701,11 +706,11 @@ CLAIMS = [
     Claim(FRONTIER4, "\n  to {} on the bundled preset (values only", SINKS,
           lambda d: sinks_worst(BUNDLED_SINKS, "values only")),
     Claim(FRONTIER4, "(values only, {}), and from", SINKS,
-          lambda d: f"{sinks_row(BUNDLED_SINKS, 'values only')['compression_with_side_table']:.2f}x"),
+          lambda d: side_table_ratio(sinks_row(BUNDLED_SINKS, "values only"))),
     Claim(FRONTIER4, "and from\n  {} to", SINKS, lambda d: sinks_worst(THREE_SINKS, "none")),
     Claim(FRONTIER4, " to {} on the three-percent preset\n", SINKS, lambda d: sinks_worst(THREE_SINKS, "keys and values")),
     Claim(FRONTIER4, "(keys and values, {}). A looser", SINKS,
-          lambda d: f"{sinks_row(THREE_SINKS, 'keys and values')['compression_with_side_table']:.2f}x"),
+          lambda d: side_table_ratio(sinks_row(THREE_SINKS, "keys and values"))),
     Claim(FRONTIER4, "A looser threshold ({}) flags", SINKS, lambda d: f"{max(r['tau'] for r in d['rows'])}"),
     Claim(FRONTIER4, "stays {} points over one percent", SINKS,
           lambda d: f"{sinks_row(BUNDLED_SINKS, 'values only')['worst_delta_pct'] - 1:.2f}"),
@@ -716,7 +721,7 @@ CLAIMS = [
           lambda d: f"{sinks_row(THREE_SINKS, 'keys and values')['flagged_token_heads_pct']:.2f}%"),
     # ... at the rungs the three-percent tune could not take (secondary_sinks_level*.json)
     Claim(README, "the ladder's level 1 at {} within three percent", SINKS,
-          lambda d: f"{sinks_level_row(1, 'keys and values')['compression_with_side_table']:.2f}x"),
+          lambda d: side_table_ratio(sinks_level_row(1, "keys and values"))),
     Claim(README, "tuning domain (worst {}, a mean over three seeds", SINKS, lambda d: sinks_level_worst(1, "keys and values")),
     Claim(FRONTIER4, "`secondary_sinks_level1.json`, ~{} min each)", SINKS,
           lambda d: "/".join(sorted({f"{round(sinks_level(L)['seconds'] / 60)}" for L in SINKS_LEVELS}))),
@@ -729,8 +734,8 @@ CLAIMS = [
     Claim(FRONTIER4, "and at level 1 from {} to", SINKS, lambda d: sinks_level_worst(1, "none")),
     Claim(FRONTIER4, " to {}.\n- **Level 1 with", SINKS, lambda d: sinks_level_worst(1, "keys and values")),
     Claim(FRONTIER4, "exact is {} within three percent on every tuning domain**", SINKS,
-          lambda d: f"{sinks_level_row(1, 'keys and values')['compression_with_side_table']:.2f}x"),
-    Claim(FRONTIER4, "so is {} at", SINKS, lambda d: f"{sinks_level_row(2, 'keys and values')['compression_with_side_table']:.2f}x"),
+          lambda d: side_table_ratio(sinks_level_row(1, "keys and values"))),
+    Claim(FRONTIER4, "so is {} at", SINKS, lambda d: side_table_ratio(sinks_level_row(2, "keys and values"))),
     Claim(FRONTIER4, "so is 5.27x at {}, more compression", SINKS,
           lambda d: f"{sinks_level_row(2, 'keys and values')['worst_delta_pct']:+.2f}%"),
     Claim(FRONTIER4, "three-percent preset's {} at no more loss", VQ3, lambda d: f"{d['metrics']['compression']['total']:.2f}x"),
