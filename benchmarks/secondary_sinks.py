@@ -20,10 +20,12 @@ Measured before building (frontier-4.md, "Secondary sinks, measured"). Two parts
 3. **Does it open a more compressed rung?** With ``--ladder-level N``: the tuner's ladder level ``N`` with
    vector-coded values and keys coded before RoPE, measured as the tuner measures a trial (the tuning split, bases
    fitted as ``kvhub tune`` fits them, three seeds of the segments' rotation), by the stand-in with nothing flagged
-   and with the keys and values of flagged tokens exact, beside the engine's own trial at the first seed.
+   and with the keys and values of flagged tokens exact, beside the engine's own trial at the first seed. With
+   ``--evaluation`` too: the same on the evaluation protocol (held-out documents), at the first seed only.
 
     python benchmarks/secondary_sinks.py                   # parts 1 and 2: secondary_sinks.json (~42 min on 2 cores)
-    python benchmarks/secondary_sinks.py --ladder-level 2  # part 3: secondary_sinks_level2.json (~20 min)
+    python benchmarks/secondary_sinks.py --ladder-level 2  # part 3: secondary_sinks_level2.json (~16 min)
+    python benchmarks/secondary_sinks.py --ladder-level 1 --evaluation  # secondary_sinks_level1_evaluation.json
 """
 
 from __future__ import annotations
@@ -160,25 +162,33 @@ class ExactSinksStandIn(DynamicCache):
         return sum(int(f.sum()) for f in flags), sum(f.numel() for f in flags)
 
 
+def evaluation_windows(tok) -> dict[str, list[torch.Tensor]]:
+    """The evaluation protocol's windows of every evaluation corpus (as ``kvhub eval`` reads them)."""
+    return {name: token_windows(tok, text, WINDOW_TOKENS, WINDOWS) for name, text in read_texts([str(CORPORA / "evaluation")])}
+
+
 def side_table_ratio(ratio: float, fraction: float, head_dim: int, sides: int) -> float:
     """``ratio`` against fp16 once a side table holds ``fraction`` of the token-heads exact on ``sides`` streams."""
     side_bytes = sides * 2 * head_dim + POSITION_BYTES if sides else 0
     return 4 * head_dim / (4 * head_dim / ratio + fraction * side_bytes)
 
 
-def ladder(model, tok, level: int, medians: torch.Tensor) -> dict:
-    """Part 3 (module docstring): ladder level ``level`` over :data:`SEEDS` on the tuning split."""
+def ladder(model, tok, level: int, medians: torch.Tensor, seeds: tuple[int, ...] = SEEDS,
+           windows: dict[str, list[torch.Tensor]] | None = None) -> dict:
+    """Part 3 (module docstring): ladder level ``level`` over ``seeds`` on the tuning split, or on ``windows``
+    (the evaluation protocol's, with ``--evaluation``)."""
     shape = ModelShape.from_config(model.config)
     calib = [str(CORPORA / "calibration")]
     fit, held = split_calibration(tok, calib, TuneConfig(BENCHMARK_MODEL_ID, calib))
+    held = held if windows is None else windows
     bases, _ = calibrate(model, fit, sink=SINK, progress=False, keys_before_rope=True)
     codec = codec_from_rungs(stream_ladders(shape.head_dim, "vq"), uniform_rungs(level, shape.num_layers),
                              shape.num_layers, SINK, 0, 16, keys_before_rope=True)
     base = {d: perplexity(model, w, lambda: DynamicCache(config=model.config), CHUNK).ppl for d, w in held.items()}
-    engine = measure_trial(model, f"level {level}", codec, bases, held, base, SEEDS[0])
+    engine = measure_trial(model, f"level {level}", codec, bases, held, base, seeds[0])
     runs: dict[str, list[dict]] = {"none": [], "keys and values": []}
     flagged = total = 0
-    for seed in SEEDS:
+    for seed in seeds:
         rotated = bases.rotated_for(codec, shape, seed)
         for exact, tau in (("none", 0.0), ("keys and values", TAUS[0])):
             made: list[ExactSinksStandIn] = []
@@ -197,7 +207,7 @@ def ladder(model, tok, level: int, medians: torch.Tensor) -> dict:
         mean = {d: sum(r[d] for r in by_seed) / len(by_seed) for d in held}
         worst = worst_of(mean)
         fraction = flagged / total if exact != "none" else 0.0
-        rows.append({"exact": exact, "tau": TAUS[0] if exact != "none" else 0.0, "seeds": list(SEEDS),
+        rows.append({"exact": exact, "tau": TAUS[0] if exact != "none" else 0.0, "seeds": list(seeds),
                      "by_seed": [{d: round(v, 4) for d, v in r.items()} for r in by_seed],
                      "worst_domain": worst[0], "worst_delta_pct": round(worst[1], 4),
                      "mean_delta_pct": round(sum(mean.values()) / len(mean), 4),
@@ -212,6 +222,8 @@ def ladder(model, tok, level: int, medians: torch.Tensor) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--ladder-level", type=int, help="part 3 only: this ladder level on the tuning split")
+    parser.add_argument("--evaluation", action="store_true",
+                        help="with --ladder-level: on the evaluation protocol instead, at the first seed only")
     args = parser.parse_args()
     t0 = time.time()
     torch.set_grad_enabled(False)
@@ -222,14 +234,15 @@ def main() -> None:
     if args.ladder_level is not None:
         out = {"what": "secondary sinks kept exact at a ladder level, on the tuning split (secondary_sinks.py part 3)",
                "model": BENCHMARK_MODEL_ID, "command": f"python benchmarks/secondary_sinks.py --ladder-level "
-               f"{args.ladder_level}", "hardware": hardware(), **ladder(model, tok, args.ladder_level, medians)}
+               f"{args.ladder_level}" + (" --evaluation" if args.evaluation else ""), "hardware": hardware(),
+               **(ladder(model, tok, args.ladder_level, medians, SEEDS[:1], evaluation_windows(tok)) if args.evaluation
+                  else ladder(model, tok, args.ladder_level, medians))}
         out["seconds"] = round(time.time() - t0)
-        path = OUT.with_name(f"secondary_sinks_level{args.ladder_level}.json")
+        path = OUT.with_name(f"secondary_sinks_level{args.ladder_level}{'_evaluation' if args.evaluation else ''}.json")
         path.write_text(json.dumps(out, indent=1) + "\n")
         print(f"wrote {path}")
         return
-    texts = read_texts([str(CORPORA / "evaluation")])
-    windows = {name: token_windows(tok, text, WINDOW_TOKENS, WINDOWS) for name, text in texts}
+    windows = evaluation_windows(tok)
 
     implementation, model.config._attn_implementation = model.config._attn_implementation, "eager"  # part 1 only
     shares = {name: attention_shares(model, w[0][:, :ATTENTION_TOKENS], medians, SINK, TAUS)

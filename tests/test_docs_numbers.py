@@ -515,6 +515,18 @@ def side_table_ratio(row: dict) -> str:
     return f"{row['compression_with_side_table']:.2f}x"
 
 
+SINKS_EVAL = RESULTS + "secondary_sinks_level1_evaluation.json"
+
+
+def sinks_eval_row(exact: str) -> dict:
+    return next(r for r in load(SINKS_EVAL)["rows"] if r["exact"] == exact)
+
+
+def sinks_eval_worst(exact: str) -> str:
+    r = sinks_eval_row(exact)
+    return f"{r['worst_delta_pct']:+.2f}% ({r['worst_domain']})"
+
+
 def sinks_levels_table() -> str:
     """frontier-4.md's table of ladder levels with and without secondary sinks exact, means over seeds."""
     from kvhub.tuning import LEVELS, stream_ladders
@@ -741,6 +753,11 @@ CLAIMS = [
     Claim(FRONTIER4, "three-percent preset's {} at no more loss", VQ3, lambda d: f"{d['metrics']['compression']['total']:.2f}x"),
     Claim(FRONTIER4, "no more loss than its\n  confirmed {} on the same split", VQ3,
           lambda d: f"{trial(VQ3, d['calibration']['tuning']['chosen'].rsplit(' (window', 1)[0])['measured_delta_pct']:+.2f}%"),
+    Claim(README, "on the evaluation protocol, one seed, {}, just over", SINKS_EVAL, lambda d: sinks_eval_worst("keys and values")),
+    Claim(FRONTIER4, "exact gives\n  {} at worst", SINKS_EVAL, lambda d: side_table_ratio(sinks_eval_row("keys and values"))),
+    Claim(FRONTIER4, "x at worst {}, mean", SINKS_EVAL, lambda d: sinks_eval_worst("keys and values")),
+    Claim(FRONTIER4, "mean {}, against\n", SINKS_EVAL, lambda d: f"{sinks_eval_row('keys and values')['mean_delta_pct']:+.2f}%"),
+    Claim(FRONTIER4, "against\n  {} with nothing flagged", SINKS_EVAL, lambda d: sinks_eval_worst("none")),
     # ... keys coded before RoPE (prerope_keys.json, prerope_keys_evaluation.json)
     Claim(FRONTIER4, "calibrated variance falls from {} to", PREROPE, ("spectrum", "post-rope", "total_variance"), ",.0f"),
     Claim(FRONTIER4, "to {}, and the top eighth", PREROPE, ("spectrum", "pre-rope", "total_variance"), ",.0f"),
