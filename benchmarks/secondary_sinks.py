@@ -162,6 +162,21 @@ class ExactSinksStandIn(DynamicCache):
         return sum(int(f.sum()) for f in flags), sum(f.numel() for f in flags)
 
 
+def stand_in_deltas(model, codec: CacheCodec, bases: Bases, medians: torch.Tensor, tau: float,
+                    sides: tuple[str, ...], windows: dict[str, list[torch.Tensor]],
+                    base: dict[str, float]) -> tuple[dict[str, float], int, int]:
+    """Each domain's PPL delta % through :class:`ExactSinksStandIn`, and (flagged, all) token-heads past the sinks."""
+    made: list[ExactSinksStandIn] = []
+
+    def make() -> ExactSinksStandIn:
+        made.append(ExactSinksStandIn(model, codec, bases, medians, tau, sides))
+        return made[-1]
+
+    by = {d: 100 * (perplexity(model, w, make, CHUNK).ppl / base[d] - 1) for d, w in windows.items()}
+    flagged, total = (sum(x) for x in zip(*(m.flagged_fraction() for m in made)))
+    return by, flagged, total
+
+
 def evaluation_windows(tok) -> dict[str, list[torch.Tensor]]:
     """The evaluation protocol's windows of every evaluation corpus (as ``kvhub eval`` reads them)."""
     return {name: token_windows(tok, text, WINDOW_TOKENS, WINDOWS) for name, text in read_texts([str(CORPORA / "evaluation")])}
@@ -191,15 +206,9 @@ def ladder(model, tok, level: int, medians: torch.Tensor, seeds: tuple[int, ...]
     for seed in seeds:
         rotated = bases.rotated_for(codec, shape, seed)
         for exact, tau in (("none", 0.0), ("keys and values", TAUS[0])):
-            made: list[ExactSinksStandIn] = []
-
-            def make() -> ExactSinksStandIn:
-                made.append(ExactSinksStandIn(model, codec, rotated, medians, tau, SIDES[exact] if tau else ()))
-                return made[-1]
-
-            runs[exact].append({d: 100 * (perplexity(model, w, make, CHUNK).ppl / base[d] - 1) for d, w in held.items()})
+            by, f, t = stand_in_deltas(model, codec, rotated, medians, tau, SIDES[exact] if tau else (), held, base)
+            runs[exact].append(by)
             if tau:
-                f, t = (sum(x) for x in zip(*(m.flagged_fraction() for m in made)))
                 flagged, total = flagged + f, total + t
             print(f"level {level} seed {seed} exact {exact}: worst {worst_of(runs[exact][-1])[1]:+.2f}%", flush=True)
     rows = []
@@ -232,7 +241,8 @@ def main() -> None:
                    for w in token_windows(tok, text, WINDOW_TOKENS, 1)]
     medians = value_norm_medians(model, calibration)
     if args.ladder_level is not None:
-        out = {"what": "secondary sinks kept exact at a ladder level, on the tuning split (secondary_sinks.py part 3)",
+        where = "the evaluation protocol" if args.evaluation else "the tuning split"
+        out = {"what": f"secondary sinks kept exact at a ladder level, on {where} (secondary_sinks.py part 3)",
                "model": BENCHMARK_MODEL_ID, "command": f"python benchmarks/secondary_sinks.py --ladder-level "
                f"{args.ladder_level}" + (" --evaluation" if args.evaluation else ""), "hardware": hardware(),
                **(ladder(model, tok, args.ladder_level, medians, SEEDS[:1], evaluation_windows(tok)) if args.evaluation
@@ -261,14 +271,7 @@ def main() -> None:
         runs = [("none", 0.0, ())] + [(side, tau, SIDES[side]) for tau in TAUS[:1] for side in SIDES] + \
                [("keys and values", tau, SIDES["keys and values"]) for tau in TAUS[1:]]
         for side, tau, sides in runs:
-            made: list[ExactSinksStandIn] = []
-
-            def make() -> ExactSinksStandIn:
-                made.append(ExactSinksStandIn(model, preset.codec, preset.bases, medians, tau, sides))
-                return made[-1]
-
-            by = {name: 100 * (perplexity(model, w, make, CHUNK).ppl / base[name] - 1) for name, w in windows.items()}
-            flagged, total = (sum(x) for x in zip(*(m.flagged_fraction() for m in made)))
+            by, flagged, total = stand_in_deltas(model, preset.codec, preset.bases, medians, tau, sides, windows, base)
             fraction = flagged / total
             with_table = side_table_ratio(ratio, fraction, head_dim, len(sides))
             worst = worst_of(by)
