@@ -74,7 +74,8 @@ def attend(layer, query, key, value, attention_mask, scaling, softcap):
         history_mask = mask[..., n_sink : n_sink + history]
         exact_mask = torch.cat([mask[..., :n_sink], mask[..., n_sink + history :]], -1)
     call = backends.DecodeCall(query, layer.streams["keys"], layer.streams["values"], history, key, value,
-                               history_mask, exact_mask, dim**-0.5 if scaling is None else scaling, softcap)
+                               history_mask, exact_mask, dim**-0.5 if scaling is None else scaling, softcap,
+                               layer.exact_rows)
     return backends.choose(call).attend(call), None
 
 

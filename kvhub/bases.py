@@ -5,7 +5,7 @@ variance, and the variances (eigenvalues). Calibration produces full ``d x d`` b
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -54,18 +54,22 @@ def variance_floor(variance: torch.Tensor) -> torch.Tensor:
 @dataclass
 class StreamBasis:
     """``mean``: [H, d]; ``basis``: [H, d, r] orthonormal columns ordered by decreasing variance;
-    ``variance``: [H, r], the calibrated variance of each component (eigenvalues)."""
+    ``variance``: [H, r], the calibrated variance of each component (eigenvalues); ``norm_median``: [H], the
+    median length of the stream's vectors on calibration text, what a codec's ``secondary_sinks`` threshold is a
+    fraction of (values only; None where the codec keeps no secondary sinks)."""
 
     mean: torch.Tensor
     basis: torch.Tensor
     variance: torch.Tensor
+    norm_median: torch.Tensor | None = None
 
     @property
     def rank(self) -> int:
         return self.basis.shape[-1]
 
     def truncated(self, rank: int) -> "StreamBasis":
-        return StreamBasis(self.mean, self.basis[..., :rank].contiguous(), self.variance[..., :rank].contiguous())
+        return StreamBasis(self.mean, self.basis[..., :rank].contiguous(), self.variance[..., :rank].contiguous(),
+                           self.norm_median)
 
     def check(self, where: str, heads: int, head_dim: int, rank: int) -> None:
         """Raise :class:`CodecError` if shapes disagree with the model or the codec, or values are unusable."""
@@ -82,6 +86,10 @@ class StreamBasis:
                     f"{'x'.join(map(str, shape))} (heads={heads}, head_dim={head_dim}, rank={rank}); "
                     "fix: use bases fitted for this model and codec"
                 )
+        if self.norm_median is not None and (tuple(self.norm_median.shape) != (heads,) or not
+                                             (torch.isfinite(self.norm_median) & (self.norm_median > 0)).all()):
+            raise CodecError(f"{where}: norm_median must hold one finite, positive length per head ({heads}); fix: "
+                             "re-run calibration")
         for name in want:
             if not torch.isfinite(getattr(self, name)).all():
                 raise CodecError(f"{where}: {name} contains NaN or Inf; fix: re-run calibration")
@@ -194,7 +202,8 @@ def rotate_segments(basis: StreamBasis, stream: StreamCodec, seed: int = 0) -> S
             block = var[..., start : start + seg.size, start : start + seg.size]
             var[..., start : start + seg.size, start : start + seg.size] = rot.T @ block @ rot
         start += seg.size
-    return StreamBasis(basis.mean, u.float(), torch.diagonal(var, dim1=-2, dim2=-1).float().contiguous())
+    return StreamBasis(basis.mean, u.float(), torch.diagonal(var, dim1=-2, dim2=-1).float().contiguous(),
+                       basis.norm_median)
 
 
 class Bases(dict):
@@ -216,7 +225,12 @@ class Bases(dict):
                 basis = self[(i, name)]
                 basis.check(where, shape.num_kv_heads, shape.head_dim, stream.rank)
                 basis.check_range(where, stream)
-                out[(i, name)] = basis.truncated(stream.rank)
+                kept = basis.truncated(stream.rank)
+                if name == "values" and codec.secondary_sinks and kept.norm_median is None:
+                    raise CodecError(f"{where}: the codec keeps secondary sinks exact but the bases hold no median "
+                                     "value length to flag them against; fix: calibrate with this kvhub")
+                # a codec without secondary sinks stores no medians, so its preset saves as before they existed
+                out[(i, name)] = kept if codec.secondary_sinks else replace(kept, norm_median=None)
         return out
 
     def check_dtype(self, codec: CacheCodec, dtype: torch.dtype, exact_dtype: torch.dtype | None = None) -> None:
@@ -239,7 +253,7 @@ class Bases(dict):
         return Bases({(i, name): rotate_segments(b, codec.layers[i].stream(name), seed) for (i, name), b in kept.items()})
 
     def nbytes(self) -> int:
-        return sum(t.nbytes for b in self.values() for t in (b.mean, b.basis, b.variance))
+        return sum(t.nbytes for b in self.values() for t in (b.mean, b.basis, b.variance, b.norm_median) if t is not None)
 
     def to_tensors(self, basis_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         """``layers.{i}.{stream}.{part}`` tensors: the basis in ``basis_dtype``, mean and variance in float32 (they
@@ -249,12 +263,14 @@ class Bases(dict):
             out[f"layers.{i}.{name}.mean"] = b.mean.float().contiguous()
             out[f"layers.{i}.{name}.basis"] = b.basis.to(basis_dtype).contiguous()
             out[f"layers.{i}.{name}.variance"] = b.variance.float().contiguous()
+            if b.norm_median is not None:
+                out[f"layers.{i}.{name}.norm_median"] = b.norm_median.float().contiguous()
         return out
 
     def rounded(self, basis_dtype: torch.dtype) -> "Bases":
         """These bases with each basis rounded to ``basis_dtype`` (kept as float32): exactly what a preset that
         stores its basis in that dtype will load, so whatever is measured on them is what is shipped."""
-        return Bases({k: StreamBasis(b.mean, b.basis.to(basis_dtype).float(), b.variance) for k, b in self.items()})
+        return Bases({k: replace(b, basis=b.basis.to(basis_dtype).float()) for k, b in self.items()})
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "Bases":
@@ -262,4 +278,4 @@ class Bases(dict):
         for key, t in tensors.items():
             _, i, name, part = key.split(".")
             parts.setdefault((int(i), name), {})[part] = t.float()
-        return cls({k: StreamBasis(v["mean"], v["basis"], v["variance"]) for k, v in parts.items()})
+        return cls({k: StreamBasis(v["mean"], v["basis"], v["variance"], v.get("norm_median")) for k, v in parts.items()})

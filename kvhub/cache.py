@@ -34,7 +34,9 @@ def shared_storages(bases: Bases) -> dict[int, int]:
     (:mod:`kvhub.stream` keeps those on each basis): what every cache of a preset shares."""
     storages = {}
     for basis in bases.values():
-        for t in (basis.mean, basis.basis, basis.variance, *derived_tensors(basis)):
+        for t in (basis.mean, basis.basis, basis.variance, basis.norm_median, *derived_tensors(basis)):
+            if t is None:  # (no median: the codec keeps no secondary sinks)
+                continue
             storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
     return storages
 
@@ -100,6 +102,7 @@ class CompressedCache(Cache):
                         scratch=self.scratch,
                         on_rebuild=self._warn_rebuild,
                         rope=rope,
+                        secondary_sinks=codec.secondary_sinks,
                     )
                 )
             else:
@@ -132,7 +135,8 @@ class CompressedCache(Cache):
 
     def nbytes(self) -> dict[str, int]:
         """Bytes the cache holds, by part: ``codes``, ``scales``, ``full_precision`` (sink and recent tokens, and
-        the stock layers' tensors), ``positions`` (keys coded before RoPE: each stored token's position) and
+        the stock layers' tensors), ``positions`` (keys coded before RoPE: each stored token's position),
+        ``secondary_sinks`` (the exact rows of :mod:`kvhub.secondary_sinks`, when the codec keeps them) and
         ``total``. Shared per-model bases are not included: see :meth:`bases_nbytes`."""
         out = {"codes": 0, "scales": 0, "full_precision": 0}
         for layer in self.layers:
@@ -185,6 +189,8 @@ class CompressedCache(Cache):
             if isinstance(layer, CompressedLayer) and layer.is_initialized:
                 total += (sum(s.reserved_nbytes() for s in layer.streams.values()) + layer.nbytes()["full_precision"]
                           + layer.recent_positions.nbytes)
+                if layer.exact_rows is not None:
+                    total += layer.exact_rows.reserved_nbytes()
             elif getattr(layer, "is_initialized", False):
                 total += layer.keys.nbytes + layer.values.nbytes
         return total

@@ -2,7 +2,8 @@
 
 The model reads calibration windows; a recording cache sees every layer's keys (after RoPE, as they are cached) and
 values and accumulates, per layer, stream and KV head, the sum and the outer-product sum in float64: memory is
-independent of the token count, so 100k+ calibration tokens cost nothing more than time. The first ``sink``
+independent of the token count but for one float per value vector (the lengths whose median a codec's
+``secondary_sinks`` threshold is a fraction of), so 100k+ calibration tokens cost little more than time. The first ``sink``
 positions of each window are left out: attention sinks are stored exactly and would only distort the basis. For
 keys coded before RoPE (:mod:`kvhub.rope`) the keys are un-turned by their positions first: that is what the cache
 will code.
@@ -10,14 +11,14 @@ will code.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from transformers.cache_utils import Cache
 from tqdm.auto import tqdm
 
 from .bases import Bases, StreamBasis, variance_floor
-from .codec import STREAMS, ModelShape
+from .codec import ModelShape
 from .passthrough import PassThroughLayer
 from .rope import RotaryFrame
 
@@ -55,6 +56,7 @@ class _RecordingLayer(PassThroughLayer):
         super().__init__()
         self.sink, self.rope = sink, rope
         self.moments: dict[str, _Moments] = {}
+        self.value_norms: list[torch.Tensor] = []  # [H, T] per window: what a secondary-sinks threshold is set by
 
     def process(self, key_states, value_states):
         keys = key_states
@@ -66,7 +68,13 @@ class _RecordingLayer(PassThroughLayer):
             if name not in self.moments:
                 self.moments[name] = _Moments(x.shape[1], x.shape[-1], x.device)
             self.moments[name].add(x)
+        self.value_norms.append(value_states[:, :, self.sink :].float().norm(dim=-1).transpose(0, 1).flatten(1).cpu())
         return key_states, value_states
+
+    def values_basis(self) -> StreamBasis:
+        """The values' basis with the median length of a value vector per head (past the sink tokens)."""
+        median = torch.cat(self.value_norms, 1).median(-1).values
+        return replace(self.moments["values"].basis(), norm_median=median)
 
 
 @dataclass
@@ -98,8 +106,8 @@ def calibrate(
         model(input_ids=ids.to(device), cache=cache, use_cache=True)
     bases = Bases()
     for i, layer in enumerate(layers):
-        for name in STREAMS:
-            bases[(i, name)] = layer.moments[name].basis()
+        bases[(i, "keys")] = layer.moments["keys"].basis()
+        bases[(i, "values")] = layer.values_basis()
     tokens = sum(int(w.shape[-1]) for w in windows)
     seq_len = int(windows[0].shape[-1]) if windows else 0
     return bases, CalibrationStats(tokens=tokens, windows=len(windows), seq_len=seq_len, sink=sink)

@@ -87,7 +87,10 @@ def model_card(config: dict[str, Any]) -> str:
         "keys and values are rotated onto a PCA basis fitted on calibration text and stored as packed low-bit codes, "
         "with the first tokens and a recent window kept exact."
         + (" Keys are coded before RoPE: un-turned by their position before coding, turned back after decoding."
-           if codec.keys_before_rope else ""),
+           if codec.keys_before_rope else "")
+        + (f" Secondary attention sinks are kept exact beside their codes: a token-head whose value vector is shorter "
+           f"than {codec.secondary_sinks:g} of its layer and head's calibrated median length (their bytes are in the "
+           "compression figures)." if codec.secondary_sinks else ""),
         "",
         "```python",
         "from kvhub import KVPreset, load_model",

@@ -198,12 +198,15 @@ class ModelShape:
 @dataclass(frozen=True)
 class CacheCodec:
     """Every layer's codec, plus the flush block: how many tokens past the window accumulate before they are
-    compressed together (encoding in blocks amortizes the projection; history is never re-quantized), and whether
-    keys are coded before RoPE (:mod:`kvhub.rope`: the key bases are then fitted on un-turned keys)."""
+    compressed together (encoding in blocks amortizes the projection; history is never re-quantized), whether
+    keys are coded before RoPE (:mod:`kvhub.rope`: the key bases are then fitted on un-turned keys), and
+    ``secondary_sinks``: a token-head whose value vector is shorter than this fraction of its layer and head's
+    calibrated median length keeps its key and value exact beside its codes (:mod:`kvhub.secondary_sinks`; 0: none)."""
 
     layers: tuple[LayerCodec, ...]
     flush_block: int = 16
     keys_before_rope: bool = False
+    secondary_sinks: float = 0.0
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @classmethod
@@ -236,6 +239,13 @@ class CacheCodec:
             )
         if self.flush_block < 1:
             raise CodecError(f"flush_block={self.flush_block} must be >= 1")
+        if not 0 <= self.secondary_sinks < 1:
+            raise CodecError(f"secondary_sinks={self.secondary_sinks} is not a fraction of the median value length in "
+                             "[0, 1); fix: use 0 (none) or a threshold such as 0.3")
+        if self.secondary_sinks and any(layer.values.projection != "pca" for layer in self.layers if layer.compressed):
+            raise CodecError("secondary_sinks flags tokens against calibrated value lengths, which only PCA-projected "
+                             "values have; fix: project every compressed layer's values onto a basis, or drop "
+                             "secondary_sinks")
         for i, layer in enumerate(self.layers):
             if layer.sink < 0 or layer.window < 0:
                 raise CodecError(f"layer {i}: sink and window must be >= 0")
@@ -254,6 +264,8 @@ class CacheCodec:
         out: dict[str, Any] = {"num_layers": len(dicts), "flush_block": self.flush_block, "default": default}
         if self.keys_before_rope:  # written only when set, so presets made before it existed re-save byte for byte
             out["keys_before_rope"] = True
+        if self.secondary_sinks:
+            out["secondary_sinks"] = self.secondary_sinks
         overrides = {str(i): d for i, d in enumerate(dicts) if d != default}
         if overrides:
             out["layers"] = overrides
@@ -271,7 +283,8 @@ class CacheCodec:
             raise CodecError(f"codec.layers has the key '{stray[0][:32]}', not a layer index below num_layers={count} "
                              "written without leading zeros; fix: key overrides by layer index (0, 1, ...)")
         layers = tuple(LayerCodec.from_dict(overrides.get(str(i), default)) for i in range(count))
-        return cls(layers, flush_block=int(d.get("flush_block", 16)), keys_before_rope=bool(d.get("keys_before_rope", False)))
+        return cls(layers, flush_block=int(d.get("flush_block", 16)), keys_before_rope=bool(d.get("keys_before_rope", False)),
+                   secondary_sinks=float(d.get("secondary_sinks", 0.0)))
 
     def describe(self) -> list[dict[str, Any]]:
         """One row per layer for tables: rank and bits layout of keys and values."""

@@ -31,6 +31,7 @@ from .bases import StreamBasis
 from .codec import LayerCodec
 from .errors import KVHubError
 from .rope import RotaryFrame
+from .secondary_sinks import SecondarySinks, thresholds
 from .storage import Scratch, exact_dtype_for
 from .stream import CompressedStream
 
@@ -93,8 +94,10 @@ class CompressedLayer(CacheLayerMixin):
         scratch: Scratch | None = None,
         on_rebuild: Callable[[], None] | None = None,
         rope: RotaryFrame | None = None,
+        secondary_sinks: float = 0.0,
     ) -> None:
         super().__init__()
+        self.secondary_sinks = secondary_sinks  # kvhub.secondary_sinks: flag short value vectors, keep them exact
         self.rope = rope  # keys coded before RoPE: each token's position is kept until it is coded
         self.requested_exact_dtype = exact_dtype
         self.fast_path = fast_path
@@ -126,6 +129,10 @@ class CompressedLayer(CacheLayerMixin):
             for name in ("keys", "values")
         }
         self.recent_positions = torch.zeros(key_states.shape[0], 0, dtype=torch.long, device=self.device)
+        self.exact_rows = None
+        if self.secondary_sinks:
+            self.sink_threshold = thresholds(self.bases["values"], self.secondary_sinks, self.device)
+            self.exact_rows = SecondarySinks(key_states.shape[1], key_states.shape[-1], self.exact_dtype, self.device)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -222,7 +229,12 @@ class CompressedLayer(CacheLayerMixin):
         for name, new in (("keys", key_states), ("values", value_states)):
             sink, recent = (self.sink_keys, self.recent_keys) if name == "keys" else (self.sink_values, self.recent_values)
             stream = self.streams[name]
-            history = stream.decode(self.dtype) if stream.length else sink[:, :, :0].to(self.dtype)
+            if not stream.length:
+                history = sink[:, :, :0].to(self.dtype)
+            elif self.exact_rows is not None and len(self.exact_rows):
+                history = self.exact_rows.restore(stream.decode(torch.float32), name).to(self.dtype)
+            else:
+                history = stream.decode(self.dtype)
             held = torch.cat([sink.to(self.dtype), history, recent.to(self.dtype)], -2)
             order = self._permuted()
             if order is not None and held.shape[-2] >= order.shape[1]:
@@ -278,11 +290,25 @@ class CompressedLayer(CacheLayerMixin):
         if excess < self.flush_block:
             return
         # (positions are kept, and read by the keys' stream, only with a rope frame: empty otherwise)
+        start = self.streams["keys"].length
         self.streams["keys"].append(self.recent_keys[:, :, :excess], self.recent_positions[:, :excess])
         self.recent_positions = self.recent_positions[:, excess:].clone()
         self.streams["values"].append(self.recent_values[:, :, :excess])
+        if self.exact_rows is not None:
+            self._keep_exact(start, excess)
         self.recent_keys = self.recent_keys[:, :, excess:].clone()
         self.recent_values = self.recent_values[:, :, excess:].clone()
+
+    def _keep_exact(self, start: int, n: int) -> None:
+        """Flag the ``n`` tokens just coded at history index ``start`` whose value vectors are short (secondary
+        sinks) and keep their residuals: exact (still in ``recent``) minus what their codes decode to."""
+        values = self.recent_values[:, :, :n]
+        flags = values.float().norm(dim=-1) < self.sink_threshold[:, None]
+        if not bool(flags.any()):
+            return
+        residual = {name: exact.float() - self.streams[name].decode(torch.float32, start, n)
+                    for name, exact in (("keys", self.recent_keys[:, :, :n]), ("values", values))}
+        self.exact_rows.add(flags, start, residual["keys"], residual["values"])
 
     def held_tokens(self) -> int:
         return self.sink_keys.shape[-2] + self.streams["keys"].length + self.recent_keys.shape[-2]
@@ -304,12 +330,16 @@ class CompressedLayer(CacheLayerMixin):
         drop = excess - drop_sink
         for stream in self.streams.values():
             stream.drop_front(drop)
+        if self.exact_rows is not None:
+            self.exact_rows.drop_front(drop)
         self.dropped += excess
 
     # --- housekeeping (beam search, crop, offload) ------------------------------------------------------------
     def _map_batch(self, fn) -> None:
         if not self.is_initialized:
             return
+        if self.exact_rows is not None:  # (before the tensors: it reads the batch size off them)
+            self.exact_rows.map_batch(fn, self.sink_keys.shape[0])
         self.sink_keys, self.sink_values = fn(self.sink_keys), fn(self.sink_values)
         self.recent_keys, self.recent_values = fn(self.recent_keys), fn(self.recent_values)
         self.recent_positions = fn(self.recent_positions)
@@ -350,6 +380,8 @@ class CompressedLayer(CacheLayerMixin):
         from_stream = min(remove, stored)
         for stream in self.streams.values():
             stream.truncate(stored - from_stream)
+        if self.exact_rows is not None:
+            self.exact_rows.truncate(stored - from_stream)
         remove -= from_stream
         keep = self.sink_keys.shape[-2] - remove
         self.sink_keys, self.sink_values = self.sink_keys[:, :, :keep], self.sink_values[:, :, :keep]
@@ -370,6 +402,8 @@ class CompressedLayer(CacheLayerMixin):
         self.recent_positions = self.recent_positions.to(device)
         for stream in self.streams.values():
             stream.to(device)
+        if self.exact_rows is not None:
+            self.exact_rows.to(device)
 
     def reset(self) -> None:
         self.is_initialized = False
@@ -377,7 +411,8 @@ class CompressedLayer(CacheLayerMixin):
         self.cumulative_length = 0
         self.dropped = 0
         self.order = None
-        for attr in ("sink_keys", "sink_values", "recent_keys", "recent_values", "recent_positions", "streams"):
+        for attr in ("sink_keys", "sink_values", "recent_keys", "recent_values", "recent_positions", "streams",
+                     "exact_rows"):
             self.__dict__.pop(attr, None)
 
     # --- bytes ----------------------------------------------------------------------------------------------
@@ -386,7 +421,11 @@ class CompressedLayer(CacheLayerMixin):
             return {"keys": 0, "values": 0}
         exact = {"keys": (self.sink_keys, self.recent_keys, self.recent_positions),
                  "values": (self.sink_values, self.recent_values)}
-        return {name: sum(self.streams[name].nbytes().values()) + sum(t.nbytes for t in exact[name]) for name in exact}
+        out = {name: sum(self.streams[name].nbytes().values()) + sum(t.nbytes for t in exact[name]) for name in exact}
+        if self.exact_rows is not None:
+            for name, n in self.exact_rows.stream_nbytes().items():
+                out[name] += n
+        return out
 
     def nbytes(self) -> dict[str, int]:
         """Bytes held, by part, read off the tensors."""
@@ -400,4 +439,6 @@ class CompressedLayer(CacheLayerMixin):
             out["full_precision"] += t.nbytes
         if self.rope is not None:  # positions of the recent tokens, to be coded with them
             out["positions"] = out.get("positions", 0) + self.recent_positions.nbytes
+        if self.exact_rows is not None:
+            out["secondary_sinks"] = self.exact_rows.nbytes()
         return out

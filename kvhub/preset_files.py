@@ -242,6 +242,8 @@ def _expected_tensors(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
                 out[f"layers.{i}.{name}.mean"] = (heads, dim)
                 out[f"layers.{i}.{name}.basis"] = (heads, dim, stream.rank)
                 out[f"layers.{i}.{name}.variance"] = (heads, stream.rank)
+                if name == "values" and codec.secondary_sinks:
+                    out[f"layers.{i}.{name}.norm_median"] = (heads,)
     return out
 
 
@@ -273,7 +275,7 @@ def _load_tensor_files(folder: Path, config: dict[str, Any]) -> tuple[dict[str, 
         for key, info in header.items():
             if key not in expected or key in tensors:
                 raise PresetTensorError(f"{path}: unexpected tensor '{key[:80]}'; fix: names are layers.{{i}}.{{keys|values}}."
-                                        "{mean|basis|variance}, once each, for the layers and streams the codec projects")
+                                        "{mean|basis|variance} (values.norm_median with secondary_sinks), once each, for the layers and streams the codec projects")
             dtype = info.get("dtype") if isinstance(info, dict) else None
             if dtype not in _ALLOWED_DTYPES:
                 raise PresetTensorError(f"{path}: tensor '{key}' has dtype {str(dtype)[:16]}; fix: store bases as F32 or F16")

@@ -216,10 +216,10 @@ def uniform_rungs(level: int, num_layers: int) -> dict[tuple[int, str], int]:
 
 
 def codec_from_rungs(ladders: dict, rungs: dict[tuple[int, str], int], num_layers: int, sink: int, window: int,
-                     flush_block: int, keys_before_rope: bool = False) -> CacheCodec:
+                     flush_block: int, keys_before_rope: bool = False, secondary_sinks: float = 0.0) -> CacheCodec:
     return CacheCodec(tuple(LayerCodec(ladders["keys"][rungs[(i, "keys")]], ladders["values"][rungs[(i, "values")]],
                                        sink, window) for i in range(num_layers)), flush_block=flush_block,
-                      keys_before_rope=keys_before_rope)
+                      keys_before_rope=keys_before_rope, secondary_sinks=secondary_sinks)
 
 
 def reallocate(rungs: dict[tuple[int, str], int], sens: dict[tuple[int, str], float], ladders: dict,
@@ -250,10 +250,13 @@ def search(
     scale_format: str = "log8",
     keys_before_rope: bool = False,
     confirm_seeds: tuple[int, ...] = (),
+    secondary_sinks: float = 0.0,
 ) -> TuneResult:
     """Steps 2-5 of the module docstring. ``tune_windows`` maps each calibration domain to its held-out windows; a
     trial passes when its *worst* domain is within ``target_delta`` (a fraction: 0.01 = +1% perplexity).
-    ``keys_before_rope``: every codec tried codes keys before RoPE (``bases`` were fitted so). ``confirm_seeds``:
+    ``keys_before_rope``: every codec tried codes keys before RoPE (``bases`` were fitted so); ``secondary_sinks``:
+    every codec tried keeps them exact at that threshold (:mod:`kvhub.secondary_sinks`; their bytes are in each
+    trial's measured ratio). ``confirm_seeds``:
     the rotation seeds a passing trial is measured again at before it is chosen (none: the first pass is trusted)."""
     t0 = time.time()
     shape = ModelShape.from_config(model.config)
@@ -273,7 +276,7 @@ def search(
     trials: list[Trial] = []
 
     def measure(name: str, rungs: dict, window: int) -> Trial:
-        codec = codec_from_rungs(ladders, rungs, n, sink, window, flush_block, keys_before_rope)
+        codec = codec_from_rungs(ladders, rungs, n, sink, window, flush_block, keys_before_rope, secondary_sinks)
         trial = measure_trial(model, name, codec, bases, tune_windows, base)
         trials.append(trial)
         log("  tried " + trial.line)
@@ -391,6 +394,7 @@ class TuneConfig:
     quantizer: str = "uniform"  # level set of the values' 2/4-bit segments (kvhub.quantizers)
     scale_format: str = "log8"  # how per-token scales are stored (kvhub.quantizers)
     keys_before_rope: bool = False  # code keys before RoPE (kvhub.rope): bases fitted and codes made on un-turned keys
+    secondary_sinks: float = 0.0  # keep token-heads with short values exact (kvhub.secondary_sinks); 0: none
     confirm_seeds: int = 2  # other rotation seeds a passing trial must also pass at, on average, to be chosen
     device: str | None = None
     dtype: str = "float32"
@@ -480,7 +484,7 @@ def tune(cfg: TuneConfig, out: str | None = None, log: Callable[[str], None] = p
     bases, stats = calibrate(model, fit, sink=cfg.sink, progress=cfg.progress, keys_before_rope=cfg.keys_before_rope)
     result = search(model, bases, held, cfg.target_ppl_delta, cfg.sink, cfg.windows, log=log, quantizer=cfg.quantizer,
                     scale_format=cfg.scale_format, keys_before_rope=cfg.keys_before_rope,
-                    confirm_seeds=tuple(range(1, cfg.confirm_seeds + 1)))
+                    confirm_seeds=tuple(range(1, cfg.confirm_seeds + 1)), secondary_sinks=cfg.secondary_sinks)
     log(f"tuning took {time.time() - t0:.0f} s")
     metrics = None
     if cfg.eval_files:

@@ -18,7 +18,8 @@ class DecodeCall:
     :class:`~kvhub.stream.CompressedStream` s, of which the first ``history`` tokens are read; ``exact_k``/``exact_v``
     [B, Hkv, Te, d] the exact tokens (sink, recent, new) in storage order; ``history_mask`` [B, M, history] and
     ``exact_mask`` [B, M, Te] additive float masks (None: nothing hidden); ``softcap`` applies ``c * tanh(s / c)``
-    to the scaled scores before the masks."""
+    to the scaled scores before the masks; ``exact_rows`` the layer's :class:`~kvhub.secondary_sinks.SecondarySinks`
+    (None: the codec keeps none), whose rows among the history a backend must restore."""
 
     query: torch.Tensor
     keys: object
@@ -30,6 +31,12 @@ class DecodeCall:
     exact_mask: torch.Tensor | None
     scaling: float
     softcap: float | None
+    exact_rows: object = None
+
+    def sinks(self):
+        """``(rows, tokens, residuals)`` of the secondary sinks among this call's history, or None
+        (:meth:`kvhub.secondary_sinks.SecondarySinks.visible`)."""
+        return None if self.exact_rows is None else self.exact_rows.visible(self.history)
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,7 @@ class Capabilities:
     max_segments: int | None = None
     keys_before_rope: bool = False  # scores keys coded before RoPE (decoded and turned per position)
     vector_codes: bool = False  # reads segments whose bytes are codewords of a codebook (kvhub.quantizers.vector)
+    secondary_sinks: bool = False  # restores the token-heads a codec keeps exact beside their codes
     levels: str = "uniform, Lloyd-Max"  # scalar level sets read (vector codes: the flag above)
     masks: str = "SDPA, eager, flash-attention (None or 2-D: the layer adds the causal and window part)"
 
@@ -84,6 +92,8 @@ class DecodeBackend(ABC):
                 return f"{len(stream.segments)} segments, more than {cap.max_segments}"
         if not cap.vector_codes and (call.keys.vector_codes or call.values.vector_codes):
             return "vector codes (each byte a codeword, decoded through the codebook)"
+        if not cap.secondary_sinks and call.exact_rows is not None and len(call.exact_rows):
+            return "secondary sinks kept exact (residual rows added to their scores and values)"
         if call.keys.rope is not None and not cap.keys_before_rope:
             return "keys coded before RoPE (scored from keys decoded and turned by their positions)"
         return None
@@ -103,6 +113,7 @@ class DecodeBackend(ABC):
             "16-bit segments stored as": _names(cap.stored_dtypes),
             "keys": "after or before RoPE" if cap.keys_before_rope else "after RoPE",
             "levels": cap.levels + (", vector codes" if cap.vector_codes else ""),
+            "secondary sinks": "yes" if cap.secondary_sinks else "no",
             "scales": _names(cap.scale_dtypes).replace("float16", "fp16").replace("uint8", "log8"),
             "masks": cap.masks,
             "limits": ", ".join(f"{k} <= {v}" for k, v in (("rank", cap.max_rank), ("segments", cap.max_segments))

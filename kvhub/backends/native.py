@@ -20,6 +20,7 @@ class NativeBackend(TorchBackend):
         query_dtypes=(torch.float16, torch.bfloat16, torch.float32),
         stored_dtypes=tuple(cpu.DTYPES), scale_dtypes=tuple(cpu.SCALE_KINDS),
         max_rank=cpu.MAX_RANK, max_segments=cpu.MAX_SEGMENTS,
+        secondary_sinks=True,  # the PyTorch backend's attend restores them around the kernels' products
     )
 
     def unavailable(self, device: torch.device, forced: bool = False) -> str | None:

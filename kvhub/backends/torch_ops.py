@@ -11,6 +11,9 @@ mean_v]`` (:mod:`kvhub.plan`)::
 Keys coded before RoPE (:mod:`kvhub.rope`) are the exception: each must be turned by its own position, so their
 scores come from the keys decoded and turned (``q . k_t`` over ``d``, not ``r``); values keep the path above.
 
+Secondary sinks (:mod:`kvhub.secondary_sinks`) are restored on top: a kept token-head's residual ``(dk, dv)``
+adds ``q . dk`` to its score before the softmax and ``p dv`` to the output after it, so it is attended exactly.
+
 Grouped-query heads are handled by viewing the queries as ``[batch, kv_heads, group * q_len, d]``, so K/V are never
 repeated; sink and recent tokens (exact) join the same softmax. Per-token scales ``s_t`` multiply the small
 ``[queries, tokens]`` products, never the history itself.
@@ -56,6 +59,23 @@ def history_values(p: torch.Tensor, raw: list[torch.Tensor], scales: torch.Tenso
     return torch.cat([*parts, p.sum(-1, keepdim=True)], -1)
 
 
+def restore_scores(scores: torch.Tensor, q: torch.Tensor, sinks) -> None:
+    """Add ``q . dk`` to each kept token-head's score: ``scores`` [B*H, M, T], ``q`` [B*H, M, d] (scaled), ``sinks``
+    ``(rows, tokens, residuals)`` (:meth:`~kvhub.backends.base.DecodeCall.sinks`)."""
+    rows, tokens, residuals = sinks
+    dots = torch.einsum("nmd,nd->nm", q[rows], residuals[:, 0])
+    queries = torch.arange(q.shape[1], device=q.device)
+    scores.index_put_((rows[:, None], queries[None, :], tokens[:, None]), dots, accumulate=True)
+
+
+def restore_values(out: torch.Tensor, probs: torch.Tensor, sinks) -> None:
+    """Add ``p dv`` of each kept token-head to ``out`` [B*H, M, d], ``probs`` [B*H, M, T] the softmax."""
+    rows, tokens, residuals = sinks
+    queries = torch.arange(probs.shape[1], device=probs.device)
+    weights = probs[rows[:, None], queries[None, :], tokens[:, None]]  # [N, M]
+    out.index_put_((rows,), weights[..., None] * residuals[:, None, 1], accumulate=True)
+
+
 class TorchBackend(DecodeBackend):
     name = "torch"
     capabilities = Capabilities(
@@ -63,7 +83,7 @@ class TorchBackend(DecodeBackend):
         query_dtypes=(torch.float16, torch.bfloat16, torch.float32),
         stored_dtypes=(torch.float16, torch.bfloat16, torch.float32),
         scale_dtypes=(torch.float16, torch.uint8),
-        keys_before_rope=True, vector_codes=True,
+        keys_before_rope=True, vector_codes=True, secondary_sinks=True,
     )
 
     # The history's two products; the C backend replaces these with its kernels and keeps the rest.
@@ -103,6 +123,7 @@ class TorchBackend(DecodeBackend):
         heads = bsz * kv_heads
         plan_k, plan_v = call.keys.plan(), call.values.plan()
         prepared = self.prepare(call)
+        sinks = call.sinks()
         w_v = plan_v.matrix.transpose(-1, -2)
         exact_k, exact_v = call.exact_k.float().flatten(0, 1), call.exact_v.float().flatten(0, 1)
         q = (query.float() * call.scaling).view(bsz, kv_heads, group, q_len, dim)  # scaled once
@@ -118,6 +139,8 @@ class TorchBackend(DecodeBackend):
             else:
                 self.scores(torch.matmul(q_t, plan_k.matrix).view(heads, rows, -1), call, prepared, scores)
             scores[..., history:] = torch.bmm(q_t.reshape(heads, rows, dim), exact_k.transpose(-1, -2))
+            if sinks is not None:
+                restore_scores(scores, q_t.reshape(heads, rows, dim), sinks)
             if call.softcap:
                 scores = scores.div_(call.softcap).tanh_().mul_(call.softcap)
             if mask is not None:
@@ -127,6 +150,8 @@ class TorchBackend(DecodeBackend):
             coords = self.values(probs, call, prepared)
             o = torch.matmul(coords.view(bsz, kv_heads, rows, -1), w_v).view(heads, rows, dim)
             o.baddbmm_(probs[..., history:], exact_v)
+            if sinks is not None:
+                restore_values(o, probs, sinks)
             tiles.append(o.view(bsz, kv_heads, group, m1 - m0, dim))
         out = tiles[0] if len(tiles) == 1 else torch.cat(tiles, dim=3)
         return out.view(bsz, q_heads, q_len, dim).transpose(1, 2).contiguous().to(query.dtype)

@@ -105,6 +105,9 @@ def describe(preset) -> str:
     lines.append(f"  calibrated on {cal['tokens']} tokens of {printable(cal['corpus'])} (sink {cal['sink']} excluded)")
     if preset.codec.keys_before_rope:
         lines.append("  keys coded before RoPE (un-turned by their positions; scored on the PyTorch backend)")
+    if preset.codec.secondary_sinks:
+        lines.append(f"  secondary sinks kept exact: value shorter than {preset.codec.secondary_sinks:g} of the "
+                     "calibrated median (PyTorch and C backends)")
     rows = preset.codec.describe()
     lines += ["", f"  {'layer':>5}  {'keys (rank, layout)':<36} {'values (rank, layout)':<36} sink window"]
     for row in rows:

@@ -57,6 +57,11 @@ def _from_recipe(path: Path, model: str | None, target: float | None):
 @click.option("--keys-before-rope/--keys-after-rope", default=False, show_default=True,
               help="Code keys before RoPE: un-turned by their positions, where their channel outliers stay put "
                    "(less loss at the same bits; key scores then come from decoded keys, on the PyTorch backend).")
+@click.option("--secondary-sinks", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+              help="Keep exact, beside their codes, the token-heads whose value vector is shorter than this fraction "
+                   "of its layer and head's median length on calibration text (secondary attention sinks: 0.3 "
+                   "flags about 0.4% of SmolLM2's); 0 keeps none. Decoded on the PyTorch and C backends; LMCache "
+                   "chunks refuse such presets.")
 @click.option("--confirm-seeds", default=2, show_default=True, type=click.IntRange(0, 8),
               help="Before choosing a passing trial, measure it again at this many other seeds of the segments' "
                    "rotation and keep it only if its mean passes (0: trust one measurement; each seed costs a trial).")
@@ -68,7 +73,7 @@ def _from_recipe(path: Path, model: str | None, target: float | None):
 @device_option
 @click.option("--dtype", default="float32", show_default=True)
 def tune(model, recipe_path, calib_files, target_ppl_delta, out, overwrite, eval_files, needle, windows, quantizer,
-         scale_format, keys_before_rope, confirm_seeds, calib_windows_per_file, calib_seq_len, tune_window_tokens,
+         scale_format, keys_before_rope, secondary_sinks, confirm_seeds, calib_windows_per_file, calib_seq_len, tune_window_tokens,
          device, dtype):
     """Search ranks, bits and windows per layer for the most compression within --target-ppl-delta.
 
@@ -90,7 +95,7 @@ def tune(model, recipe_path, calib_files, target_ppl_delta, out, overwrite, eval
     cfg = TuneConfig(model, list(calib_files), target_ppl_delta, list(eval_files) or None, needle,
                      calib_windows_per_file, calib_seq_len=calib_seq_len, tune_window_tokens=tune_window_tokens,
                      windows=tuple(int(w) for w in windows.split(",")), quantizer=quantizer, scale_format=scale_format,
-                     keys_before_rope=keys_before_rope, confirm_seeds=confirm_seeds, device=device,
+                     keys_before_rope=keys_before_rope, secondary_sinks=secondary_sinks, confirm_seeds=confirm_seeds, device=device,
                      dtype=dtype, model_id=model_id)
     if out is None:
         folder = folder or Path("presets") / (BENCHMARK_MODEL_ID if is_benchmark_model(model) else model).replace("/", "--")

@@ -248,6 +248,9 @@ class ChunkCodec:
             raise CodecError("this preset codes keys before RoPE, and a chunk does not carry its tokens' positions; "
                              "fix: store chunks with a preset whose keys are coded after RoPE (tuned without "
                              "--keys-before-rope)")
+        if preset.codec.secondary_sinks:
+            raise CodecError("this preset keeps secondary sinks exact beside their codes, and a chunk's layout has no "
+                             "room for those rows; fix: store chunks with a preset tuned without --secondary-sinks")
         self.codec = preset.codec
         self.shape = preset.shape
         self.bases = preset.bases
