@@ -56,7 +56,9 @@ PRESETS = {"kvhub 1% preset (bundled)": ROOT / "presets" / "HuggingFaceTB--SmolL
            # the worst-domain tune held to three percent, keys coded before RoPE (kvhub tune --keys-before-rope)
            "kvhub 3% preset, keys before RoPE": ROOT / "benchmarks" / "presets" / "smollm2-3pct-prerope",
            # the same with the values as vector codes and the choice confirmed over seeds (kvhub tune --quantizer vq)
-           "kvhub 3% preset, vector-coded values": ROOT / "benchmarks" / "presets" / "smollm2-3pct-vq"}
+           "kvhub 3% preset, vector-coded values": ROOT / "benchmarks" / "presets" / "smollm2-3pct-vq",
+           # the same with secondary sinks kept exact beside the codes (kvhub tune --secondary-sinks 0.3)
+           "kvhub 3% preset, secondary sinks exact": ROOT / "benchmarks" / "presets" / "smollm2-3pct-vq-sinks"}
 NEEDLE_ROWS = ("DynamicCache (fp)", "kvhub 1% preset (bundled)", "kvhub 3% preset, log8 scales + Lloyd-Max V")
 
 

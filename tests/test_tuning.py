@@ -257,3 +257,43 @@ def test_a_pass_that_other_seeds_do_not_repeat_is_not_chosen(searched, monkeypat
             assert any(m.name == f"{t.name}, mean of 3 seeds" and m.measured_delta_pct > 1.0 for m in means)
     summary = tuning_summary(result)
     assert "confirmed as a mean over rotation seeds 0 and 1, 2" in summary["method"]
+
+
+def test_secondary_sinks_reach_every_trial_and_their_bytes_its_ratio(searched, monkeypatch):
+    """``search(secondary_sinks=f)``: every codec tried keeps them at ``f``; a trial's ratio counts their rows (a
+    codec with them holds the codes of the one without, plus their rows, read off the cache here)."""
+    import kvhub.tuning
+    from kvhub.tuning import codec_from_rungs, measure_trial, uniform_rungs
+
+    model, bases, windows, _, _ = searched
+    layers = model.config.num_hidden_layers
+    plain = codec_from_rungs(stream_ladders(64), uniform_rungs(0, layers), layers, 2, 0, 4)
+    # (a random model's value lengths cluster near their median: a high threshold, so that some are kept)
+    kept = codec_from_rungs(stream_ladders(64), uniform_rungs(0, layers), layers, 2, 0, 4, secondary_sinks=0.95)
+    base = {"random": perplexity(model, windows, lambda: DynamicCache(config=model.config)).ppl}
+    made: list[CompressedCache] = []
+    real_cache = kvhub.tuning.CompressedCache
+
+    def recorded(*args, **kwargs):
+        made.append(real_cache(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(kvhub.tuning, "CompressedCache", recorded)
+    with_rows = measure_trial(model, "kept", kept, bases, {"random": windows}, base)
+    rows = made[-1].nbytes()["secondary_sinks"]
+    without = measure_trial(model, "plain", plain, bases, {"random": windows}, base)
+    held = made[-1].nbytes()["total"]
+    assert rows > 0
+    assert with_rows.ratio == pytest.approx(without.ratio * held / (held + rows))
+
+    tried: list[float] = []
+
+    def fake_measure(model, name, codec, *args, **kwargs):
+        tried.append(codec.secondary_sinks)
+        raise StopIteration
+
+    monkeypatch.setattr(kvhub.tuning, "measure_trial", fake_measure)
+    with pytest.raises(StopIteration):
+        search(model, bases, {"random": windows}, target_delta=TARGET, sink=2, windows=(0,), flush_block=4,
+               log=lambda _: None, secondary_sinks=0.95)
+    assert tried == [0.95]
