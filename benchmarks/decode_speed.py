@@ -11,6 +11,11 @@ chunked 8k-token generate in a fresh process.
     python benchmarks/decode_speed.py --presets benchmarks/presets/smollm2-3pct-worst,benchmarks/presets/smollm2-3pct-prerope \
         --contexts 1024,4096 --batches 1 --peak-context 0 --out benchmarks/results/decode_speed_prerope.json
                                                      # presets side by side (keys after and before RoPE)
+    python benchmarks/decode_speed.py --models smollm2 --fill text --presets benchmarks/presets/smollm2-3pct-vq,\
+        benchmarks/presets/smollm2-3pct-vq-sinks --contexts 1024,4096 --batches 1 --peak-context 0 \
+        --out benchmarks/results/decode_speed_sinks.json
+                                                     # filled by the model reading real text, not synthetic K/V: what
+                                                     # a preset keeping secondary sinks exact flags depends on the text
 """
 
 from __future__ import annotations
@@ -99,6 +104,17 @@ def fill(cache, shape: ModelShape, batch: int, context: int, dtype, device) -> N
             k = torch.randn(batch, shape.num_kv_heads, n, shape.head_dim, generator=gen).to(device, dtype)
             v = torch.randn(batch, shape.num_kv_heads, n, shape.head_dim, generator=gen).to(device, dtype)
             cache.update(k, v, i)
+
+
+TEXT = ROOT / "corpora" / "evaluation" / "python_docs_library.txt"  # --fill text: the protocol's worst corpus of late
+
+
+def fill_text(model, cache, ids: torch.Tensor, batch: int) -> None:
+    """Fill ``cache`` as a chunked prefill of real text does: the model reads ``ids`` [1, context] (the same text in
+    every row) in ``FILL_CHUNK``-token chunks, kvhub caches through their compressed attention."""
+    with torch.no_grad(), compressed_attention(model):
+        for start in range(0, ids.shape[-1], FILL_CHUNK):
+            model(input_ids=ids[:, start : start + FILL_CHUNK].expand(batch, -1), cache=cache, use_cache=True)
 
 
 def held_bytes(cache) -> int:
@@ -199,6 +215,9 @@ def main() -> None:
     ap.add_argument("--presets", default=None,
                     help="comma-separated preset folders, each timed as 'kvhub: <folder name>' (default: the bundled "
                          "preset, as 'kvhub')")
+    ap.add_argument("--fill", choices=("synthetic", "text"), default="synthetic",
+                    help="fill the caches with synthetic K/V through their update (default), or by the real model "
+                         f"reading {TEXT.name} (smollm2 only)")
     ap.add_argument("--peak-context", type=int, default=8192, help="0 to skip the peak-RSS generate")
     ap.add_argument("--peak-only", action="store_true", help="only the peak-RSS part, merged into --out")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "decode_speed.json"))
@@ -215,7 +234,10 @@ def main() -> None:
     rows = []
     for name in [] if args.peak_only else args.models.split(","):
         if name == "smollm2":
-            model, _ = load_model("HuggingFaceTB/SmolLM2-135M-Instruct", dtype=args.dtype, device=args.device)
+            model, tokenizer = load_model("HuggingFaceTB/SmolLM2-135M-Instruct", dtype=args.dtype, device=args.device)
+            text = tokenizer(TEXT.read_text(encoding="utf-8"), return_tensors="pt")["input_ids"].to(args.device)
+        elif args.fill == "text":
+            raise SystemExit("--fill text needs a real model: --models smollm2")
         else:
             model = seven_b_shaped(dtype, args.device)
         shape = ModelShape.from_config(model.config)
@@ -226,7 +248,10 @@ def main() -> None:
                 caches = {}
                 for method, make in makers.items():
                     caches[method] = make()
-                    fill(caches[method], shape, batch, context, dtype, args.device)
+                    if args.fill == "text":
+                        fill_text(model, caches[method], text[:, :context], batch)
+                    else:
+                        fill(caches[method], shape, batch, context, dtype, args.device)
                     row["methods"][method] = {"cache_bytes": held_bytes(caches[method])}
                 for method, t in interleaved_step_times(model, caches, batch, args.steps, args.device).items():
                     row["methods"][method]["step_s"] = t
@@ -255,6 +280,7 @@ def main() -> None:
         "hardware": f"{platform.machine()} {platform.processor() or 'cpu'}, torch {torch.__version__}, "
                     f"{torch.get_num_threads()} threads" if args.device == "cpu" else torch.cuda.get_device_name(0),
         "dtype": args.dtype,
+        "fill": args.fill if args.fill == "synthetic" else f"text: {TEXT.relative_to(ROOT)}",
         "command": "python " + " ".join(sys.argv),
         "commit": git_commit(),
         "rows": rows,

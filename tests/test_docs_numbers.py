@@ -137,6 +137,7 @@ FRONTIER_ROWS = [
     ("3% preset (log8 scales, Lloyd-Max values)", "kvhub 3% preset, log8 scales + Lloyd-Max V"),
     ("3% preset, keys coded before RoPE (worst-domain tune)", "kvhub 3% preset, keys before RoPE"),
     ("3% preset, keys before RoPE, values as vector codes (choice confirmed over seeds)", "kvhub 3% preset, vector-coded values"),
+    ("the same with secondary sinks kept exact", "kvhub 3% preset, secondary sinks exact"),
     ("int8 per token, K and V", "int8 per token K+V"),
     ("KIVI-4 (simulated: quantize-dequantize, analytic bytes)", "KIVI-4 (simulated)"),
     ("transformers QuantizedCache, int4 (quanto)", "QuantizedCache quanto int4"),
@@ -195,6 +196,7 @@ FRONTIER_SUMMARY = [
     ("the 1% preset tuned with its target on the worst domain", "kvhub 1% preset, worst-domain tune"),
     ("the 3% preset tuned on the worst domain with keys coded before RoPE", "kvhub 3% preset, keys before RoPE"),
     ("the same with the values as vector codes, its choice confirmed over seeds", "kvhub 3% preset, vector-coded values"),
+    ("the same with secondary sinks kept exact", "kvhub 3% preset, secondary sinks exact"),
 ]
 
 
@@ -221,21 +223,36 @@ DECODE_PREROPE = RESULTS + "decode_speed_prerope.json"
 KEYS_AFTER, KEYS_BEFORE = "kvhub: smollm2-3pct-worst", "kvhub: smollm2-3pct-prerope"
 
 
+DECODE_SINKS = RESULTS + "decode_speed_sinks.json"
+WITHOUT_SINKS, WITH_SINKS = "kvhub: smollm2-3pct-vq", "kvhub: smollm2-3pct-vq-sinks"
+
+
+def step_ratios(path: str, first: str, second: str) -> list[float]:
+    """How many times ``first``'s step each ``second`` step takes, row by row of a decode-speed file."""
+    return [r["methods"][second]["step_s"] / r["methods"][first]["step_s"] for r in load(path)["rows"]]
+
+
 def prerope_steps() -> list[float]:
     """How many times the keys-after-RoPE preset's step each keys-before-RoPE step takes, row by row."""
-    return [r["methods"][KEYS_BEFORE]["step_s"] / r["methods"][KEYS_AFTER]["step_s"] for r in load(DECODE_PREROPE)["rows"]]
+    return step_ratios(DECODE_PREROPE, KEYS_AFTER, KEYS_BEFORE)
+
+
+def pair_decode_table(path: str, methods: tuple[str, str], labels: tuple[str, str]) -> str:
+    """benchmarks/README.md's decode table of two presets side by side: steps as multiples of DynamicCache's,
+    compression from the bytes allocated."""
+    lines = [f"| model | context | batch | {labels[0]}: step | {labels[1]}: step | {labels[0]}: compression "
+             f"| {labels[1]}: compression |", "|---|---|---|---|---|---|---|"]
+    for r in load(path)["rows"]:
+        steps = [r["methods"][m]["step_ratio_vs_dynamic"] for m in methods]
+        lines.append(f"| {MODELS[r['model']]} | {r['context'] // 1024}k | {r['batch']} | "
+                     + " | ".join(f"**{x:.2f}x**" if x < 1 else f"{x:.2f}x" for x in steps) + " | "
+                     + " | ".join(f"{decode_fp16_ratio(r, m):.2f}x" for m in methods) + " |")
+    return "\n".join(lines)
 
 
 def prerope_decode_table() -> str:
     """benchmarks/README.md's decode table of the two three-percent presets, keys after and before RoPE."""
-    lines = ["| model | context | batch | keys after RoPE: step | keys before RoPE: step | keys after RoPE: compression "
-             "| keys before RoPE: compression |", "|---|---|---|---|---|---|---|"]
-    for r in load(DECODE_PREROPE)["rows"]:
-        steps = [r["methods"][m]["step_ratio_vs_dynamic"] for m in (KEYS_AFTER, KEYS_BEFORE)]
-        lines.append(f"| {MODELS[r['model']]} | {r['context'] // 1024}k | {r['batch']} | "
-                     + " | ".join(f"**{x:.2f}x**" if x < 1 else f"{x:.2f}x" for x in steps) + " | "
-                     + " | ".join(f"{decode_fp16_ratio(r, m):.2f}x" for m in (KEYS_AFTER, KEYS_BEFORE)) + " |")
-    return "\n".join(lines)
+    return pair_decode_table(DECODE_PREROPE, (KEYS_AFTER, KEYS_BEFORE), ("keys after RoPE", "keys before RoPE"))
 
 
 def domain_table() -> str:
@@ -380,6 +397,26 @@ def attention_metric_table() -> str:
 PREROPE3 = "benchmarks/presets/smollm2-3pct-prerope/kvhub_preset.json"
 PREROPE1 = "benchmarks/presets/smollm2-1pct-prerope/kvhub_preset.json"
 VQ3 = "benchmarks/presets/smollm2-3pct-vq/kvhub_preset.json"  # vector-coded values, the choice confirmed over seeds
+SINKS3 = "benchmarks/presets/smollm2-3pct-vq-sinks/kvhub_preset.json"  # the same with secondary sinks kept exact
+SINKS_THRESHOLD = RESULTS + "secondary_sinks_threshold.json"  # SINKS3's codes with a higher threshold
+
+
+def worst_over_target(path: str, target: float = 3.0) -> str:
+    """How far a preset's worst evaluation corpus is over ``target`` percent, in points."""
+    return f"{load(path)['metrics']['perplexity']['worst_delta_pct'] - target:.2f}"
+
+
+def rows_share(path: str) -> str:
+    """The secondary-sinks rows' share of the bytes a preset's evaluation held, in percent."""
+    b = load(path)["metrics"]["bytes"]
+    return f"{100 * b['secondary_sinks'] / b['total']:.1f}%"
+
+
+def threshold_summary() -> str:
+    m = load(SINKS_THRESHOLD)["metrics"]
+    p = m["perplexity"]
+    return (f"{m['compression']['total']:.2f}x at worst {p['worst_delta_pct']:+.2f}% ({p['worst_corpus']}), "
+            f"mean {p['mean_delta_pct']:+.2f}%")
 PREROPE = RESULTS + "prerope_keys.json"
 PREROPE_EVAL = RESULTS + "prerope_keys_evaluation.json"
 
@@ -639,6 +676,9 @@ CLAIMS = [
     Claim(README, "{}", MEASURED, lambda d: domain_table()),
     Claim(README, "promise only at\n{}:", RETUNED, lambda d: preset_summary(RETUNED)),
     Claim(README, "the three-percent tune gives\n{}: the first", VQ3, lambda d: preset_summary(VQ3)),
+    Claim(README, "`kvhub tune --secondary-sinks {}`", SINKS3, lambda d: f"{d['codec']['secondary_sinks']:g}"),
+    Claim(README, "the three-percent tune gives\n{}: past five", SINKS3, lambda d: preset_summary(SINKS3)),
+    Claim(README, "and {} points over three percent on", SINKS3, lambda d: worst_over_target(SINKS3)),
     # benchmarks/results/frontier-4.md: the bundled preset on every domain, the worst-domain tune, the merged frontier
     Claim(FRONTIER4, "{}", MEASURED, lambda d: domain_table()),
     Claim(FRONTIER4, "loses up to\n{}%", MEASURED, ("metrics", "perplexity", "worst_delta_pct"), "+.2f"),
@@ -697,6 +737,26 @@ CLAIMS = [
     Claim(FRONTIER4, "every corpus, {} points under the target", VQ3,
           lambda d: f"{3 - d['metrics']['perplexity']['worst_delta_pct']:.2f}"),
     Claim(FRONTIER4, "same rungs, which gave\n{}. The first", PREROPE3, lambda d: preset_summary(PREROPE3)),
+    # ... secondary sinks built: the three-percent tune with them
+    Claim(FRONTIER4, '`"secondary_sinks": {}` in a preset', SINKS3, lambda d: f"{d['codec']['secondary_sinks']:g}"),
+    Claim(FRONTIER4, "`kvhub tune\n--secondary-sinks {}`)", SINKS3, lambda d: f"{d['codec']['secondary_sinks']:g}"),
+    Claim(FRONTIER4, "--keys-before-rope --secondary-sinks {}\n--windows 0", SINKS3,
+          lambda d: f"{d['codec']['secondary_sinks']:g}"),
+    Claim(FRONTIER4, "pays their rows in its ratio):\n\n{}", SINKS3, lambda d: trials_table(SINKS3)),
+    Claim(FRONTIER4, "It chose {}, which gives\n", SINKS3, ("calibration", "tuning", "chosen")),
+    Claim(FRONTIER4, "which gives\n{} on the evaluation protocol:\n", SINKS3, lambda d: preset_summary(SINKS3)),
+    Claim(FRONTIER4, "and {} points over three percent", SINKS3, lambda d: worst_over_target(SINKS3)),
+    Claim(FRONTIER4, "reference\n  loses {}, over", SINKS3,
+          lambda d: f"{d['metrics']['perplexity']['worst_delta_pct']:+.2f}%"),
+    Claim(FRONTIER4, "over three windows ({} points)", SINKS3,
+          lambda d: f"{d['metrics']['perplexity']['corpora']['python_docs_library']['delta_pct_se']:.2f}"),
+    Claim(FRONTIER4, "without them gives\n  {}.\n", VQ3, lambda d: preset_summary(VQ3)),
+    Claim(FRONTIER4, "one seed):\n  {} at worst", SINKS_EVAL, lambda d: side_table_ratio(sinks_eval_row("keys and values"))),
+    Claim(FRONTIER4, "x at worst {}.\n- **The rows", SINKS_EVAL, lambda d: sinks_eval_worst("keys and values")),
+    Claim(FRONTIER4, "**The rows are {} of the bytes held**", SINKS3, lambda d: rows_share(SINKS3)),
+    Claim(FRONTIER4, "per sequence, at {} tokens", SINKS3, lambda d: f"{d['metrics']['context_length']:,}"),
+    Claim(FRONTIER4, "threshold raised to {}\n", SINKS_THRESHOLD, ("threshold",), ".1f"),
+    Claim(FRONTIER4, "give\n  {}:\n  the mean falls", SINKS_THRESHOLD, lambda d: threshold_summary()),
     Claim(FRONTIER4, "moves by up to {} points between", VECTOR_CODES,
           lambda d: f"{vector_row(2, 'lloyd-max')['largest_seed_spread_pct']:.2f}"),
     # ... secondary sinks, measured (secondary_sinks.json)
@@ -732,9 +792,6 @@ CLAIMS = [
     Claim(FRONTIER4, "both presets, for {} of the", SINKS,
           lambda d: f"{sinks_row(THREE_SINKS, 'keys and values')['flagged_token_heads_pct']:.2f}%"),
     # ... at the rungs the three-percent tune could not take (secondary_sinks_level*.json)
-    Claim(README, "the ladder's level 1 at {} within three percent", SINKS,
-          lambda d: side_table_ratio(sinks_level_row(1, "keys and values"))),
-    Claim(README, "tuning domain (worst {}, a mean over three seeds", SINKS, lambda d: sinks_level_worst(1, "keys and values")),
     Claim(FRONTIER4, "`secondary_sinks_level1.json`, ~{} min each)", SINKS,
           lambda d: "/".join(sorted({f"{round(sinks_level(L)['seconds'] / 60)}" for L in SINKS_LEVELS}))),
     Claim(FRONTIER4, "(a test holds them equal):\n\n{}\n", SINKS, lambda d: sinks_levels_table()),
@@ -753,7 +810,6 @@ CLAIMS = [
     Claim(FRONTIER4, "three-percent preset's {} at no more loss", VQ3, lambda d: f"{d['metrics']['compression']['total']:.2f}x"),
     Claim(FRONTIER4, "no more loss than its\n  confirmed {} on the same split", VQ3,
           lambda d: f"{trial(VQ3, d['calibration']['tuning']['chosen'].rsplit(' (window', 1)[0])['measured_delta_pct']:+.2f}%"),
-    Claim(README, "on the evaluation protocol, one seed, {}, just over", SINKS_EVAL, lambda d: sinks_eval_worst("keys and values")),
     Claim(FRONTIER4, "exact gives\n  {} at worst", SINKS_EVAL, lambda d: side_table_ratio(sinks_eval_row("keys and values"))),
     Claim(FRONTIER4, "x at worst {}, mean", SINKS_EVAL, lambda d: sinks_eval_worst("keys and values")),
     Claim(FRONTIER4, "mean {}, against\n", SINKS_EVAL, lambda d: f"{sinks_eval_row('keys and values')['mean_delta_pct']:+.2f}%"),
@@ -805,6 +861,11 @@ CLAIMS = [
     Claim(README, "PyTorch backend and take {}x to", DECODE_PREROPE, lambda d: min(prerope_steps())),
     Claim(README, "x to {}x the steps of the\nkeys-after-RoPE", DECODE_PREROPE, lambda d: max(prerope_steps())),
     Claim(BENCH, "each step takes {}x to", DECODE_PREROPE, lambda d: min(prerope_steps())),
+    Claim(BENCH, "{}", DECODE_SINKS, lambda d: pair_decode_table(DECODE_SINKS, (WITHOUT_SINKS, WITH_SINKS),
+                                                                 ("without secondary sinks", "with them"))),
+    Claim(BENCH, "each step with them takes {}x to", DECODE_SINKS,
+          lambda d: min(step_ratios(DECODE_SINKS, WITHOUT_SINKS, WITH_SINKS))),
+    Claim(BENCH, "x to {}x the\nstep without", DECODE_SINKS, lambda d: max(step_ratios(DECODE_SINKS, WITHOUT_SINKS, WITH_SINKS))),
     Claim(BENCH, "x to {}x the step of the same", DECODE_PREROPE, lambda d: max(prerope_steps())),
     Claim(README, "takes from\n{}x (faster)", DECODE, lambda d: min(kvhub_steps())),
     Claim(README, "to {}x (slower)", DECODE, lambda d: max(kvhub_steps())),
