@@ -204,6 +204,8 @@ def test_a_preset_keeps_its_threshold_and_medians(sinks_preset):
     medians = {k for k in stored if k.endswith("norm_median")}
     assert medians == {f"layers.{i}.values.norm_median" for i in range(model.config.num_hidden_layers)}
     assert all((stored[k] > 0).all() for k in medians)
+    card = (folder / "README.md").read_text()
+    assert f"shorter than {MODEL_FRACTION:g} of its layer and head's calibrated median" in card
 
 
 def test_a_preset_without_secondary_sinks_stores_no_medians(tmp_path):
