@@ -402,15 +402,24 @@ SINKS_THRESHOLD = RESULTS + "secondary_sinks_threshold.json"  # SINKS3's codes w
 SINKS1 = "benchmarks/presets/smollm2-1pct-sinks/kvhub_preset.json"  # the one-percent worst-domain tune with them
 
 
-def worst_over_target(path: str, target: float = 3.0) -> str:
-    """How far a preset's worst evaluation corpus is over ``target`` percent, in points."""
-    return f"{load(path)['metrics']['perplexity']['worst_delta_pct'] - target:.2f}"
-
-
 def rows_share(path: str) -> str:
     """The secondary-sinks rows' share of the bytes a preset's evaluation held, in percent."""
     b = load(path)["metrics"]["bytes"]
     return f"{100 * b['secondary_sinks'] / b['total']:.1f}%"
+
+
+def sinks_threshold(data: dict) -> str:
+    """A preset's secondary-sinks threshold as its command line and codec write it."""
+    return f"{data['codec']['secondary_sinks']:g}"
+
+
+def tune_claims(path: str, command: str, table: str, summary: str) -> list:
+    """frontier-4.md's claims on one tune: the threshold in its command, its trials table, its choice and what the
+    choice gives on the evaluation protocol (each context with {} where the figure goes)."""
+    return [Claim(FRONTIER4, command, path, sinks_threshold),
+            Claim(FRONTIER4, table, path, lambda d: trials_table(path)),
+            Claim(FRONTIER4, "It chose {}, which gives\n", path, ("calibration", "tuning", "chosen")),
+            Claim(FRONTIER4, summary, path, lambda d: preset_summary(path))]
 
 
 def threshold_summary() -> str:
@@ -677,9 +686,9 @@ CLAIMS = [
     Claim(README, "{}", MEASURED, lambda d: domain_table()),
     Claim(README, "promise only at\n{}:", RETUNED, lambda d: preset_summary(RETUNED)),
     Claim(README, "the three-percent tune gives\n{}: the first", VQ3, lambda d: preset_summary(VQ3)),
-    Claim(README, "`kvhub tune --secondary-sinks {}`", SINKS3, lambda d: f"{d['codec']['secondary_sinks']:g}"),
+    Claim(README, "`kvhub tune --secondary-sinks {}`", SINKS3, sinks_threshold),
     Claim(README, "the three-percent tune gives\n{}: past five", SINKS3, lambda d: preset_summary(SINKS3)),
-    Claim(README, "and {} points over three percent on", SINKS3, lambda d: worst_over_target(SINKS3)),
+    Claim(README, "and {} points over three percent on", SINKS3, lambda d: over_target(SINKS3)),
     Claim(README, "`benchmarks/presets/smollm2-1pct-sinks`: {}): there", SINKS1, lambda d: preset_summary(SINKS1)),
     # benchmarks/results/frontier-4.md: the bundled preset on every domain, the worst-domain tune, the merged frontier
     Claim(FRONTIER4, "{}", MEASURED, lambda d: domain_table()),
@@ -740,18 +749,14 @@ CLAIMS = [
           lambda d: f"{3 - d['metrics']['perplexity']['worst_delta_pct']:.2f}"),
     Claim(FRONTIER4, "same rungs, which gave\n{}. The first", PREROPE3, lambda d: preset_summary(PREROPE3)),
     # ... secondary sinks built: the three-percent tune with them
-    Claim(FRONTIER4, '`"secondary_sinks": {}` in a preset', SINKS3, lambda d: f"{d['codec']['secondary_sinks']:g}"),
-    Claim(FRONTIER4, "`kvhub tune\n--secondary-sinks {}`)", SINKS3, lambda d: f"{d['codec']['secondary_sinks']:g}"),
-    Claim(FRONTIER4, "--keys-before-rope --secondary-sinks {}\n--windows 0", SINKS3,
-          lambda d: f"{d['codec']['secondary_sinks']:g}"),
-    Claim(FRONTIER4, "pays their rows in its ratio):\n\n{}", SINKS3, lambda d: trials_table(SINKS3)),
-    Claim(FRONTIER4, "It chose {}, which gives\n", SINKS3, ("calibration", "tuning", "chosen")),
-    Claim(FRONTIER4, "which gives\n{} on the evaluation protocol:\n", SINKS3, lambda d: preset_summary(SINKS3)),
-    Claim(FRONTIER4, "and {} points over three percent", SINKS3, lambda d: worst_over_target(SINKS3)),
+    Claim(FRONTIER4, '`"secondary_sinks": {}` in a preset', SINKS3, sinks_threshold),
+    Claim(FRONTIER4, "`kvhub tune\n--secondary-sinks {}`)", SINKS3, sinks_threshold),
+    *tune_claims(SINKS3, "--keys-before-rope --secondary-sinks {}\n--windows 0", "pays their rows in its ratio):\n\n{}",
+                 "which gives\n{} on the evaluation protocol:\n"),
+    Claim(FRONTIER4, "and {} points over three percent", SINKS3, lambda d: over_target(SINKS3)),
     Claim(FRONTIER4, "reference\n  loses {}, over", SINKS3,
           lambda d: f"{d['metrics']['perplexity']['worst_delta_pct']:+.2f}%"),
-    Claim(FRONTIER4, "over three windows ({} points)", SINKS3,
-          lambda d: f"{d['metrics']['perplexity']['corpora']['python_docs_library']['delta_pct_se']:.2f}"),
+    Claim(FRONTIER4, "over three windows ({} points)", SINKS3, lambda d: worst_se(SINKS3)),
     Claim(FRONTIER4, "without them gives\n  {}.\n", VQ3, lambda d: preset_summary(VQ3)),
     Claim(FRONTIER4, "one seed):\n  {} at worst", SINKS_EVAL, lambda d: side_table_ratio(sinks_eval_row("keys and values"))),
     Claim(FRONTIER4, "x at worst {}.\n- **The rows", SINKS_EVAL, lambda d: sinks_eval_worst("keys and values")),
@@ -759,10 +764,8 @@ CLAIMS = [
     Claim(FRONTIER4, "per sequence, at {} tokens", SINKS3, lambda d: f"{d['metrics']['context_length']:,}"),
     Claim(FRONTIER4, "threshold raised to {}\n", SINKS_THRESHOLD, ("threshold",), ".1f"),
     Claim(FRONTIER4, "give\n  {}:\n  the mean falls", SINKS_THRESHOLD, lambda d: threshold_summary()),
-    Claim(FRONTIER4, "lloyd-max\n--secondary-sinks {} --windows 0", SINKS1, lambda d: f"{d['codec']['secondary_sinks']:g}"),
-    Claim(FRONTIER4, "smollm2-1pct-sinks`):\n\n{}", SINKS1, lambda d: trials_table(SINKS1)),
-    Claim(FRONTIER4, "It chose {}, which gives\n", SINKS1, ("calibration", "tuning", "chosen")),
-    Claim(FRONTIER4, "which gives\n{} on the evaluation protocol, against", SINKS1, lambda d: preset_summary(SINKS1)),
+    *tune_claims(SINKS1, "lloyd-max\n--secondary-sinks {} --windows 0", "smollm2-1pct-sinks`):\n\n{}",
+                 "which gives\n{} on the evaluation protocol, against"),
     Claim(FRONTIER4, "against\n{} for the same tune without them", RETUNED, lambda d: preset_summary(RETUNED)),
     Claim(FRONTIER4, "moves by up to {} points between", VECTOR_CODES,
           lambda d: f"{vector_row(2, 'lloyd-max')['largest_seed_spread_pct']:.2f}"),
