@@ -82,19 +82,15 @@ class SecondarySinks:
         self.residuals.append(pair.to(self.residuals.buf.dtype))
 
     def visible(self, history: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """``(rows, tokens, residuals)`` of the rows among the first ``history`` tokens (long, long, float32 [N, 2,
-        d]), or None when there are none: what an attention call over that history corrects."""
+        """``(rows, tokens, residuals)`` for an attention call over the first ``history`` tokens (long, long, float32
+        [N, 2, d]), or None when nothing is kept. Rows of tokens coded after that history (the call's own flush) get
+        zero residuals at a clamped index instead of being filtered out: no host sync on the decode path."""
         if not len(self):
             return None
         where = self.where.view()
-        keep = where[:, 1] < history
-        if not bool(keep.all()):
-            where = where[keep]
-        if not where.shape[0]:
-            return None
-        residuals = self.residuals.view()
-        residuals = residuals if where.shape[0] == len(self) else residuals[keep]
-        return where[:, 0].long(), where[:, 1].long(), residuals.float()
+        tokens = where[:, 1].long()
+        seen = (tokens < history)[:, None, None]
+        return where[:, 0].long(), tokens.clamp(max=history - 1), self.residuals.view().float() * seen
 
     def restore(self, decoded: torch.Tensor, stream: str) -> torch.Tensor:
         """``decoded`` [B, H, T, d] (float32, the history's first ``T`` tokens of ``stream`` as their codes decode)

@@ -101,9 +101,11 @@ def test_attention_restores_the_kept_token_heads(codec, backend, q_len, monkeypa
             for name, fed, sink, recent in (("keys", k, layer.sink_keys, layer.recent_keys),
                                             ("values", v, layer.sink_values, layer.recent_values))}
     k_new = basis_samples(full["keys"], BATCH, q_len, gen)
-    v_new = basis_samples(full["values"], BATCH, q_len, gen)
+    v_new = short_values(full, gen, tokens=q_len)  # a long chunk's flush keeps rows past this call's history
     query = torch.randn(BATCH, Q_HEADS, q_len, k.shape[-1], generator=gen)
     keys, values = layer.update(k_new, v_new)
+    if q_len > 16:
+        assert int(layer.exact_rows.where.view()[:, 1].max()) >= history, "the fixture should flag a flushed new token"
     total = held["keys"].shape[-2] + q_len
     visible = torch.ones(q_len, total, dtype=torch.bool).tril_(total - q_len)[None, None]
     softcap = SOFTCAP if q_len == 1 else None
