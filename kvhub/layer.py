@@ -132,7 +132,7 @@ class CompressedLayer(CacheLayerMixin):
         self.exact_rows = None
         if self.secondary_sinks:
             self.sink_threshold = thresholds(self.bases["values"], self.secondary_sinks, self.device)
-            self.exact_rows = SecondarySinks(key_states.shape[1], key_states.shape[-1], self.exact_dtype, self.device)
+            self.exact_rows = SecondarySinks(key_states.shape[1], self.exact_dtype)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):

@@ -26,50 +26,35 @@ import torch
 
 from .codec import STREAMS
 from .errors import KVHubError
+from .storage import GrowableTensor
 
 
 class SecondarySinksError(KVHubError, ValueError):
     """A batch change the exact rows cannot follow."""
 
 
-class _Rows:
-    """Rows appended along dim 0 into a buffer that doubles when full (a flush adds a few rows; a copy of every
-    row per flush would cost O(rows) each time)."""
-
-    def __init__(self, tail: tuple[int, ...], dtype: torch.dtype, device) -> None:
-        self.buf = torch.empty(0, *tail, dtype=dtype, device=device)
-        self.count = 0
-
-    def view(self) -> torch.Tensor:
-        return self.buf[: self.count]
-
-    def append(self, x: torch.Tensor) -> None:
-        if self.count + x.shape[0] > self.buf.shape[0]:
-            grown = self.buf.new_empty(max(16, 2 * (self.count + x.shape[0])), *self.buf.shape[1:])
-            grown[: self.count] = self.view()
-            self.buf = grown
-        self.buf[self.count : self.count + x.shape[0]] = x
-        self.count += x.shape[0]
-
-    def replace(self, x: torch.Tensor) -> None:
-        """Hold exactly ``x`` (after a filter or a batch change), in a buffer of its own size."""
-        self.buf, self.count = x.contiguous().clone(), x.shape[0]
-
-    def to(self, device) -> None:
-        self.buf = self.buf.to(device)
-
-
 class SecondarySinks:
-    """The exact rows of one layer (module docstring): ``where`` [N, 2] int32 (batch row times heads plus head,
-    history index) and ``residuals`` [N, 2, d] (key, value) in ``dtype``, for a ``heads``-head layer."""
+    """The exact rows of one layer (module docstring), in two :class:`~kvhub.storage.GrowableTensor` s along their
+    token axis: ``where`` [1, 1, N, 2] int32 (batch row times heads plus head, history index) and ``residuals``
+    [1, 1, N, 2, d] (key, value) in ``dtype``, for a ``heads``-head layer."""
 
-    def __init__(self, heads: int, dim: int, dtype: torch.dtype, device) -> None:
-        self.heads = heads
-        self.where = _Rows((2,), torch.int32, device)
-        self.residuals = _Rows((2, dim), dtype, device)
+    def __init__(self, heads: int, dtype: torch.dtype) -> None:
+        self.heads, self.dtype = heads, dtype
+        self.where, self.residuals = GrowableTensor(), GrowableTensor()
 
     def __len__(self) -> int:
-        return self.where.count
+        return self.where.length
+
+    def _rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``where`` [N, 2] and ``residuals`` [N, 2, d] as held (views)."""
+        return self.where.view()[0, 0], self.residuals.view()[0, 0]
+
+    def _hold(self, where: torch.Tensor, residuals: torch.Tensor) -> None:
+        """Hold exactly these rows (after a filter or a batch change), in buffers sized for them."""
+        self.where, self.residuals = GrowableTensor(), GrowableTensor()
+        if where.shape[0]:
+            self.where.append(where[None, None])
+            self.residuals.append(residuals[None, None])
 
     def add(self, flags: torch.Tensor, start: int, key_residual: torch.Tensor, value_residual: torch.Tensor) -> None:
         """Keep the token-heads ``flags`` [B, H, n] marks, of tokens coded at history indices ``[start, start + n)``,
@@ -77,9 +62,9 @@ class SecondarySinks:
         b, h, t = flags.nonzero(as_tuple=True)
         if not b.numel():
             return
-        self.where.append(torch.stack([b * self.heads + h, t + start], -1).to(torch.int32))
+        self.where.append(torch.stack([b * self.heads + h, t + start], -1).to(torch.int32)[None, None])
         pair = torch.stack([key_residual[b, h, t], value_residual[b, h, t]], 1)
-        self.residuals.append(pair.to(self.residuals.buf.dtype))
+        self.residuals.append(pair.to(self.dtype)[None, None])
 
     def visible(self, history: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """``(rows, tokens, residuals)`` for an attention call over the first ``history`` tokens (long, long, float32
@@ -87,10 +72,10 @@ class SecondarySinks:
         zero residuals at a clamped index instead of being filtered out: no host sync on the decode path."""
         if not len(self):
             return None
-        where = self.where.view()
+        where, residuals = self._rows()
         tokens = where[:, 1].long()
         seen = (tokens < history)[:, None, None]
-        return where[:, 0].long(), tokens.clamp(max=history - 1), self.residuals.view().float() * seen
+        return where[:, 0].long(), tokens.clamp(max=history - 1), residuals.float() * seen
 
     def restore(self, decoded: torch.Tensor, stream: str) -> torch.Tensor:
         """``decoded`` [B, H, T, d] (float32, the history's first ``T`` tokens of ``stream`` as their codes decode)
@@ -105,38 +90,38 @@ class SecondarySinks:
         return decoded
 
     # --- following the history ---------------------------------------------------------------------------------
-    def _keep(self, keep: torch.Tensor, shift: int = 0) -> None:
-        where = self.where.view()[keep]
-        where[:, 1] -= shift
-        self.where.replace(where)
-        self.residuals.replace(self.residuals.view()[keep])
+    def _keep(self, keep, shift: int = 0) -> None:
+        """Keep the rows ``keep(tokens)`` marks, their history indices moved down by ``shift``."""
+        where, residuals = self._rows()
+        mask = keep(where[:, 1])
+        kept = where[mask]
+        kept[:, 1] -= shift
+        self._hold(kept, residuals[mask])
 
     def truncate(self, length: int) -> None:
         """The history was cut to its first ``length`` tokens."""
         if len(self):
-            self._keep(self.where.view()[:, 1] < length)
+            self._keep(lambda tokens: tokens < length)
 
     def drop_front(self, n: int) -> None:
         """The history forgot its oldest ``n`` tokens (a sliding window)."""
         if len(self) and n > 0:
-            self._keep(self.where.view()[:, 1] >= n, n)
+            self._keep(lambda tokens: tokens >= n, n)
 
     def map_batch(self, fn, batch: int) -> None:
         """The batch rows were remapped by ``fn`` (what the layer applies to its tensors: a beam reorder, a repeat,
         a selection): each new row takes the rows of the old row it came from."""
         if not len(self):
             return
-        device = self.where.buf.device
-        source = fn(torch.arange(batch, device=device)[:, None])  # [new batch, 1]: the old row of each new row
+        where, residuals = self._rows()
+        source = fn(torch.arange(batch, device=where.device)[:, None])  # [new batch, 1]: the old row of each new row
         if source.dim() != 2 or source.shape[1] != 1:
             raise SecondarySinksError(f"a batch change gave rows of shape {tuple(source.shape)}; fix: change the batch "
                                       "with reorder_cache, batch_repeat_interleave or batch_select_indices")
-        where = self.where.view()
         old_row, head = where[:, 0].long() // self.heads, where[:, 0].long() % self.heads
         new_row, entry = (source[:, 0].long()[:, None] == old_row[None, :]).nonzero(as_tuple=True)
         moved = torch.stack([new_row * self.heads + head[entry], where[entry, 1].long()], -1).to(torch.int32)
-        self.where.replace(moved)
-        self.residuals.replace(self.residuals.view()[entry])
+        self._hold(moved, residuals[entry])
 
     def to(self, device) -> None:
         self.where.to(device)
@@ -145,16 +130,16 @@ class SecondarySinks:
     # --- bytes -------------------------------------------------------------------------------------------------
     def nbytes(self) -> int:
         """Bytes of the kept rows: indices and residuals."""
-        return self.where.view().nbytes + self.residuals.view().nbytes
+        return self.where.nbytes() + self.residuals.nbytes()
 
     def stream_nbytes(self) -> dict[str, int]:
         """:meth:`nbytes` split by stream: each residual to its own, the indices to the keys."""
-        half = self.residuals.view().nbytes // 2
-        return {"keys": self.where.view().nbytes + half, "values": half}
+        half = self.residuals.nbytes() // 2
+        return {"keys": self.where.nbytes() + half, "values": half}
 
     def reserved_nbytes(self) -> int:
         """Bytes allocated, growth headroom included."""
-        return self.where.buf.nbytes + self.residuals.buf.nbytes
+        return self.where.reserved_nbytes() + self.residuals.reserved_nbytes()
 
 
 def thresholds(basis, fraction: float, device) -> torch.Tensor:

@@ -105,7 +105,7 @@ def test_attention_restores_the_kept_token_heads(codec, backend, q_len, monkeypa
     query = torch.randn(BATCH, Q_HEADS, q_len, k.shape[-1], generator=gen)
     keys, values = layer.update(k_new, v_new)
     if q_len > 16:
-        assert int(layer.exact_rows.where.view()[:, 1].max()) >= history, "the fixture should flag a flushed new token"
+        assert int(layer.exact_rows.where.view()[..., 1].max()) >= history, "the fixture should flag a flushed new token"
     total = held["keys"].shape[-2] + q_len
     visible = torch.ones(q_len, total, dtype=torch.bool).tril_(total - q_len)[None, None]
     softcap = SOFTCAP if q_len == 1 else None
