@@ -46,17 +46,19 @@ def test_calibration_files_that_share_a_domain_name_one_the_evaluation_protocol_
     stems = {p.stem for p in CALIBRATION.glob("*.txt")}
     assert set(CALIBRATION_DOMAINS) <= stems
     assert {calibration_domain(s) for s in stems if s.startswith("austen_")} == {DOMAINS["austen_emma"]}
+    assert {calibration_domain(s) for s in stems if s.startswith("python_docs_")} == {DOMAINS["python_docs_library"]}
     assert len({calibration_domain(s) for s in stems}) == len(set(DOMAINS.values()))  # one per protocol domain
 
 
 @pytest.mark.parametrize("stem, marker", [("debian_reference_de", " und "), ("debian_changelogs", "urgency="),
                                           ("python_stdlib_modules", "def "), ("python_docs", ".. ")])
 def test_each_new_domain_calibrates_on_its_own_kind_of_text_from_other_documents(stem, marker):
-    """A domain's calibration file (``_a``, or the guides) and its evaluation file are the same kind of text (the
+    """A domain's calibration files (``_a``, or the guides and reference) and its evaluation file are the same kind of text (the
     marker is frequent in both) but different documents (no shared paragraph: the test below)."""
-    (calib,) = [p for p in CALIBRATION.glob(f"{stem}*.txt")]
+    calib = list(CALIBRATION.glob(f"{stem}*.txt"))
     (evaluation,) = [p for p in EVALUATION.glob(f"{stem}*.txt")]
-    for path in (calib, evaluation):
+    assert calib
+    for path in (*calib, evaluation):
         text = path.read_text(encoding="utf-8")
         assert 250_000 <= len(text) <= 300_000 and text.count(marker) >= 20, path
 
