@@ -347,14 +347,21 @@ KEY_RUNG = RESULTS + "key_rung.json"
 FRONTIER4 = RESULTS + "frontier-4.md"
 
 
-def trials_table(path: str = WORST_TUNED) -> str:
-    """frontier-4.md's table of a worst-domain tune's trials, from the preset's calibration.tuning block."""
-    lines = ["| trial | window | K / V bits per token and head | worst tuning domain | mean | compression |",
-             "|---|---|---|---|---|---|"]
+def trials_table(path: str = WORST_TUNED, se: bool = False) -> str:
+    """frontier-4.md's table of a worst-domain tune's trials, from the preset's calibration.tuning block; with
+    ``se``, a column of each mean over seeds' worst domain plus its standard error (what confirmation holds)."""
+    bound = " worst + one standard error |" if se else ""
+    lines = ["| trial | window | K / V bits per token and head | worst tuning domain |" + bound + " mean | compression |",
+             "|---|---|---|---|" + ("---|" if se else "") + "---|---|"]
     for t in load(path)["calibration"]["tuning"]["trials"]:
         mean = sum(t["by_domain"].values()) / len(t["by_domain"])
+        cell = ""
+        if se:
+            errors = t.get("se_by_domain")
+            cell = f" {max(v + errors[d] for d, v in t['by_domain'].items()):+.2f}% |" if errors else " |"
         lines.append(f"| {t['name']} | {t['window']} | {t['key_bits']:.1f} / {t['value_bits']:.1f} | "
-                     f"{t['measured_delta_pct']:+.2f}% ({t['worst_domain']}) | {mean:+.2f}% | {t['compression']:.2f}x |")
+                     f"{t['measured_delta_pct']:+.2f}% ({t['worst_domain']}) |{cell} {mean:+.2f}% | "
+                     f"{t['compression']:.2f}x |")
     return "\n".join(lines)
 
 
@@ -400,6 +407,7 @@ VQ3 = "benchmarks/presets/smollm2-3pct-vq/kvhub_preset.json"  # vector-coded val
 SINKS3 = "benchmarks/presets/smollm2-3pct-vq-sinks/kvhub_preset.json"  # the same with secondary sinks kept exact
 SINKS_THRESHOLD = RESULTS + "secondary_sinks_threshold.json"  # SINKS3's codes with a higher threshold
 SINKS1 = "benchmarks/presets/smollm2-1pct-sinks/kvhub_preset.json"  # the one-percent worst-domain tune with them
+STEPS3 = "benchmarks/presets/smollm2-3pct-steps/kvhub_preset.json"  # SINKS3's tune, confirmed to one error, with steps
 
 
 def rows_share(path: str) -> str:
@@ -413,13 +421,33 @@ def sinks_threshold(data: dict) -> str:
     return f"{data['codec']['secondary_sinks']:g}"
 
 
-def tune_claims(path: str, command: str, table: str, summary: str) -> list:
-    """frontier-4.md's claims on one tune: the threshold in its command, its trials table, its choice and what the
-    choice gives on the evaluation protocol (each context with {} where the figure goes)."""
+def tune_claims(path: str, command: str, table: str, summary: str, se: bool = False) -> list:
+    """frontier-4.md's claims on one tune: the threshold in its command, its trials table (``se``: with the column
+    confirmation holds), its choice and what the choice gives on the evaluation protocol (each context with {} where
+    the figure goes)."""
     return [Claim(FRONTIER4, command, path, sinks_threshold),
-            Claim(FRONTIER4, table, path, lambda d: trials_table(path)),
+            Claim(FRONTIER4, table, path, lambda d: trials_table(path, se)),
             Claim(FRONTIER4, "It chose {}, which gives\n", path, ("calibration", "tuning", "chosen")),
             Claim(FRONTIER4, summary, path, lambda d: preset_summary(path))]
+
+
+def tune_trial(path: str, name: str) -> dict:
+    return next(t for t in load(path)["calibration"]["tuning"]["trials"] if t["name"] == name)
+
+
+def trial_worst(path: str, name: str) -> str:
+    t = tune_trial(path, name)
+    return f"{t['measured_delta_pct']:+.2f}% ({t['worst_domain']})"
+
+
+def trial_bound(path: str, name: str) -> str:
+    """A mean over seeds' worst domain plus its standard error: what the tuner's confirmation holds to its target."""
+    t = tune_trial(path, name)
+    return f"{max(v + t['se_by_domain'][d] for d, v in t['by_domain'].items()):+.2f}%"
+
+
+def trial_ratio(path: str, name: str) -> str:
+    return f"{tune_trial(path, name)['compression']:.2f}x"
 
 
 def threshold_summary() -> str:
@@ -767,6 +795,23 @@ CLAIMS = [
     *tune_claims(SINKS1, "lloyd-max\n--secondary-sinks {} --windows 0", "smollm2-1pct-sinks`):\n\n{}",
                  "which gives\n{} on the evaluation protocol, against"),
     Claim(FRONTIER4, "against\n{} for the same tune without them", RETUNED, lambda d: preset_summary(RETUNED)),
+    # ... confirmation held to one standard error, and the steps between levels
+    Claim(FRONTIER4, "in every layer at once: {} against", STEPS3, lambda d: trial_ratio(STEPS3, "uniform level 1")),
+    Claim(FRONTIER4, "at once: 5.83x against {}.\n", STEPS3, lambda d: trial_ratio(STEPS3, "uniform level 2")),
+    *tune_claims(STEPS3, "--keys-before-rope --secondary-sinks {}\n--windows 0 --eval corpora/evaluation --no-needle "
+                 "--out benchmarks/presets/smollm2-3pct-steps`)", "smollm2-3pct-steps`):\n\n{}",
+                 "which gives\n{} on the evaluation protocol:\n\n- **Confirmation did", se=True),
+    Claim(FRONTIER4, "worst domain, {}, is\n", STEPS3, lambda d: trial_worst(STEPS3, "uniform level 1, mean of 3 seeds")),
+    Claim(FRONTIER4, "is\n  {} with its standard error", STEPS3,
+          lambda d: trial_bound(STEPS3, "uniform level 1, mean of 3 seeds")),
+    Claim(FRONTIER4, "reallocated level 1 held at {} with its error", STEPS3,
+          lambda d: trial_bound(STEPS3, "sensitivity-reallocated, mean of 3 seeds")),
+    Claim(FRONTIER4, "the Python library reference loses\n  {}, against", STEPS3,
+          lambda d: f"{d['metrics']['perplexity']['worst_delta_pct']:+.2f}%"),
+    Claim(FRONTIER4, ", against {} for level 1 (the previous", SINKS3,
+          lambda d: f"{d['metrics']['perplexity']['worst_delta_pct']:+.2f}%"),
+    Claim(FRONTIER4, "Its worst tuning domain lost\n  {}: the library", STEPS3,
+          lambda d: trial_worst(STEPS3, "sensitivity-reallocated, mean of 3 seeds")),
     Claim(FRONTIER4, "moves by up to {} points between", VECTOR_CODES,
           lambda d: f"{vector_row(2, 'lloyd-max')['largest_seed_spread_pct']:.2f}"),
     # ... secondary sinks, measured (secondary_sinks.json)
