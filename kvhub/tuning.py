@@ -249,10 +249,11 @@ def reallocate(rungs: dict[tuple[int, str], int], sens: dict[tuple[int, str], fl
     return out
 
 
-def promoted_rungs(level: int, sens: dict[tuple[int, str], float], count: int) -> dict[tuple[int, str], int]:
+def promoted_rungs(level: int, sens: dict[tuple[int, str], float], count: int,
+                   num_layers: int) -> dict[tuple[int, str], int]:
     """Uniform ``level`` with its ``count`` most sensitive (layer, stream) pairs on ladder level ``level + 1``'s
     rungs, of those whose rung differs: the steps between two levels, most sensitive first."""
-    rungs, up = uniform_rungs(level, max(i for i, _ in sens) + 1), dict(zip(STREAMS, LEVELS[level + 1]))
+    rungs, up = uniform_rungs(level, num_layers), dict(zip(STREAMS, LEVELS[level + 1]))
     differ = sorted((k for k in rungs if rungs[k] != up[k[1]]), key=lambda k: -sens[k])
     return {**rungs, **{k: up[k[1]] for k in differ[:count]}}
 
@@ -319,7 +320,7 @@ def search(
         measured already)."""
         differ = sum(a != b for a, b in zip(LEVELS[level], LEVELS[level + 1])) * n
         counts = sorted({round(f * differ) for f in STEP_FRACTIONS} - {0, differ})
-        tried = [measure(f"level {level}, {c} most sensitive at level {level + 1}", promoted_rungs(level, sens, c),
+        tried = [measure(f"level {level}, {c} most sensitive at level {level + 1}", promoted_rungs(level, sens, c, n),
                          window) for c in counts]
         if (f"uniform level {level + 1}", window) not in {(t.name, t.window) for t in trials}:
             tried.append(measure(f"uniform level {level + 1}", uniform_rungs(level + 1, n), window))
