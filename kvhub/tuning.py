@@ -7,7 +7,8 @@
    documentation needs down: benchmarks/results/frontier-4.md). It costs one pass per layer, stream and domain:
    about two thirds of a SmolLM2 tune on 2 CPU cores.
 3. **Ladder search**: a ladder of (keys layout, values layout) pairs ordered by bits (PCA components in segments of
-   8/4/2 bits; keys get more bits than values, which measured far less sensitive) is bisected, for each recent
+   8/4/2 bits; keys get more bits than values, which measured far less sensitive) is bisected, and the steps between
+   the most compressed passing level and the one below it measured (:func:`promoted_rungs`), for each recent
    window size tried, with real chunked perplexity on a tuning split of the *calibration* text: one held-out window
    per calibration file, each file a domain, and a level passes only when its *worst* domain is within target (a
    mean would let a preset tuned on novels lose two to three times its target on code).
@@ -315,16 +316,16 @@ def search(
         log(f"  {'confirmed' if held else 'not confirmed'} {averaged.line}")
         return averaged if held else None
 
-    def steps_above(level: int, window: int) -> list[Trial]:
-        """The passing trials among the steps between uniform ``level`` and the next, and that level (unless
+    def steps_above(level: int, window: int) -> list[tuple[Trial, dict]]:
+        """The passing (trial, rungs) among the steps between uniform ``level`` and the next, and that level (unless
         measured already)."""
         differ = sum(a != b for a, b in zip(LEVELS[level], LEVELS[level + 1])) * n
         counts = sorted({round(f * differ) for f in STEP_FRACTIONS} - {0, differ})
-        tried = [measure(f"level {level}, {c} most sensitive at level {level + 1}", promoted_rungs(level, sens, c, n),
-                         window) for c in counts]
+        tried = [(f"level {level}, {c} most sensitive at level {level + 1}", promoted_rungs(level, sens, c, n))
+                 for c in counts]
         if (f"uniform level {level + 1}", window) not in {(t.name, t.window) for t in trials}:
-            tried.append(measure(f"uniform level {level + 1}", uniform_rungs(level + 1, n), window))
-        return [t for t in tried if t.measured_delta_pct <= target_pct]
+            tried.append((f"uniform level {level + 1}", uniform_rungs(level + 1, n)))
+        return [(t, rungs) for name, rungs in tried if (t := measure(name, rungs, window)).measured_delta_pct <= target_pct]
 
     best: tuple[Trial, dict] | None = None
     level = None  # the uniform level ``best`` starts from
@@ -338,6 +339,9 @@ def search(
                 found, hi = (trial, uniform_rungs(mid, n), mid), mid - 1
             else:
                 lo = mid + 1
+        if found and found[2] > 0:  # the steps up from the level below, which missed, to the one found
+            found = max([found] + [(t, rungs, found[2]) for t, rungs in steps_above(found[2] - 1, window)],
+                        key=lambda f: f[0].ratio)
         if found and (best is None or found[0].ratio > best[0].ratio):
             best, level = found[:2], found[2]
     for step in range(REALLOCATION_STEPS if best is not None else 0):
@@ -360,7 +364,7 @@ def search(
                 if level is None:
                     break
                 expanded.add(level)
-                pending = steps_above(level, window)
+                pending = [t for t, _ in steps_above(level, window)]
                 continue
             trial = max(pending, key=lambda t: t.ratio)
             pending.remove(trial)
@@ -368,7 +372,7 @@ def search(
             up = int(trial.name.rsplit(" ", 1)[1]) if trial.name.startswith("uniform level ") else None
             if chosen is None and up is not None and up + 1 < len(LEVELS) and up not in expanded:
                 expanded.add(up)
-                pending += steps_above(up, window)
+                pending += [t for t, _ in steps_above(up, window)]
     met = chosen is not None
     if not met:
         chosen = min(trials, key=lambda t: t.measured_delta_pct)

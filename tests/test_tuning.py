@@ -339,3 +339,36 @@ def test_secondary_sinks_reach_every_trial_and_their_bytes_its_ratio(searched, m
         search(model, bases, {"random": windows}, target_delta=TARGET, sink=2, windows=(0,), flush_block=4,
                log=lambda _: None, secondary_sinks=0.95)
     assert tried == [0.95]
+
+
+def test_the_steps_below_the_level_the_bisection_finds_are_measured_and_the_most_compressed_that_passes_chosen(
+        searched, monkeypatch):
+    """The bisection finds level 9 (level 8 misses); between them, the step with the most sensitive layer's keys on
+    level 9's rung passes with fewer bits than level 9, and must be chosen. Moving the least sensitive layer's keys
+    instead would miss (the fake's loss weighs layer 1's keys 97 times as much as layer 0's)."""
+    import kvhub.tuning
+
+    model, bases, windows, _, _ = searched
+    ladders = stream_ladders(64)
+    k8, k9, v9 = LEVELS[8][0], *LEVELS[9]
+    assert LEVELS[8][1] == v9  # between the two levels only the keys move
+    ref = {"keys": ladders["keys"][k9].bits_per_token(), "values": ladders["values"][v9].bits_per_token()}
+    weight = {(1, "keys"): 0.97, (0, "keys"): 0.01, (0, "values"): 0.01, (1, "values"): 0.01}
+
+    def fake_measure(model, name, codec, bases, windows, baseline_ppl, seed=0):
+        bits = {(i, s): layer.stream(s).bits_per_token() for i, layer in enumerate(codec.layers) for s in STREAMS}
+        loss = 0.5 * sum(w * (ref[s] / bits[(i, s)]) ** 8 for (i, s), w in weight.items())
+        total = sum(bits.values())
+        return Trial(name, codec.layers[0].window, total, 0.0, {"d": loss}, 1000 / total, codec, seed)
+
+    monkeypatch.setattr(kvhub.tuning, "measure_trial", fake_measure)
+    monkeypatch.setattr(kvhub.tuning, "domain_sensitivities", lambda *a, **k: {
+        (1, "keys"): 0.9, (0, "keys"): 0.1, (0, "values"): 0.05, (1, "values"): 0.05})
+    result = search(model, bases, {"d": windows[:1]}, target_delta=0.01, sink=2, windows=(0,), flush_block=4,
+                    log=lambda _: None)
+    by_name = {t.name: t for t in result.trials}
+    assert by_name["uniform level 8"].measured_delta_pct > 1.0 >= by_name["uniform level 9"].measured_delta_pct
+    assert result.chosen.name == "level 8, 1 most sensitive at level 9"
+    assert result.chosen.codec.layers[1].keys == ladders["keys"][k9]
+    assert result.chosen.codec.layers[0].keys == ladders["keys"][k8]
+    assert result.chosen.ratio > by_name["uniform level 9"].ratio
