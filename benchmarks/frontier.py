@@ -58,7 +58,9 @@ PRESETS = {"kvhub 1% preset (bundled)": ROOT / "presets" / "HuggingFaceTB--SmolL
            # the same with the values as vector codes and the choice confirmed over seeds (kvhub tune --quantizer vq)
            "kvhub 3% preset, vector-coded values": ROOT / "benchmarks" / "presets" / "smollm2-3pct-vq",
            # the same with secondary sinks kept exact beside the codes (kvhub tune --secondary-sinks 0.3)
-           "kvhub 3% preset, secondary sinks exact": ROOT / "benchmarks" / "presets" / "smollm2-3pct-vq-sinks"}
+           "kvhub 3% preset, secondary sinks exact": ROOT / "benchmarks" / "presets" / "smollm2-3pct-vq-sinks",
+           # the same tune confirmed to one standard error, with the Python library reference in calibration
+           "kvhub 3% preset, reference in calibration": ROOT / "benchmarks" / "presets" / "smollm2-3pct-reference"}
 NEEDLE_ROWS = ("DynamicCache (fp)", "kvhub 1% preset (bundled)", "kvhub 3% preset, log8 scales + Lloyd-Max V")
 
 
