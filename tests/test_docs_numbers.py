@@ -719,6 +719,8 @@ CLAIMS = [
     Claim(README, "the three-percent tune gives\n{}: past five", SINKS3, lambda d: preset_summary(SINKS3)),
     Claim(README, "and {} points over three percent on", SINKS3, lambda d: over_target(SINKS3)),
     Claim(README, "`benchmarks/presets/smollm2-1pct-sinks`: {}): there", SINKS1, lambda d: preset_summary(SINKS1)),
+    Claim(README, "(`benchmarks/presets/smollm2-3pct-reference`) gives\n{}: within", REFERENCE3,
+          lambda d: preset_summary(REFERENCE3)),
     # benchmarks/results/frontier-4.md: the bundled preset on every domain, the worst-domain tune, the merged frontier
     Claim(FRONTIER4, "{}", MEASURED, lambda d: domain_table()),
     Claim(FRONTIER4, "loses up to\n{}%", MEASURED, ("metrics", "perplexity", "worst_delta_pct"), "+.2f"),

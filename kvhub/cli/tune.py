@@ -64,7 +64,8 @@ def _from_recipe(path: Path, model: str | None, target: float | None):
                    "chunks refuse such presets.")
 @click.option("--confirm-seeds", default=2, show_default=True, type=click.IntRange(0, 8),
               help="Before choosing a passing trial, measure it again at this many other seeds of the segments' "
-                   "rotation and keep it only if its mean passes (0: trust one measurement; each seed costs a trial).")
+                   "rotation and keep it only if its mean passes with one standard error over the seeds to spare (0: trust one "
+                   "measurement; each seed costs a trial).")
 @click.option("--calib-windows-per-file", default=8, show_default=True)
 @click.option("--calib-seq-len", default=1024, show_default=True, help="Tokens per calibration window.")
 @click.option("--tune-window-tokens", default=2048, show_default=True,
