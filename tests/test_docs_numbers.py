@@ -447,6 +447,11 @@ def trial_bound(path: str, name: str) -> str:
     return f"{max(v + t['se_by_domain'][d] for d, v in t['by_domain'].items()):+.2f}%"
 
 
+def worst_pct(data: dict) -> str:
+    """A preset's worst corpus delta on the evaluation protocol."""
+    return f"{data['metrics']['perplexity']['worst_delta_pct']:+.2f}%"
+
+
 def trial_ratio(path: str, name: str) -> str:
     return f"{tune_trial(path, name)['compression']:.2f}x"
 
@@ -786,7 +791,7 @@ CLAIMS = [
                  "which gives\n{} on the evaluation protocol:\n"),
     Claim(FRONTIER4, "and {} points over three percent", SINKS3, lambda d: over_target(SINKS3)),
     Claim(FRONTIER4, "reference\n  loses {}, over", SINKS3,
-          lambda d: f"{d['metrics']['perplexity']['worst_delta_pct']:+.2f}%"),
+          worst_pct),
     Claim(FRONTIER4, "over three windows ({} points)", SINKS3, lambda d: worst_se(SINKS3)),
     Claim(FRONTIER4, "without them gives\n  {}.\n", VQ3, lambda d: preset_summary(VQ3)),
     Claim(FRONTIER4, "one seed):\n  {} at worst", SINKS_EVAL, lambda d: side_table_ratio(sinks_eval_row("keys and values"))),
@@ -810,9 +815,9 @@ CLAIMS = [
     Claim(FRONTIER4, "reallocated level 1 held at {} with its error", STEPS3,
           lambda d: trial_bound(STEPS3, "sensitivity-reallocated, mean of 3 seeds")),
     Claim(FRONTIER4, "the Python library reference loses\n  {}, against", STEPS3,
-          lambda d: f"{d['metrics']['perplexity']['worst_delta_pct']:+.2f}%"),
+          worst_pct),
     Claim(FRONTIER4, ", against {} for level 1 (the previous", SINKS3,
-          lambda d: f"{d['metrics']['perplexity']['worst_delta_pct']:+.2f}%"),
+          worst_pct),
     Claim(FRONTIER4, "Its worst tuning domain lost\n  {}: the library", STEPS3,
           lambda d: trial_worst(STEPS3, "sensitivity-reallocated, mean of 3 seeds")),
     # ... the library reference in calibration

@@ -259,35 +259,45 @@ def test_a_pass_that_other_seeds_do_not_repeat_is_not_chosen(searched, monkeypat
     assert "confirmed as a mean over rotation seeds 0 and 1, 2 within target with one standard error" in summary["method"]
 
 
-def test_a_mean_within_target_by_less_than_its_standard_error_gives_way_to_the_steps_above_it(searched, monkeypatch):
-    """Level 9 passes at seed 0 and on the mean of three seeds, but that mean is within target by less than its
-    standard error over the seeds: it is not chosen. The steps between level 9 and 10 are measured next, and the one
-    with the most sensitive layer's keys (by the tuner's sensitivity, here layer 1's) on level 10's rung holds:
-    chosen over uniform level 10, which also holds with more bytes. A step that moved the least sensitive layer
-    instead would miss (this fake's loss weighs layer 1's keys 97 times as much as layer 0's)."""
+def search_where_layer_1s_keys_weigh_most(searched, monkeypatch, scale: float, offset: dict[int, float] | None = None,
+                                          **kwargs):
+    """``search`` on one domain with a fake measurement whose loss weighs layer 1's keys 97 times as much as layer
+    0's (``scale`` times a sum over (layer, stream) of weight x (level 9's bits / its bits) ** 8, plus ``offset`` at
+    each rotation seed), and a fake sensitivity that ranks layer 1's keys first."""
     import kvhub.tuning
 
     model, bases, windows, _, _ = searched
-    layers = model.config.num_hidden_layers
     ladders = stream_ladders(64)
     k9, v9 = LEVELS[9]
-    k10 = LEVELS[10][0]
-    assert LEVELS[10][1] == v9 and layers == 2  # between the two levels only the keys move
     ref = {"keys": ladders["keys"][k9].bits_per_token(), "values": ladders["values"][v9].bits_per_token()}
     weight = {(1, "keys"): 0.97, (0, "keys"): 0.01, (0, "values"): 0.01, (1, "values"): 0.01}
-    offset = {0: -0.3, 1: -0.3, 2: +0.5}  # mean -0.033, standard error 0.267 points
 
     def fake_measure(model, name, codec, bases, windows, baseline_ppl, seed=0):
         bits = {(i, s): layer.stream(s).bits_per_token() for i, layer in enumerate(codec.layers) for s in STREAMS}
-        loss = 0.999 * sum(w * (ref[s] / bits[(i, s)]) ** 8 for (i, s), w in weight.items()) + offset[seed]
+        loss = scale * sum(w * (ref[s] / bits[(i, s)]) ** 8 for (i, s), w in weight.items()) + (offset or {}).get(seed, 0)
         total = sum(bits.values())
         return Trial(name, codec.layers[0].window, total, 0.0, {"d": loss}, 1000 / total, codec, seed)
 
     monkeypatch.setattr(kvhub.tuning, "measure_trial", fake_measure)
     monkeypatch.setattr(kvhub.tuning, "domain_sensitivities", lambda *a, **k: {
         (1, "keys"): 0.9, (0, "keys"): 0.1, (0, "values"): 0.05, (1, "values"): 0.05})
-    result = search(model, bases, {"d": windows[:1]}, target_delta=0.01, sink=2, windows=(0,), flush_block=4,
-                    log=lambda _: None, confirm_seeds=(1, 2))
+    return search(model, bases, {"d": windows[:1]}, target_delta=0.01, sink=2, windows=(0,), flush_block=4,
+                  log=lambda _: None, **kwargs)
+
+
+def test_a_mean_within_target_by_less_than_its_standard_error_gives_way_to_the_steps_above_it(searched, monkeypatch):
+    """Level 9 passes at seed 0 and on the mean of three seeds, but that mean is within target by less than its
+    standard error over the seeds: it is not chosen. The steps between level 9 and 10 are measured next, and the one
+    with the most sensitive layer's keys (by the tuner's sensitivity, here layer 1's) on level 10's rung holds:
+    chosen over uniform level 10, which also holds with more bytes. A step that moved the least sensitive layer
+    instead would miss."""
+    ladders = stream_ladders(64)
+    k9, v9 = LEVELS[9]
+    k10 = LEVELS[10][0]
+    assert LEVELS[10][1] == v9  # between the two levels only the keys move
+    # offsets: mean -0.033, standard error 0.267 points
+    result = search_where_layer_1s_keys_weigh_most(searched, monkeypatch, 0.999, {0: -0.3, 1: -0.3, 2: +0.5},
+                                                   confirm_seeds=(1, 2))
     by_name = {t.name: t for t in result.trials}
     level9 = by_name["uniform level 9, mean of 3 seeds"]
     assert level9.measured_delta_pct <= 1.0 < level9.bound_pct  # the mean passes, the mean plus its error does not
@@ -345,27 +355,11 @@ def test_the_steps_below_the_level_the_bisection_finds_are_measured_and_the_most
         searched, monkeypatch):
     """The bisection finds level 9 (level 8 misses); between them, the step with the most sensitive layer's keys on
     level 9's rung passes with fewer bits than level 9, and must be chosen. Moving the least sensitive layer's keys
-    instead would miss (the fake's loss weighs layer 1's keys 97 times as much as layer 0's)."""
-    import kvhub.tuning
-
-    model, bases, windows, _, _ = searched
+    instead would miss."""
     ladders = stream_ladders(64)
     k8, k9, v9 = LEVELS[8][0], *LEVELS[9]
     assert LEVELS[8][1] == v9  # between the two levels only the keys move
-    ref = {"keys": ladders["keys"][k9].bits_per_token(), "values": ladders["values"][v9].bits_per_token()}
-    weight = {(1, "keys"): 0.97, (0, "keys"): 0.01, (0, "values"): 0.01, (1, "values"): 0.01}
-
-    def fake_measure(model, name, codec, bases, windows, baseline_ppl, seed=0):
-        bits = {(i, s): layer.stream(s).bits_per_token() for i, layer in enumerate(codec.layers) for s in STREAMS}
-        loss = 0.5 * sum(w * (ref[s] / bits[(i, s)]) ** 8 for (i, s), w in weight.items())
-        total = sum(bits.values())
-        return Trial(name, codec.layers[0].window, total, 0.0, {"d": loss}, 1000 / total, codec, seed)
-
-    monkeypatch.setattr(kvhub.tuning, "measure_trial", fake_measure)
-    monkeypatch.setattr(kvhub.tuning, "domain_sensitivities", lambda *a, **k: {
-        (1, "keys"): 0.9, (0, "keys"): 0.1, (0, "values"): 0.05, (1, "values"): 0.05})
-    result = search(model, bases, {"d": windows[:1]}, target_delta=0.01, sink=2, windows=(0,), flush_block=4,
-                    log=lambda _: None)
+    result = search_where_layer_1s_keys_weigh_most(searched, monkeypatch, 0.5)
     by_name = {t.name: t for t in result.trials}
     assert by_name["uniform level 8"].measured_delta_pct > 1.0 >= by_name["uniform level 9"].measured_delta_pct
     assert result.chosen.name == "level 8, 1 most sensitive at level 9"
