@@ -409,7 +409,7 @@ def averaged_over_seeds(model, trial: Trial, seeds: tuple[int, ...], bases: Base
 def tuning_summary(result: TuneResult) -> dict[str, Any]:
     """What the tuner tried and chose, for the preset's calibration.tuning block."""
     return {
-        "method": "bisection over a bits ladder, then sensitivity-ordered reallocation (worst over domains, repeated while it passes), each verified by chunked perplexity on a tuning split"
+        "method": "bisection over a bits ladder with steps between its levels, then sensitivity-ordered reallocation (worst over domains, repeated while it passes), each verified by chunked perplexity on a tuning split"
                   + (", the choice confirmed as a mean over rotation seeds 0 and "
                      + ", ".join(map(str, result.confirm_seeds)) + " within target with one standard error to spare"
                      if result.confirm_seeds else ""),
