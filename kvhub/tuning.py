@@ -46,6 +46,7 @@ from .bases import Bases, rotate_segments
 from .cache import CompressedCache
 from .codec import STREAMS, CacheCodec, LayerCodec, ModelShape, Segment, StreamCodec
 from .errors import PresetExistsError
+from .eval import standard_error
 from .eval.ppl import perplexity
 from .passthrough import PassThroughLayer
 from .protocol import WORST_DOMAIN, worst_of
@@ -398,8 +399,7 @@ def averaged_over_seeds(model, trial: Trial, seeds: tuple[int, ...], bases: Base
     runs = [trial] + [measure_trial(model, f"{trial.name} seed {seed}", trial.codec, bases, windows, baseline_ppl, seed)
                       for seed in seeds]
     mean = {d: sum(r.by_domain[d] for r in runs) / len(runs) for d in windows}
-    se = {d: (sum((r.by_domain[d] - mean[d]) ** 2 for r in runs) / (len(runs) - 1) / len(runs)) ** 0.5 if len(runs) > 1
-          else 0.0 for d in windows}
+    se = {d: standard_error([r.by_domain[d] for r in runs]) or 0.0 for d in windows}
     averaged = Trial(f"{trial.name}, mean of {len(runs)} seeds", trial.window, trial.key_bits, trial.value_bits, mean,
                      trial.ratio, trial.codec, seed=None, se=se)
     trials.extend(runs[1:] + [averaged])
