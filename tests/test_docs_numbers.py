@@ -361,8 +361,7 @@ def trials_table(path: str = WORST_TUNED, se: bool = False) -> str:
         mean = sum(t["by_domain"].values()) / len(t["by_domain"])
         cell = ""
         if se:
-            errors = t.get("se_by_domain")
-            cell = f" {max(v + errors[d] for d, v in t['by_domain'].items()):+.2f}% |" if errors else " |"
+            cell = f" {bound_of(t):+.2f}% |" if "se_by_domain" in t else " |"
         lines.append(f"| {t['name']} | {t['window']} | {t['key_bits']:.1f} / {t['value_bits']:.1f} | "
                      f"{t['measured_delta_pct']:+.2f}% ({t['worst_domain']}) |{cell} {mean:+.2f}% | "
                      f"{t['compression']:.2f}x |")
@@ -445,10 +444,14 @@ def trial_worst(path: str, name: str) -> str:
     return f"{t['measured_delta_pct']:+.2f}% ({t['worst_domain']})"
 
 
+def bound_of(t: dict) -> float:
+    """A recorded mean over seeds' worst domain plus its standard error: what the tuner's confirmation holds to its
+    target."""
+    return max(v + t["se_by_domain"][d] for d, v in t["by_domain"].items())
+
+
 def trial_bound(path: str, name: str) -> str:
-    """A mean over seeds' worst domain plus its standard error: what the tuner's confirmation holds to its target."""
-    t = tune_trial(path, name)
-    return f"{max(v + t['se_by_domain'][d] for d, v in t['by_domain'].items()):+.2f}%"
+    return f"{bound_of(tune_trial(path, name)):+.2f}%"
 
 
 def worst_pct(data: dict) -> str:
@@ -458,6 +461,11 @@ def worst_pct(data: dict) -> str:
 
 def trial_ratio(path: str, name: str) -> str:
     return f"{tune_trial(path, name)['compression']:.2f}x"
+
+
+def trial_claim(context: str, path: str, render: Callable[[str, str], str], name: str) -> "Claim":
+    """frontier-4.md's claim on one recorded trial of a tune: ``render(path, name)`` at ``{}`` in ``context``."""
+    return Claim(FRONTIER4, context, path, lambda d: render(path, name))
 
 
 def threshold_summary() -> str:
@@ -808,40 +816,35 @@ CLAIMS = [
                  "which gives\n{} on the evaluation protocol, against"),
     Claim(FRONTIER4, "against\n{} for the same tune without them", RETUNED, lambda d: preset_summary(RETUNED)),
     # ... confirmation held to one standard error, and the steps between levels
-    Claim(FRONTIER4, "in every layer at once: {} against", STEPS3, lambda d: trial_ratio(STEPS3, "uniform level 1")),
-    Claim(FRONTIER4, "at once: 5.83x against {}.\n", STEPS3, lambda d: trial_ratio(STEPS3, "uniform level 2")),
+    trial_claim("in every layer at once: {} against", STEPS3, trial_ratio, "uniform level 1"),
+    trial_claim("at once: 5.83x against {}.\n", STEPS3, trial_ratio, "uniform level 2"),
     *tune_claims(STEPS3, "--keys-before-rope --secondary-sinks {}\n--windows 0 --eval corpora/evaluation --no-needle "
                  "--out benchmarks/presets/smollm2-3pct-steps`)", "smollm2-3pct-steps`):\n\n{}",
                  "which gives\n{} on the evaluation protocol:\n\n- **Confirmation did", se=True),
-    Claim(FRONTIER4, "worst domain, {}, is\n", STEPS3, lambda d: trial_worst(STEPS3, "uniform level 1, mean of 3 seeds")),
-    Claim(FRONTIER4, "is\n  {} with its standard error", STEPS3,
-          lambda d: trial_bound(STEPS3, "uniform level 1, mean of 3 seeds")),
-    Claim(FRONTIER4, "reallocated level 1 held at {} with its error", STEPS3,
-          lambda d: trial_bound(STEPS3, "sensitivity-reallocated, mean of 3 seeds")),
-    Claim(FRONTIER4, "the Python library reference loses\n  {}, against", STEPS3,
-          worst_pct),
-    Claim(FRONTIER4, ", against {} for level 1 (the previous", SINKS3,
-          worst_pct),
-    Claim(FRONTIER4, "Its worst tuning domain lost\n  {}: the library", STEPS3,
-          lambda d: trial_worst(STEPS3, "sensitivity-reallocated, mean of 3 seeds")),
+    trial_claim("worst domain, {}, is\n", STEPS3, trial_worst, "uniform level 1, mean of 3 seeds"),
+    trial_claim("is\n  {} with its standard error", STEPS3, trial_bound, "uniform level 1, mean of 3 seeds"),
+    trial_claim("reallocated level 1 held at {} with its error", STEPS3, trial_bound,
+                "sensitivity-reallocated, mean of 3 seeds"),
+    Claim(FRONTIER4, "the Python library reference loses\n  {}, against", STEPS3, worst_pct),
+    Claim(FRONTIER4, ", against {} for level 1 (the previous", SINKS3, worst_pct),
+    trial_claim("Its worst tuning domain lost\n  {}: the library", STEPS3, trial_worst,
+                "sensitivity-reallocated, mean of 3 seeds"),
     # ... the library reference in calibration
     *tune_claims(REFERENCE3, "re-run on it (`--secondary-sinks {}`, `--out", "last point below):\n\n{}",
                  "which gives\n{} on the evaluation protocol:\n\n- **Within three percent", se=True),
-    Claim(FRONTIER4, "its worst tuning domain with one standard\n  error, {}, against", REFERENCE3,
-          lambda d: trial_bound(REFERENCE3, "uniform level 2, mean of 3 seeds")),
+    trial_claim("its worst tuning domain with one standard\n  error, {}, against", REFERENCE3, trial_bound,
+                "uniform level 2, mean of 3 seeds"),
     Claim(FRONTIER4, "against the evaluation's worst corpus, {}. The", REFERENCE3,
           lambda d: f"{d['metrics']['perplexity']['worst_delta_pct']:+.2f}% ({d['metrics']['perplexity']['worst_corpus']})"),
     Claim(FRONTIER4, "tunes above missed on, loses {}.\n", REFERENCE3,
           lambda d: f"{d['metrics']['perplexity']['corpora']['python_docs_library']['delta_pct']:+.2f}%"),
-    Claim(FRONTIER4, "level 1 ({}) did not hold", REFERENCE3, lambda d: trial_ratio(REFERENCE3, "uniform level 1")),
-    Claim(FRONTIER4, "over seeds ({} with its error). The steps", REFERENCE3,
-          lambda d: trial_bound(REFERENCE3, "uniform level 1, mean of 3 seeds")),
-    Claim(FRONTIER4, "held at its first seed ({} at", REFERENCE3,
-          lambda d: trial_ratio(REFERENCE3, "level 1, 8 most sensitive at level 2")),
-    Claim(FRONTIER4, "x at {}) and missed", REFERENCE3,
-          lambda d: trial_worst(REFERENCE3, "level 1, 8 most sensitive at level 2")),
-    Claim(FRONTIER4, "missed over three\n  ({} with its error)", REFERENCE3,
-          lambda d: trial_bound(REFERENCE3, "level 1, 8 most sensitive at level 2, mean of 3 seeds")),
+    trial_claim("level 1 ({}) did not hold", REFERENCE3, trial_ratio, "uniform level 1"),
+    trial_claim("over seeds ({} with its error). The steps", REFERENCE3, trial_bound,
+                "uniform level 1, mean of 3 seeds"),
+    trial_claim("held at its first seed ({} at", REFERENCE3, trial_ratio, "level 1, 8 most sensitive at level 2"),
+    trial_claim("x at {}) and missed", REFERENCE3, trial_worst, "level 1, 8 most sensitive at level 2"),
+    trial_claim("missed over three\n  ({} with its error)", REFERENCE3, trial_bound,
+                "level 1, 8 most sensitive at level 2, mean of 3 seeds"),
     Claim(FRONTIER4, "moves by up to {} points between", VECTOR_CODES,
           lambda d: f"{vector_row(2, 'lloyd-max')['largest_seed_spread_pct']:.2f}"),
     # ... secondary sinks, measured (secondary_sinks.json)
