@@ -150,7 +150,6 @@ def decode_extent(basis: StreamBasis, stream: StreamCodec) -> tuple[float, float
     var = basis.variance[..., :r].double().clamp_min(0)
     mean = basis.mean.double().norm(dim=-1)
     g = math.sqrt(1 + r * orthonormality_error(basis.basis[..., :r]))
-    scheme, quantizer = SCALES[stream.scale], QUANTIZERS[stream.quantizer]
     relative = SCALE_FORMATS[stream.scale_format].relative
     fixed, gain, coefficient, start = torch.zeros_like(mean), 0.0, 0.0, 0
     for seg in stream.kept:
@@ -158,7 +157,9 @@ def decode_extent(basis: StreamBasis, stream: StreamCodec) -> tuple[float, float
         if seg.bits == 16:
             gain, coefficient = max(gain, 1.0), g * mean.max().item()
             continue
-        top = quantizer.levels(seg.bits, scheme.statistic).abs().max().item()
+        scale_name, quantizer_name = stream.code_of(seg.bits)
+        scheme = SCALES[scale_name]
+        top = QUANTIZERS[quantizer_name].levels(seg.bits, scheme.statistic).abs().max().item()
         if not scheme.per_token:
             fixed = fixed + top**2 * var[..., part].sum(-1)
             continue

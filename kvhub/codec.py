@@ -39,14 +39,33 @@ class Segment:
 
 
 @dataclass(frozen=True)
+class BitsCode:
+    """The scale scheme and quantizer of a stream's ``bits``-bit segments where they differ from the stream's own.
+
+    Why per bit width: the right code depends on how coarse it is. Keys' 4-bit segments lose least with absmax scales
+    (nothing clips), their 2-bit tails with RMS scales and Gaussian levels: an absmax puts four levels so far apart
+    that, on Gaussian coefficients of 16 to 32 components, the MSE is 1.5 to 1.8 times that of the optimal uniform
+    step and about twice that of vector codes (tests/test_codes_by_bits.py; in perplexity: frontier-4.md)."""
+
+    bits: int
+    scale: ScaleScheme
+    quantizer: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"bits": self.bits, "scale": self.scale, "quantizer": self.quantizer}
+
+
+@dataclass(frozen=True)
 class StreamCodec:
-    """How one stream (keys or values) of one layer is stored."""
+    """How one stream (keys or values) of one layer is stored. ``scale`` and ``quantizer`` code every quantized
+    segment but those of a bit width ``by_bits`` names (:meth:`code_of`)."""
 
     segments: tuple[Segment, ...]
     projection: Projection = "pca"
     scale: ScaleScheme = "token"
     quantizer: str = "uniform"
     scale_format: str = "fp16"
+    by_bits: tuple[BitsCode, ...] = ()
 
     @property
     def rank(self) -> int:
@@ -60,6 +79,18 @@ class StreamCodec:
     @property
     def kept(self) -> tuple[Segment, ...]:
         return tuple(s for s in self.segments if s.bits > 0)
+
+    def code_of(self, bits: int) -> tuple[str, str]:
+        """``(scale, quantizer)`` of this stream's ``bits``-bit segments."""
+        for code in self.by_bits:
+            if code.bits == bits:
+                return code.scale, code.quantizer
+        return self.scale, self.quantizer
+
+    @property
+    def quantizers(self) -> tuple[str, ...]:
+        """Every quantizer a kept quantized segment uses, sorted."""
+        return tuple(sorted({self.code_of(s.bits)[1] for s in self.kept if s.bits < 16}))
 
     def bits_per_token(self) -> int:
         """Bits one token of one head costs: codes plus one scale (16 or 8 bits: ``scale_format``) per quantized
@@ -101,17 +132,39 @@ class StreamCodec:
             raise CodecError(f"{where}: projection '{self.projection}' is not 'pca' or 'identity'")
         if self.scale not in ("token", "rms", "channel"):
             raise CodecError(f"{where}: scale '{self.scale}' is not 'token', 'rms' or 'channel'")
-        if self.quantizer not in QUANTIZERS:
-            raise CodecError(f"{where}: quantizer '{self.quantizer}' is not one of {QUANTIZERS}")
         if self.scale_format not in SCALE_FORMATS:
             raise CodecError(f"{where}: scale_format '{self.scale_format}' is not one of {tuple(SCALE_FORMATS)}")
         if self.scale_format != "fp16" and self.scale == "channel":
             raise CodecError(f"{where}: a 'channel' scale stores nothing per token; fix: drop scale_format or use "
                              "scale 'token' or 'rms'")
-        gaussian = {"lloyd-max": "Lloyd-Max levels", "vq": "vector codebooks"}.get(self.quantizer)
-        if gaussian and self.scale not in _DEVIATION_SCALES:
+        self._check_by_bits(where)
+        self._check_code(where, self.scale, self.quantizer,
+                         {s.bits for s in self.segments if 0 < s.bits < 16} - {c.bits for c in self.by_bits})
+        for code in self.by_bits:
+            self._check_code(f"{where} {code.bits}-bit segments", code.scale, code.quantizer, {code.bits})
+
+    def _check_by_bits(self, where: str) -> None:
+        widths = [code.bits for code in self.by_bits]
+        if len(set(widths)) != len(widths):
+            raise CodecError(f"{where}: by_bits names a bit width twice; fix: give each width one code")
+        for code in self.by_bits:
+            if code.bits not in (2, 4, 8) or not any(s.bits == code.bits for s in self.segments):
+                raise CodecError(f"{where}: by_bits codes {code.bits}-bit segments, which this stream has none of; "
+                                 "fix: drop that entry or give it a width the segments use")
+            if code.scale not in ("token", "rms") or self.scale == "channel":
+                raise CodecError(f"{where}: by_bits may only choose between per-token scales ('token' or 'rms'), "
+                                 "and only in a stream scaled per token; fix: drop by_bits or use scale 'token' or "
+                                 "'rms' throughout")
+
+    @staticmethod
+    def _check_code(where: str, scale: str, quantizer: str, widths: set[int]) -> None:
+        """The quantizer exists and fits the scale and the bit widths it codes."""
+        if quantizer not in QUANTIZERS:
+            raise CodecError(f"{where}: quantizer '{quantizer}' is not one of {QUANTIZERS}")
+        gaussian = {"lloyd-max": "Lloyd-Max levels", "vq": "vector codebooks"}.get(quantizer)
+        if gaussian and scale not in _DEVIATION_SCALES:
             raise CodecError(f"{where}: {gaussian} are those of a unit Gaussian; fix: use scale 'rms' or 'channel'")
-        if gaussian and any(s.bits == 8 for s in self.segments):
+        if gaussian and 8 in widths:
             raise CodecError(f"{where}: {gaussian} are tabulated for 2 and 4 bits; fix: use the uniform quantizer")
 
     @classmethod
@@ -131,6 +184,8 @@ class StreamCodec:
             out["quantizer"] = self.quantizer
         if self.scale_format != "fp16":
             out["scale_format"] = self.scale_format
+        if self.by_bits:
+            out["by_bits"] = [code.to_dict() for code in self.by_bits]
         return out
 
     @classmethod
@@ -141,6 +196,7 @@ class StreamCodec:
             scale=d.get("scale", "token"),
             quantizer=d.get("quantizer", "uniform"),
             scale_format=d.get("scale_format", "fp16"),
+            by_bits=tuple(BitsCode(int(c["bits"]), c["scale"], c["quantizer"]) for c in d.get("by_bits", ())),
         )
 
 
@@ -294,6 +350,7 @@ class CacheCodec:
             for name in STREAMS:
                 s = layer.stream(name)
                 row[name] = {"rank": s.rank, "layout": "+".join(f"{g.size}x{g.bits}b" for g in s.kept),
-                             "scale": s.scale, "scale_format": s.scale_format, "quantizer": s.quantizer, "projection": s.projection, "bits_per_token": s.bits_per_token()}
+                             "scale": s.scale, "scale_format": s.scale_format, "quantizer": s.quantizer, "projection": s.projection, "bits_per_token": s.bits_per_token(),
+                             "by_bits": [c.to_dict() for c in s.by_bits]}
             rows.append(row)
         return rows

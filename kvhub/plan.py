@@ -89,7 +89,7 @@ def compile_plan(u: torch.Tensor, mean: torch.Tensor, sigma: torch.Tensor, codec
     """The plan of ``codec`` over a basis ``u`` [H, d, rank], ``mean`` [H, d] and calibrated deviations ``sigma`` [H,
     rank] (component order, float32, on the target device)."""
     order = torch.tensor(storage_order(codec), device=u.device)
-    scheme, quantizer = SCALES[codec.scale], QUANTIZERS[codec.quantizer]
+    per_token = SCALES[codec.scale].per_token  # by_bits chooses between per-token schemes only (kvhub.codec)
     scale_format = SCALE_FORMATS[codec.scale_format]
     columns, segments = [], []
     start = scale_index = 0
@@ -100,6 +100,8 @@ def compile_plan(u: torch.Tensor, mean: torch.Tensor, sigma: torch.Tensor, codec
         planes = CODES_PER_BYTE.get(seg.bits, 1)
         centre, table, scale, byte_table = 0.0, None, None, None
         if seg.bits < 16:
+            scale_name, quantizer_name = codec.code_of(seg.bits)
+            scheme, quantizer = SCALES[scale_name], QUANTIZERS[quantizer_name]
             grid = quantizer.grid(seg.bits, scheme.statistic)
             byte_table = quantizer.byte_table(seg.bits, scheme.statistic)
             if byte_table is not None:
@@ -108,7 +110,7 @@ def compile_plan(u: torch.Tensor, mean: torch.Tensor, sigma: torch.Tensor, codec
                 table = quantizer.levels(seg.bits, scheme.statistic).float().to(u.device)
             else:
                 w, centre = w * grid[0], grid[1]
-            if scheme.per_token:
+            if per_token:
                 scale, scale_index = scale_index, scale_index + 1
             else:
                 w = w * sigma.index_select(-1, cols)[:, None, :]
@@ -116,5 +118,5 @@ def compile_plan(u: torch.Tensor, mean: torch.Tensor, sigma: torch.Tensor, codec
         segments.append(SegmentPlan(start, end, seg.bits, planes, seg.size // planes, centre, table, scale, byte_table))
         start = end
     matrix = torch.cat([*columns, mean[..., None]], -1).contiguous()
-    scale_table = scale_format.table(segment_reference(sigma, codec)) if scheme.per_token else None
+    scale_table = scale_format.table(segment_reference(sigma, codec)) if per_token else None
     return DecodePlan(codec, matrix, tuple(segments), scale_table)

@@ -98,12 +98,13 @@ class CompressedStream:
             shared_plan(basis, codec, basis.mean.shape[0], torch.device(device))
         self.scratch = scratch if scratch is not None else Scratch()
         self.codes = [GrowableTensor() for _ in self.segments]
-        self.quantizer, self.scale = QUANTIZERS[codec.quantizer], SCALES[codec.scale]
+        # per kept quantized segment: (quantizer, scale scheme), by its bit width (StreamCodec.code_of)
+        self.codes_of = {s.bits: (QUANTIZERS[q], SCALES[c]) for s in self.segments if s.bits < 16
+                         for c, q in [codec.code_of(s.bits)]}
         # bytes that are codewords (kvhub.quantizers.vector): only decoders that look bytes up in a codebook read them
-        self.vector_codes = any(self.quantizer.byte_table(s.bits, self.scale.statistic) is not None
-                                for s in self.segments if s.bits < 16)
+        self.vector_codes = any(q.byte_table(bits, c.statistic) is not None for bits, (q, c) in self.codes_of.items())
         self.scale_format = SCALE_FORMATS[codec.scale_format]
-        self.n_scaled = sum(1 for s in self.segments if s.bits < 16) if self.scale.per_token else 0
+        self.n_scaled = sum(1 for s in self.segments if s.bits < 16) if SCALES[codec.scale].per_token else 0
         self.scales = GrowableTensor()
 
     def plan(self) -> DecodePlan:
@@ -144,9 +145,10 @@ class CompressedStream:
         z = self.project(x)
         if self.n_scaled:  # the scales as the decoders will read them, rounded to the stored format first
             ref = self._reference_for(z.shape[1], z.device)
-            stats = torch.cat([self.scale.token_statistic(z[..., a:b])
-                               for seg, (a, b) in zip(self.segments, self.bounds) if seg.bits < 16], -1)
-            stored = self.scale_format.store(stats, ref, self.scale.statistic)
+            groups = [(self.codes_of[seg.bits][1], a, b) for seg, (a, b) in zip(self.segments, self.bounds) if seg.bits < 16]
+            stored = torch.cat([self.scale_format.store(scheme.token_statistic(z[..., a:b]),
+                                                        None if ref is None else ref[:, g : g + 1], scheme.statistic)
+                                for g, (scheme, a, b) in enumerate(groups)], -1)
             self.scales.append(stored)
             loaded = self.scale_format.load(stored, ref).float()
         group = 0
@@ -160,7 +162,8 @@ class CompressedStream:
                 group += 1
             else:
                 scale = self.sigma[:, None, a:b]
-            store.append(self.quantizer.encode_packed(zs, scale, seg.bits, self.scale.statistic))
+            quantizer, scheme = self.codes_of[seg.bits]
+            store.append(quantizer.encode_packed(zs, scale, seg.bits, scheme.statistic))
 
     # --- reading -------------------------------------------------------------------------------------------
     @property
@@ -236,7 +239,8 @@ class CompressedStream:
             if seg.bits == 16:
                 continue
             part = z[..., seg.start : seg.end]
-            grid = self.quantizer.grid(seg.bits, self.scale.statistic)
+            quantizer, scheme = self.codes_of[seg.bits]
+            grid = quantizer.grid(seg.bits, scheme.statistic)
             if grid is not None:
                 part.mul_(grid[0])
             if seg.scale is None:

@@ -44,7 +44,7 @@ from transformers.cache_utils import Cache
 
 from .bases import Bases, rotate_segments
 from .cache import CompressedCache
-from .codec import STREAMS, CacheCodec, LayerCodec, ModelShape, Segment, StreamCodec
+from .codec import STREAMS, BitsCode, CacheCodec, LayerCodec, ModelShape, Segment, StreamCodec
 from .errors import PresetExistsError
 from .eval import standard_error
 from .eval.ppl import perplexity
@@ -53,7 +53,8 @@ from .protocol import WORST_DOMAIN, worst_of
 from .rope import RotaryFrame
 from .stream import CompressedStream
 
-def stream_ladders(head_dim: int, quantizer: str = "uniform", scale_format: str = "log8") -> dict[str, list[StreamCodec]]:
+def stream_ladders(head_dim: int, quantizer: str = "uniform", scale_format: str = "log8",
+                   key_tails: str = "absmax") -> dict[str, list[StreamCodec]]:
     """Per-stream layouts from fewest to most bits. No rank cuts: on SmolLM2 dropping a quarter of V's components
     cost +35% PPL, far more than 2-bit codes for them. Keys keep >= 2.5 bits per component (2-bit keys change
     attention non-linearly) and per-token absmax scales (4-bit K: +0.53% with absmax, +0.66% with RMS); values use
@@ -62,12 +63,14 @@ def stream_ladders(head_dim: int, quantizer: str = "uniform", scale_format: str 
     the keys too lost on SmolLM2, benchmarks/results/vector_codes.json). Segment sizes are multiples of 4 so 2-bit
     codes pack.
     Per-token scales are stored in ``scale_format`` (log8: one byte each, no measurable loss against fp16 on
-    SmolLM2, see kvhub/quantizers/scale_log8.py)."""
+    SmolLM2, see kvhub/quantizers/scale_log8.py). ``key_tails="rms"``: the keys' 2-bit segments take RMS scales and
+    ``quantizer``'s levels instead (:class:`~kvhub.codec.BitsCode`: about half the MSE at 2 bits)."""
     d, q, e = head_dim, head_dim // 4, 4 * max(1, round(3 * head_dim / 32))  # e: 3/8 of head_dim, packable
 
-    def lay(plan, scale, levels="uniform"):
+    def lay(plan, scale, levels="uniform", tails=()):
         levels = levels if all(b != 8 for _, b in plan) else "uniform"
-        return StreamCodec(tuple(Segment(n, b) for n, b in plan), "pca", scale, levels, scale_format)
+        tails = tuple(code for code in tails if any(b == code.bits for _, b in plan))
+        return StreamCodec(tuple(Segment(n, b) for n, b in plan), "pca", scale, levels, scale_format, tails)
 
     # [(q // 2, 8), ...]: between all-4-bit keys and a quarter at 8 bits, the step on which the worst domain (technical
     # documentation) went from over a 1% target to well under it; measured alone at 3.59x, worst +0.76%
@@ -76,7 +79,8 @@ def stream_ladders(head_dim: int, quantizer: str = "uniform", scale_format: str 
             [(q // 2, 8), (d - q // 2, 4)], [(q, 8), (d - q, 4)], [(d, 8)]]
     values = [[(d, 2)], [(q, 4), (d - q, 2)], [(e, 4), (d - e, 2)], [(2 * q, 4), (d - 2 * q, 2)],
               [(3 * q, 4), (d - 3 * q, 2)], [(d, 4)], [(q, 8), (d - q, 4)]]
-    return {"keys": [lay(p, "token") for p in keys], "values": [lay(p, "rms", quantizer) for p in values]}
+    tails = (BitsCode(2, "rms", quantizer),) if key_tails == "rms" else ()
+    return {"keys": [lay(p, "token", tails=tails) for p in keys], "values": [lay(p, "rms", quantizer) for p in values]}
 
 
 # (keys rung, values rung) from most to least compressed.
@@ -278,17 +282,19 @@ def search(
     keys_before_rope: bool = False,
     confirm_seeds: tuple[int, ...] = (),
     secondary_sinks: float = 0.0,
+    key_tails: str = "absmax",
 ) -> TuneResult:
     """Steps 2-5 of the module docstring. ``tune_windows`` maps each calibration domain to its held-out windows; a
     trial passes when its *worst* domain is within ``target_delta`` (a fraction: 0.01 = +1% perplexity).
     ``keys_before_rope``: every codec tried codes keys before RoPE (``bases`` were fitted so); ``secondary_sinks``:
     every codec tried keeps them exact at that threshold (:mod:`kvhub.secondary_sinks`; their bytes are in each
     trial's measured ratio). ``confirm_seeds``:
-    the rotation seeds a passing trial is measured again at before it is chosen (none: the first pass is trusted)."""
+    the rotation seeds a passing trial is measured again at before it is chosen (none: the first pass is trusted).
+    ``key_tails``: how the keys' 2-bit segments are coded (:func:`stream_ladders`)."""
     t0 = time.time()
     shape = ModelShape.from_config(model.config)
     n = shape.num_layers
-    ladders = stream_ladders(shape.head_dim, quantizer, scale_format)
+    ladders = stream_ladders(shape.head_dim, quantizer, scale_format, key_tails)
     log(f"measuring sensitivity of {n} layers x 2 streams on {len(tune_windows)} domain(s) (one distorted stream per "
         "forward pass)")
     first = next(iter(tune_windows.values()))[0]
@@ -447,6 +453,7 @@ class TuneConfig:
     scale_format: str = "log8"  # how per-token scales are stored (kvhub.quantizers)
     keys_before_rope: bool = False  # code keys before RoPE (kvhub.rope): bases fitted and codes made on un-turned keys
     secondary_sinks: float = 0.0  # keep token-heads with short values exact (kvhub.secondary_sinks); 0: none
+    key_tails: str = "absmax"  # the keys' 2-bit segments: absmax scales and uniform levels, or "rms" (stream_ladders)
     confirm_seeds: int = 2  # other rotation seeds a passing trial must also pass at, on average, to be chosen
     device: str | None = None
     dtype: str = "float32"
@@ -536,7 +543,8 @@ def tune(cfg: TuneConfig, out: str | None = None, log: Callable[[str], None] = p
     bases, stats = calibrate(model, fit, sink=cfg.sink, progress=cfg.progress, keys_before_rope=cfg.keys_before_rope)
     result = search(model, bases, held, cfg.target_ppl_delta, cfg.sink, cfg.windows, log=log, quantizer=cfg.quantizer,
                     scale_format=cfg.scale_format, keys_before_rope=cfg.keys_before_rope,
-                    confirm_seeds=tuple(range(1, cfg.confirm_seeds + 1)), secondary_sinks=cfg.secondary_sinks)
+                    confirm_seeds=tuple(range(1, cfg.confirm_seeds + 1)), secondary_sinks=cfg.secondary_sinks,
+                    key_tails=cfg.key_tails)
     log(f"tuning took {time.time() - t0:.0f} s")
     metrics = None
     if cfg.eval_files:

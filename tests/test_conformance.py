@@ -27,7 +27,7 @@ from transformers import DynamicCache
 
 import kvhub.attention
 from kvhub import CompressedCache, compressed_attention
-from kvhub.codec import LayerCodec, Segment, StreamCodec
+from kvhub.codec import BitsCode, LayerCodec, Segment, StreamCodec
 from kvhub.layer import CompressedLayer
 from kvhub.quantizers import QUANTIZERS, SCALE_FORMATS, SCALES
 from kvhub.quantizers.vector import CODEBOOK_FILE
@@ -245,9 +245,17 @@ LOSSY = {
                            stream([(4, 16), (12, 4)], scale_format="log8")),
     "vq": (stream([(4, 16), (8, 4), (4, 2)], scale="rms", quantizer="vq", scale_format="log8"),
            stream([(8, 4), (4, 2), (4, 0)], scale="channel", quantizer="vq")),
+    # a code per bit width: absmax 4-bit keys with an RMS 2-bit tail (vector codes, then scalar ones so the fused
+    # kernels read segments of two statistics); values the other way round
+    "by-bits-vq": (stream([(4, 16), (8, 4), (4, 2)], scale_format="log8", by_bits=(BitsCode(2, "rms", "vq"),)),
+                   stream([(8, 4), (4, 2), (4, 0)], scale="rms", quantizer="vq",
+                          by_bits=(BitsCode(4, "token", "uniform"),))),
+    "by-bits-scalar": (stream([(4, 16), (8, 4), (4, 2)], scale_format="log8", by_bits=(BitsCode(2, "rms", "lloyd-max"),)),
+                       stream([(8, 4), (4, 2), (4, 0)], scale="rms", quantizer="lloyd-max",
+                              by_bits=(BitsCode(4, "token", "uniform"),))),
 }
 # The fused kernels read scalar codes only; a call on vector codes must fall back to the PyTorch backend.
-SCALAR_ONLY = {"vq"}
+SCALAR_ONLY = {"vq", "by-bits-vq"}
 KV_HEADS, Q_HEADS, DIM, BATCH, HISTORY_TOKENS = 2, 4, 16, 2, 60
 SCALING, SOFTCAP = 0.31, 20.0
 QUERY_LENGTHS = (1, 4, MAX_KERNEL_QUERIES + 4)
@@ -296,14 +304,14 @@ def decoded_history(layer, name: str, length: int) -> torch.Tensor:
     stored = layer.streams[name]
     codec, basis = layer.codec.stream(name), layer.bases[name]
     variance = basis.variance[..., : codec.rank].double() if basis is not None else None
-    scheme = SCALES[codec.scale]
+    per_token = SCALES[codec.scale].per_token
     bounds, start = [], 0
     for seg in codec.kept:
         bounds.append((seg, start, start + seg.size))
         start += seg.size
     quantized = [(a, b) for seg, a, b in bounds if seg.bits < 16]
     scales = None
-    if scheme.per_token:
+    if per_token:
         reference = (torch.stack([variance[:, a:b].mean(-1).sqrt() for a, b in quantized], -1) if variance is not None
                      else torch.ones(KV_HEADS, len(quantized), dtype=torch.float64))
         scales = loaded_scales(stored.scales.view(0, length), codec.scale_format, reference)
@@ -313,11 +321,12 @@ def decoded_history(layer, name: str, length: int) -> torch.Tensor:
         if seg.bits == 16:
             parts.append(data.double())
             continue
-        if codec.quantizer == "vq":  # each byte indexes a codeword of its 8 / bits consecutive components
+        scale_name, quantizer = codec.code_of(seg.bits)  # the stream's code, or by_bits' for this width
+        if quantizer == "vq":  # each byte indexes a codeword of its 8 / bits consecutive components
             z = VQ_BOOKS[f"bits{seg.bits}"].double()[data.long()].flatten(-2)
         else:
-            z = QUANTIZERS[codec.quantizer].levels(seg.bits, scheme.statistic).double()[unpack_codes(data, seg.bits)]
-        if scheme.per_token:
+            z = QUANTIZERS[quantizer].levels(seg.bits, SCALES[scale_name].statistic).double()[unpack_codes(data, seg.bits)]
+        if per_token:
             z = z * scales[..., group : group + 1]
             group += 1
         else:

@@ -60,13 +60,15 @@ SCALES = {"token": "per-token absmax scale", "rms": "per-token RMS scale", "chan
 def _stream(s: dict) -> str:
     """A stream's layout in the table: segments, scale, how scales are stored (log8), codes (lloyd-max, vq)."""
     scale = s["scale"] + ("/log8" if s["scale_format"] == "log8" and s["scale"] != "channel" else "")
-    return f"{s['layout']} {scale}" + (f" {s['quantizer']}" if s["quantizer"] != "uniform" else "")
+    own = f"{s['layout']} {scale}" + (f" {s['quantizer']}" if s["quantizer"] != "uniform" else "")
+    return "".join([own, *(f", {c['bits']}b {c['scale']} {c['quantizer']}" for c in s["by_bits"])])
 
 
 def _legend(rows: list[dict]) -> list[str]:
     """What the table's words mean, for those it uses."""
     streams = [row[name] for row in rows for name in ("keys", "values")]
-    used = lambda key, value: any(s[key] == value for s in streams)  # noqa: E731
+    streams += [code for s in streams for code in s["by_bits"]]  # a code for some bit widths uses the same words
+    used = lambda key, value: any(s.get(key) == value for s in streams)  # noqa: E731
     lines = ["  64x4b: 64 components at 4 bits each; " + "; ".join(
         f"{name}: {what}" for name, what in SCALES.items() if used("scale", name))]
     if used("scale_format", "log8"):

@@ -62,6 +62,10 @@ def _from_recipe(path: Path, model: str | None, target: float | None):
                    "of its layer and head's median length on calibration text (secondary attention sinks: 0.3 "
                    "flags about 0.4% of SmolLM2's); 0 keeps none. Decoded on the PyTorch and C backends; LMCache "
                    "chunks refuse such presets.")
+@click.option("--key-tails", type=click.Choice(["absmax", "rms"]), default="absmax", show_default=True,
+              help="Codes of the keys' 2-bit segments: absmax scales and uniform levels, as their 4-bit segments, or "
+                   "RMS scales and --quantizer's levels (about half the MSE at 2 bits; with vq, decoded on the "
+                   "PyTorch backend only).")
 @click.option("--confirm-seeds", default=2, show_default=True, type=click.IntRange(0, 8),
               help="Before choosing a passing trial, measure it again at this many other seeds of the segments' "
                    "rotation and keep it only if its mean passes with one standard error over the seeds to spare (0: trust one "
@@ -74,7 +78,7 @@ def _from_recipe(path: Path, model: str | None, target: float | None):
 @device_option
 @click.option("--dtype", default="float32", show_default=True)
 def tune(model, recipe_path, calib_files, target_ppl_delta, out, overwrite, eval_files, needle, windows, quantizer,
-         scale_format, keys_before_rope, secondary_sinks, confirm_seeds, calib_windows_per_file, calib_seq_len, tune_window_tokens,
+         scale_format, keys_before_rope, secondary_sinks, key_tails, confirm_seeds, calib_windows_per_file, calib_seq_len, tune_window_tokens,
          device, dtype):
     """Search ranks, bits and windows per layer for the most compression within --target-ppl-delta.
 
@@ -96,7 +100,8 @@ def tune(model, recipe_path, calib_files, target_ppl_delta, out, overwrite, eval
     cfg = TuneConfig(model, list(calib_files), target_ppl_delta, list(eval_files) or None, needle,
                      calib_windows_per_file, calib_seq_len=calib_seq_len, tune_window_tokens=tune_window_tokens,
                      windows=tuple(int(w) for w in windows.split(",")), quantizer=quantizer, scale_format=scale_format,
-                     keys_before_rope=keys_before_rope, secondary_sinks=secondary_sinks, confirm_seeds=confirm_seeds, device=device,
+                     keys_before_rope=keys_before_rope, secondary_sinks=secondary_sinks, key_tails=key_tails,
+                     confirm_seeds=confirm_seeds, device=device,
                      dtype=dtype, model_id=model_id)
     if out is None:
         folder = folder or Path("presets") / (BENCHMARK_MODEL_ID if is_benchmark_model(model) else model).replace("/", "--")

@@ -71,7 +71,7 @@ def preset_digest(config: dict[str, Any]) -> bytes:
     codebook of the same name is refused, not decoded wrongly; presets of scalar codes keep the config's digest."""
     digest = hashlib.sha256(json.dumps(config, sort_keys=True, separators=(",", ":")).encode())
     codec = CacheCodec.from_dict(config["codec"])
-    names = sorted({stream.quantizer for layer in codec.layers for stream in (layer.keys, layer.values)})
+    names = sorted({name for layer in codec.layers for stream in (layer.keys, layer.values) for name in stream.quantizers})
     for name in names:
         digest.update(QUANTIZERS[name].fingerprint())
     return digest.digest()
