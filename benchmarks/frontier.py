@@ -60,7 +60,9 @@ PRESETS = {"kvhub 1% preset (bundled)": ROOT / "presets" / "HuggingFaceTB--SmolL
            # the same with secondary sinks kept exact beside the codes (kvhub tune --secondary-sinks 0.3)
            "kvhub 3% preset, secondary sinks exact": ROOT / "benchmarks" / "presets" / "smollm2-3pct-vq-sinks",
            # the same tune confirmed to one standard error, with the Python library reference in calibration
-           "kvhub 3% preset, reference in calibration": ROOT / "benchmarks" / "presets" / "smollm2-3pct-reference"}
+           "kvhub 3% preset, reference in calibration": ROOT / "benchmarks" / "presets" / "smollm2-3pct-reference",
+           # the same tune with the keys' 2-bit tails under RMS scales and vector codes (kvhub tune --key-tails rms)
+           "kvhub 3% preset, RMS key tails": ROOT / "benchmarks" / "presets" / "smollm2-3pct-key-tails"}
 NEEDLE_ROWS = ("DynamicCache (fp)", "kvhub 1% preset (bundled)", "kvhub 3% preset, log8 scales + Lloyd-Max V")
 
 
