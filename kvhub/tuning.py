@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -171,6 +171,7 @@ class Trial:
     codec: CacheCodec = field(repr=False)
     seed: int | None = 0  # the segments' rotation seed it was measured at; None: a mean over seeds' runs
     se: dict[str, float] | None = None  # a mean over seeds: each domain's standard error of that mean, in points
+    level: int | None = None  # the uniform ladder level it measured (LEVELS); None for steps and reallocations
 
     @property
     def measured_delta_pct(self) -> float:
@@ -308,9 +309,9 @@ def search(
     target_pct = 100 * target_delta
     trials: list[Trial] = []
 
-    def measure(name: str, rungs: dict, window: int) -> Trial:
+    def measure(name: str, rungs: dict, window: int, level: int | None = None) -> Trial:
         codec = codec_from_rungs(ladders, rungs, n, sink, window, flush_block, keys_before_rope, secondary_sinks)
-        trial = measure_trial(model, name, codec, bases, tune_windows, base)
+        trial = replace(measure_trial(model, name, codec, bases, tune_windows, base), level=level)
         trials.append(trial)
         log("  tried " + trial.line)
         return trial
@@ -328,11 +329,12 @@ def search(
         measured already)."""
         differ = sum(a != b for a, b in zip(LEVELS[level], LEVELS[level + 1])) * n
         counts = sorted({round(f * differ) for f in STEP_FRACTIONS} - {0, differ})
-        tried = [(f"level {level}, {c} most sensitive at level {level + 1}", promoted_rungs(level, sens, c, n))
+        tried = [(f"level {level}, {c} most sensitive at level {level + 1}", promoted_rungs(level, sens, c, n), None)
                  for c in counts]
-        if (f"uniform level {level + 1}", window) not in {(t.name, t.window) for t in trials}:
-            tried.append((f"uniform level {level + 1}", uniform_rungs(level + 1, n)))
-        return [(t, rungs) for name, rungs in tried if (t := measure(name, rungs, window)).measured_delta_pct <= target_pct]
+        if (level + 1, window) not in {(t.level, t.window) for t in trials}:
+            tried.append((f"uniform level {level + 1}", uniform_rungs(level + 1, n), level + 1))
+        return [(t, rungs) for name, rungs, up in tried
+                if (t := measure(name, rungs, window, up)).measured_delta_pct <= target_pct]
 
     best: tuple[Trial, dict] | None = None
     level = None  # the uniform level ``best`` starts from
@@ -341,7 +343,7 @@ def search(
         found = None
         while lo <= hi:
             mid = (lo + hi) // 2
-            trial = measure(f"uniform level {mid}", uniform_rungs(mid, n), window)
+            trial = measure(f"uniform level {mid}", uniform_rungs(mid, n), window, mid)
             if trial.measured_delta_pct <= target_pct:
                 found, hi = (trial, uniform_rungs(mid, n), mid), mid - 1
             else:
@@ -376,7 +378,7 @@ def search(
             trial = max(pending, key=lambda t: t.ratio)
             pending.remove(trial)
             chosen = confirm(trial)
-            up = int(trial.name.rsplit(" ", 1)[1]) if trial.name.startswith("uniform level ") else None
+            up = trial.level
             if chosen is None and up is not None and up + 1 < len(LEVELS) and up not in expanded:
                 expanded.add(up)
                 pending += [t for t, _ in steps_above(up, window)]
