@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kvhub import CacheCodec, KVPreset, LayerCodec, ModelShape, StreamCodec
-from kvhub.codec import Segment
+from kvhub.codec import BitsCode, Segment
 from kvhub.errors import ChunkPresetMismatchError, ChunkShapeError
 from kvhub.integrations.chunks import HEADER_BYTES, ChunkCodec, HeadSlice, from_chunks, to_chunks
 from tests.tiny_models import tiny_bases, tiny_chunks
@@ -115,17 +115,20 @@ def test_vector_codes_travel_in_the_bytes_of_scalar_codes(tiny_llama, kv):
     assert 0 < errors["vq"] < 1.1 * errors["lloyd-max"], errors
 
 
-def test_vector_code_chunks_name_their_codebook(tiny_llama, kv, monkeypatch):
-    """A chunk of vector codes is tied to the packaged codebook that made its bytes: under another codebook file of
-    the same quantizer name it is refused, not decoded with the wrong codewords. Scalar-code presets keep the digest
-    of their config alone (chunks already at rest stay readable)."""
+@pytest.mark.parametrize("where", ["values", "keys' 2-bit tail"])
+def test_vector_code_chunks_name_their_codebook(tiny_llama, kv, monkeypatch, where):
+    """A chunk of vector codes (a stream's, or one bit width's by ``by_bits``) is tied to the packaged codebook that
+    made its bytes: under another codebook file of the same quantizer name it is refused, not decoded with the wrong
+    codewords. Scalar-code presets keep the digest of their config alone (chunks already at rest stay readable)."""
     import hashlib
     import json
 
     from kvhub.quantizers import vector
 
-    keys = StreamCodec((Segment(8, 4), Segment(8, 2)), scale="token", scale_format="log8")
-    values = StreamCodec((Segment(8, 4), Segment(8, 2)), scale="rms", quantizer="vq", scale_format="log8")
+    tail = (BitsCode(2, "rms", "vq"),) if where != "values" else ()
+    keys = StreamCodec((Segment(8, 4), Segment(8, 2)), scale="token", scale_format="log8", by_bits=tail)
+    values = StreamCodec((Segment(8, 4), Segment(8, 2)), scale="rms", quantizer="lloyd-max" if tail else "vq",
+                         scale_format="log8")
     preset = make_preset(tiny_llama, CacheCodec((LayerCodec(keys, values, sink=2),) * 2))
     codec = ChunkCodec(preset)
     buf = torch.empty(codec.nbytes(kv[0].shape, kv[0].dtype, HEADS), dtype=torch.uint8)
