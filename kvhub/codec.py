@@ -44,8 +44,8 @@ class BitsCode:
 
     Why per bit width: the right code depends on how coarse it is. Keys' 4-bit segments lose least with absmax scales
     (nothing clips), their 2-bit tails with RMS scales and Gaussian levels: an absmax puts four levels so far apart
-    that, on Gaussian coefficients of 16 to 32 components, the MSE is 1.5 to 1.8 times that of the optimal uniform
-    step and about twice that of vector codes (tests/test_codes_by_bits.py; in perplexity: frontier-4.md)."""
+    that, on Gaussian coefficients of 16 to 32 components, the MSE is half as much again as with the optimal uniform
+    step, or more, and about twice that of vector codes (tests/test_codes_by_bits.py; in perplexity: frontier-4.md)."""
 
     bits: int
     scale: ScaleScheme

@@ -140,6 +140,7 @@ FRONTIER_ROWS = [
     ("the same with secondary sinks kept exact", "kvhub 3% preset, secondary sinks exact"),
     ("the same confirmed to one standard error, the library reference in calibration",
      "kvhub 3% preset, reference in calibration"),
+    ("the same with the keys' 2-bit tails by RMS scales and vector codes", "kvhub 3% preset, RMS key tails"),
     ("int8 per token, K and V", "int8 per token K+V"),
     ("KIVI-4 (simulated: quantize-dequantize, analytic bytes)", "KIVI-4 (simulated)"),
     ("transformers QuantizedCache, int4 (quanto)", "QuantizedCache quanto int4"),
@@ -201,6 +202,7 @@ FRONTIER_SUMMARY = [
     ("the same with secondary sinks kept exact", "kvhub 3% preset, secondary sinks exact"),
     ("the same confirmed to one standard error, the library reference in calibration",
      "kvhub 3% preset, reference in calibration"),
+    ("the same with the keys' 2-bit tails by RMS scales and vector codes", "kvhub 3% preset, RMS key tails"),
 ]
 
 
@@ -412,6 +414,23 @@ SINKS_THRESHOLD = RESULTS + "secondary_sinks_threshold.json"  # SINKS3's codes w
 SINKS1 = "benchmarks/presets/smollm2-1pct-sinks/kvhub_preset.json"  # the one-percent worst-domain tune with them
 STEPS3 = "benchmarks/presets/smollm2-3pct-steps/kvhub_preset.json"  # SINKS3's tune, confirmed to one error, with steps
 REFERENCE3 = "benchmarks/presets/smollm2-3pct-reference/kvhub_preset.json"  # STEPS3's tune, the reference calibrating
+KEYTAILS3 = "benchmarks/presets/smollm2-3pct-key-tails/kvhub_preset.json"  # REFERENCE3's tune, keys' 2-bit tails by RMS
+
+
+def paired_trials_table(before: str, after: str) -> str:
+    """frontier-4.md's table of the settings two tunes both measured (same name: same rungs, same seed or mean over
+    the same seeds), side by side: the second tune's keys' 2-bit tails by RMS scales and vector codes."""
+    first = {t["name"]: t for t in load(before)["calibration"]["tuning"]["trials"]}
+    lines = ["| setting | compression | worst tuning domain, absmax tails | worst, RMS tails | mean, absmax tails | "
+             "mean, RMS tails |", "|---|---|---|---|---|---|"]
+    for t in load(after)["calibration"]["tuning"]["trials"]:
+        a = first.get(t["name"])
+        if a is None or (a["key_bits"], a["value_bits"]) != (t["key_bits"], t["value_bits"]):  # not the same rungs
+            continue
+        mean = lambda x: sum(x["by_domain"].values()) / len(x["by_domain"])  # noqa: E731
+        lines.append(f"| {t['name']} | {t['compression']:.2f}x | {a['measured_delta_pct']:+.2f}% ({a['worst_domain']}) | "
+                     f"{t['measured_delta_pct']:+.2f}% ({t['worst_domain']}) | {mean(a):+.2f}% | {mean(t):+.2f}% |")
+    return "\n".join(lines)
 
 
 def rows_share(path: str) -> str:
@@ -738,6 +757,7 @@ CLAIMS = [
     Claim(README, "`benchmarks/presets/smollm2-1pct-sinks`: {}): there", SINKS1, lambda d: preset_summary(SINKS1)),
     Claim(README, "(`benchmarks/presets/smollm2-3pct-reference`) gives\n{}: within", REFERENCE3,
           lambda d: preset_summary(REFERENCE3)),
+    Claim(README, "smollm2-3pct-key-tails`), the same\ntune gives\n{}: past", KEYTAILS3, lambda d: preset_summary(KEYTAILS3)),
     # benchmarks/results/frontier-4.md: the bundled preset on every domain, the worst-domain tune, the merged frontier
     Claim(FRONTIER4, "{}", MEASURED, lambda d: domain_table()),
     Claim(FRONTIER4, "loses up to\n{}%", MEASURED, ("metrics", "perplexity", "worst_delta_pct"), "+.2f"),
@@ -845,6 +865,18 @@ CLAIMS = [
     trial_claim("x at {}) and missed", REFERENCE3, trial_worst, "level 1, 8 most sensitive at level 2"),
     trial_claim("missed over three\n  ({} with its error)", REFERENCE3, trial_bound,
                 "level 1, 8 most sensitive at level 2, mean of 3 seeds"),
+    # ... the keys' 2-bit tails by RMS scales and vector codes
+    *tune_claims(KEYTAILS3, "--target-ppl-delta 0.03 --quantizer vq --keys-before-rope --secondary-sinks {} --key-tails rms",
+                 "smollm2-3pct-key-tails`):\n\n{}", "which gives\n{} on the evaluation protocol:\n\n- **Past five", se=True),
+    trial_claim("seeds, {}) was within", KEYTAILS3, trial_bound, "level 1, 15 most sensitive at level 2, mean of 3 seeds"),
+    Claim(FRONTIER4, "of the evaluation's worst corpus ({}), as for", KEYTAILS3,
+          lambda d: f"{d['metrics']['perplexity']['worst_delta_pct']:+.2f}% ({d['metrics']['perplexity']['worst_corpus']})"),
+    Claim(FRONTIER4, "library reference loses {}.\n- **What changed", KEYTAILS3,
+          lambda d: f"{d['metrics']['perplexity']['corpora']['python_docs_library']['delta_pct']:+.2f}%"),
+    Claim(FRONTIER4, "absmax tails):\n\n{}\n\n  The mean", KEYTAILS3, lambda d: paired_trials_table(REFERENCE3, KEYTAILS3)),
+    trial_claim("at 2) went from {} to", REFERENCE3, trial_worst, "uniform level 0"),
+    trial_claim("to {}. The\n  step", KEYTAILS3, trial_worst, "uniform level 0"),
+    trial_claim("at its first seed before ({});", REFERENCE3, trial_worst, "level 1, 15 most sensitive at level 2"),
     Claim(FRONTIER4, "moves by up to {} points between", VECTOR_CODES,
           lambda d: f"{vector_row(2, 'lloyd-max')['largest_seed_spread_pct']:.2f}"),
     # ... secondary sinks, measured (secondary_sinks.json)
