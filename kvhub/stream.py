@@ -99,10 +99,10 @@ class CompressedStream:
         self.scratch = scratch if scratch is not None else Scratch()
         self.codes = [GrowableTensor() for _ in self.segments]
         # per kept quantized segment: (quantizer, scale scheme), by its bit width (StreamCodec.code_of)
-        self.codes_of = {s.bits: (QUANTIZERS[q], SCALES[c]) for s in self.segments if s.bits < 16
+        self.coders = {s.bits: (QUANTIZERS[q], SCALES[c]) for s in self.segments if s.bits < 16
                          for c, q in [codec.code_of(s.bits)]}
         # bytes that are codewords (kvhub.quantizers.vector): only decoders that look bytes up in a codebook read them
-        self.vector_codes = any(q.byte_table(bits, c.statistic) is not None for bits, (q, c) in self.codes_of.items())
+        self.vector_codes = any(q.byte_table(bits, c.statistic) is not None for bits, (q, c) in self.coders.items())
         self.scale_format = SCALE_FORMATS[codec.scale_format]
         self.n_scaled = sum(1 for s in self.segments if s.bits < 16) if SCALES[codec.scale].per_token else 0
         self.scales = GrowableTensor()
@@ -145,7 +145,7 @@ class CompressedStream:
         z = self.project(x)
         if self.n_scaled:  # the scales as the decoders will read them, rounded to the stored format first
             ref = self._reference_for(z.shape[1], z.device)
-            groups = [(self.codes_of[seg.bits][1], a, b) for seg, (a, b) in zip(self.segments, self.bounds) if seg.bits < 16]
+            groups = [(self.coders[seg.bits][1], a, b) for seg, (a, b) in zip(self.segments, self.bounds) if seg.bits < 16]
             stored = torch.cat([self.scale_format.store(scheme.token_statistic(z[..., a:b]),
                                                         None if ref is None else ref[:, g : g + 1], scheme.statistic)
                                 for g, (scheme, a, b) in enumerate(groups)], -1)
@@ -162,7 +162,7 @@ class CompressedStream:
                 group += 1
             else:
                 scale = self.sigma[:, None, a:b]
-            quantizer, scheme = self.codes_of[seg.bits]
+            quantizer, scheme = self.coders[seg.bits]
             store.append(quantizer.encode_packed(zs, scale, seg.bits, scheme.statistic))
 
     # --- reading -------------------------------------------------------------------------------------------
@@ -239,7 +239,7 @@ class CompressedStream:
             if seg.bits == 16:
                 continue
             part = z[..., seg.start : seg.end]
-            quantizer, scheme = self.codes_of[seg.bits]
+            quantizer, scheme = self.coders[seg.bits]
             grid = quantizer.grid(seg.bits, scheme.statistic)
             if grid is not None:
                 part.mul_(grid[0])
