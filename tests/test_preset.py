@@ -151,6 +151,11 @@ def test_show_names_scale_storage_and_levels_with_a_legend(saved, offline_cli):
     assert "/log8: each scale stored in one byte" in shown and "lloyd-max: non-uniform levels" in shown
     tiny = offline_cli("show", str(saved))[1]  # uniform levels, fp16 scales: no legend for either
     assert "12x8b token " in tiny and "log8" not in tiny and "lloyd-max" not in tiny
+    # a code of its own for the keys' 2-bit tails: named in the row, its words in the legend, and in the model card
+    tails = ROOT / "benchmarks" / "presets" / "smollm2-3pct-key-tails"
+    shown = offline_cli("show", str(tails))[1]
+    assert "32x4b+32x2b token/log8, 2b rms vq" in shown and "rms: per-token RMS scale" in shown
+    assert "32x4b+32x2b (token, log8 scales, 2-bit: rms vq)" in (tails / "README.md").read_text()
 
 
 def test_list_explains_the_needle_column(offline_cli):
