@@ -175,5 +175,5 @@ def _stream_cell(stream: dict) -> str:
     """Layout and scale scheme, plus the quantizer and the scale format where they are not the defaults."""
     extras = [x for x, default in ((stream["quantizer"], "uniform"), (f"{stream['scale_format']} scales", "fp16 scales"))
               if x != default]
-    extras += [f"{c['bits']}-bit: {c['scale']} {c['quantizer']}" for c in stream.get("by_bits", ())]
+    extras += [f"{c['bits']}-bit: {c['scale']} {c['quantizer']}" for c in stream["by_bits"]]
     return f"{stream['layout']} ({', '.join([stream['scale'], *extras])})"
