@@ -14,6 +14,7 @@ from kvhub.quantizers.vector import codebooks
 from kvhub.schema import load_schema
 from kvhub.stream import CompressedStream
 from kvhub.tuning import stream_ladders
+from tests.test_conformance import unpack_codes
 
 TAIL = BitsCode(2, "rms", "vq")
 
@@ -28,7 +29,7 @@ def _two_bit_mse(size: int, scale: str, quantizer: str) -> float:
     if quantizer == "vq":
         levels = codebooks()[2].double()[data].flatten(-2)
     else:
-        codes = torch.stack([(data >> (2 * j)) & 3 for j in range(4)], -1).flatten(-2)
+        codes = unpack_codes(data, 2)
         step = 2 / 3 if scale == "token" else 0.9957  # absmax: outer levels at +-1; RMS: Max (1960)'s optimal step
         levels = (codes.double() - 1.5) * step
     return (levels * scales - z.double()).pow(2).mean().item()
