@@ -78,13 +78,21 @@ def test_schema_bounds_the_codes_by_bits():
     assert not check({**ok, "by_bits": [TAIL.to_dict()] * 4})
 
 
+@pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("quantizer", ["uniform", "vq"])
-def test_the_ladder_codes_only_the_keys_2_bit_tails_by_rms_when_asked(quantizer):
-    plain, tails = stream_ladders(64, quantizer), stream_ladders(64, quantizer, key_tails="rms")
+def test_the_ladder_codes_only_the_keys_2_bit_tails_by_rms_when_asked(quantizer, head_dim):
+    plain, tails = stream_ladders(head_dim, quantizer), stream_ladders(head_dim, quantizer, key_tails="rms")
     assert plain["values"] == tails["values"] and all(not k.by_bits for k in plain["keys"])
+    changed = [i for i, (a, b) in enumerate(zip(plain["keys"], tails["keys"])) if a.segments != b.segments]
+    assert changed == [3]  # only the all-4-bit keys' rung, which had no tail to code
+    assert {s.bits for s in plain["keys"][3].segments} == {4}
+    rung = tails["keys"][3]
+    assert [s.bits for s in rung.segments] == [8, 4, 2] and rung.segments[0].size == head_dim // 16
+    assert tails["keys"][2].bits_per_token() < rung.bits_per_token() < plain["keys"][3].bits_per_token()
     for before, after in zip(plain["keys"], tails["keys"]):
-        after.check("keys", 64)
-        assert after.segments == before.segments and after.bits_per_token() == before.bits_per_token()
+        after.check("keys", head_dim)
+        if after.segments == before.segments:
+            assert after.bits_per_token() == before.bits_per_token()
         has_tail = any(s.bits == 2 for s in after.segments)
         assert after.by_bits == ((BitsCode(2, "rms", quantizer),) if has_tail else ())
 

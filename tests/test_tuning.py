@@ -16,10 +16,11 @@ from tests.test_registry import eval_text, model_dir  # noqa: F401  (session fix
 from tests.tiny_models import VOCAB, tiny_bases
 
 
+@pytest.mark.parametrize("key_tails", ["absmax", "rms"])
 @pytest.mark.parametrize("quantizer", ["uniform", "lloyd-max", "vq"])
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_ladders_are_valid_and_ordered_by_bits(head_dim, quantizer):
-    ladders = stream_ladders(head_dim, quantizer)
+def test_ladders_are_valid_and_ordered_by_bits(head_dim, quantizer, key_tails):
+    ladders = stream_ladders(head_dim, quantizer, key_tails=key_tails)
     for name in STREAMS:
         bits = [lay.bits_per_token() for lay in ladders[name]]
         assert bits == sorted(bits) and len(set(bits)) == len(bits)
