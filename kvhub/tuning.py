@@ -82,7 +82,7 @@ def stream_ladders(head_dim: int, quantizer: str = "uniform", scale_format: str 
               [(3 * q, 4), (d - 3 * q, 2)], [(d, 4)], [(q, 8), (d - q, 4)]]
     tails = (BitsCode(2, "rms", quantizer),) if key_tails == "rms" else ()
     if tails:  # tails coded well, the all-4-bit keys' rung gives way to a 16th of the components at 8 bits, 3/8 at 2:
-        # 16 bits fewer, and less loss on the worst domains (benchmarks/results/key_layouts.json)
+        # 16 bits fewer, and less loss on the tuning split at the same seed (benchmarks/results/frontier-4.md)
         keys[3] = [(q // 4, 8), (d - q // 4 - e, 4), (e, 2)]
     return {"keys": [lay(p, "token", tails=tails) for p in keys], "values": [lay(p, "rms", quantizer) for p in values]}
 
