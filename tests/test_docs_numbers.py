@@ -415,6 +415,14 @@ SINKS1 = "benchmarks/presets/smollm2-1pct-sinks/kvhub_preset.json"  # the one-pe
 STEPS3 = "benchmarks/presets/smollm2-3pct-steps/kvhub_preset.json"  # SINKS3's tune, confirmed to one error, with steps
 REFERENCE3 = "benchmarks/presets/smollm2-3pct-reference/kvhub_preset.json"  # STEPS3's tune, the reference calibrating
 KEYTAILS3 = "benchmarks/presets/smollm2-3pct-key-tails/kvhub_preset.json"  # REFERENCE3's tune, keys' 2-bit tails by RMS
+KEYTAILS1 = "benchmarks/presets/smollm2-1pct-key-tails/kvhub_preset.json"  # the one-percent tune on the tails' key rung
+
+
+def level_line(path: str, name: str = "uniform level 6") -> str:
+    """One recorded trial as frontier-4.md quotes it: keys' bits, compression, worst tuning domain and mean."""
+    t = tune_trial(path, name)
+    return (f"{t['key_bits']:.0f} bits of keys, {t['compression']:.2f}x, worst {t['measured_delta_pct']:+.2f}% "
+            f"({t['worst_domain']}), mean {tuning_mean(t):+.2f}%")
 
 
 def paired_trials(before: str, after: str) -> list[tuple[dict, dict]]:
@@ -448,6 +456,15 @@ def test_rms_key_tails_lowered_the_tuning_mean_at_every_setting_both_tunes_measu
     assert len(pairs) >= 5
     assert all(tuning_mean(t) < tuning_mean(a) for a, t in pairs), [(t["name"], tuning_mean(a), tuning_mean(t))
                                                                     for a, t in pairs]
+
+
+def test_the_tails_key_rung_lost_less_than_all_4_bit_keys_at_level_6():
+    """frontier-4.md: the tuner's level 6 before and after the rung changed, same seed and tuning windows: only the
+    keys' bits differ (16 fewer), and both the worst domain and the mean fell."""
+    before, after = tune_trial(KEYTAILS3, "uniform level 6"), tune_trial(KEYTAILS1, "uniform level 6")
+    assert before["value_bits"] == after["value_bits"] and before["key_bits"] - after["key_bits"] == 16
+    assert before["by_domain"].keys() == after["by_domain"].keys()
+    assert after["measured_delta_pct"] < before["measured_delta_pct"] and tuning_mean(after) < tuning_mean(before)
 
 
 def rows_share(path: str) -> str:
@@ -775,6 +792,7 @@ CLAIMS = [
     Claim(README, "(`benchmarks/presets/smollm2-3pct-reference`) gives\n{}: within", REFERENCE3,
           lambda d: preset_summary(REFERENCE3)),
     Claim(README, "smollm2-3pct-key-tails`), the same\ntune gives\n{}: past", KEYTAILS3, lambda d: preset_summary(KEYTAILS3)),
+    Claim(README, "smollm2-1pct-key-tails`), the tune gives\n{}: within one", KEYTAILS1, lambda d: preset_summary(KEYTAILS1)),
     # benchmarks/results/frontier-4.md: the bundled preset on every domain, the worst-domain tune, the merged frontier
     Claim(FRONTIER4, "{}", MEASURED, lambda d: domain_table()),
     Claim(FRONTIER4, "loses up to\n{}%", MEASURED, ("metrics", "perplexity", "worst_delta_pct"), "+.2f"),
@@ -894,6 +912,20 @@ CLAIMS = [
     trial_claim("at 2) went from {} to", REFERENCE3, trial_worst, "uniform level 0"),
     trial_claim("to {}. The\n  step", KEYTAILS3, trial_worst, "uniform level 0"),
     trial_claim("at its first seed before ({});", REFERENCE3, trial_worst, "level 1, 15 most sensitive at level 2"),
+    # ... one percent: a 2-bit key tail pays for 8-bit leading components
+    trial_claim("three-percent tune\nabove, {}; the new", KEYTAILS3, level_line, "uniform level 6"),
+    trial_claim("the new rung, {}.\n", KEYTAILS1, level_line, "uniform level 6"),
+    *tune_claims(KEYTAILS1, "--target-ppl-delta 0.01 --quantizer vq --keys-before-rope --secondary-sinks {} --key-tails rms",
+                 "smollm2-1pct-key-tails`):\n\n{}", "which gives\n{} on the evaluation protocol:\n\n- **Within one", se=True),
+    Claim(FRONTIER4, "corpus\n  loses {}; the issue", KEYTAILS1, worst_pct),
+    Claim(FRONTIER4, "this preset holds\n  {} per sequence", KEYTAILS1, lambda d: f"{d['metrics']['compression']['total']:.2f}x"),
+    trial_claim("over seeds, was {}), so", KEYTAILS1, trial_bound, "level 6, 15 most sensitive at level 7, mean of 3 seeds"),
+    Claim(FRONTIER4, "the best held\n  {} (`smollm2-1pct-worst-retuned`)", RETUNED, lambda d: preset_summary(RETUNED)),
+    Claim(FRONTIER4, "compressed and loses {} on its worst corpus", MEASURED, worst_pct),
+    trial_claim("uniform level 6, {} at its first seed", KEYTAILS1, trial_ratio, "uniform level 6"),
+    trial_claim("held the target there\n  ({}), and", KEYTAILS1, trial_worst, "uniform level 6"),
+    trial_claim("one standard error to spare ({}); the", KEYTAILS1, trial_bound, "uniform level 6, mean of 3 seeds"),
+    Claim(FRONTIER4, "the secondary sinks' rows are {} of what", KEYTAILS1, lambda d: rows_share(KEYTAILS1)),
     Claim(FRONTIER4, "moves by up to {} points between", VECTOR_CODES,
           lambda d: f"{vector_row(2, 'lloyd-max')['largest_seed_spread_pct']:.2f}"),
     # ... secondary sinks, measured (secondary_sinks.json)
