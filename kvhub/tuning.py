@@ -64,8 +64,8 @@ def stream_ladders(head_dim: int, quantizer: str = "uniform", scale_format: str 
     codes pack.
     Per-token scales are stored in ``scale_format`` (log8: one byte each, no measurable loss against fp16 on
     SmolLM2, see kvhub/quantizers/scale_log8.py). ``key_tails="rms"``: the keys' 2-bit segments take RMS scales and
-    ``quantizer``'s levels instead (:class:`~kvhub.codec.BitsCode`: about half the MSE at 2 bits), and the keys' rung
-    between 2-bit tails and the key rung keeps a tail too, paid for by its leading components at 8 bits."""
+    ``quantizer``'s levels instead (:class:`~kvhub.codec.BitsCode`: about half the MSE at 2 bits), and the rung that had all-4-bit keys keeps a
+    2-bit tail too, which pays for its leading components at 8 bits."""
     d, q, e = head_dim, head_dim // 4, 4 * max(1, round(3 * head_dim / 32))  # e: 3/8 of head_dim, packable
 
     def lay(plan, scale, levels="uniform", tails=()):
@@ -73,17 +73,17 @@ def stream_ladders(head_dim: int, quantizer: str = "uniform", scale_format: str 
         tails = tuple(code for code in tails if any(b == code.bits for _, b in plan))
         return StreamCodec(tuple(Segment(n, b) for n, b in plan), "pca", scale, levels, scale_format, tails)
 
+    tails = (BitsCode(2, "rms", quantizer),) if key_tails == "rms" else ()
+    # with tails coded well, all-4-bit keys give way to a 16th of the components at 8 bits and 3/8 at 2: 16 bits
+    # fewer, and less loss on the tuning split at the same seed (benchmarks/results/frontier-4.md)
+    mid = [(q // 4, 8), (d - q // 4 - e, 4), (e, 2)] if tails else [(d, 4)]
     # [(q // 2, 8), ...]: between all-4-bit keys and a quarter at 8 bits, the step on which the worst domain (technical
     # documentation) went from over a 1% target to well under it; measured alone at 3.59x, worst +0.76%
     # (benchmarks/results/frontier-4.md, key_rung.json)
-    keys = [[(q, 4), (d - q, 2)], [(2 * q, 4), (d - 2 * q, 2)], [(3 * q, 4), (d - 3 * q, 2)], [(d, 4)],
+    keys = [[(q, 4), (d - q, 2)], [(2 * q, 4), (d - 2 * q, 2)], [(3 * q, 4), (d - 3 * q, 2)], mid,
             [(q // 2, 8), (d - q // 2, 4)], [(q, 8), (d - q, 4)], [(d, 8)]]
     values = [[(d, 2)], [(q, 4), (d - q, 2)], [(e, 4), (d - e, 2)], [(2 * q, 4), (d - 2 * q, 2)],
               [(3 * q, 4), (d - 3 * q, 2)], [(d, 4)], [(q, 8), (d - q, 4)]]
-    tails = (BitsCode(2, "rms", quantizer),) if key_tails == "rms" else ()
-    if tails:  # tails coded well, the all-4-bit keys' rung gives way to a 16th of the components at 8 bits, 3/8 at 2:
-        # 16 bits fewer, and less loss on the tuning split at the same seed (benchmarks/results/frontier-4.md)
-        keys[3] = [(q // 4, 8), (d - q // 4 - e, 4), (e, 2)]
     return {"keys": [lay(p, "token", tails=tails) for p in keys], "values": [lay(p, "rms", quantizer) for p in values]}
 
 
