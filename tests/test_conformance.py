@@ -253,9 +253,13 @@ LOSSY = {
     "by-bits-scalar": (stream([(4, 16), (8, 4), (4, 2)], scale_format="log8", by_bits=(BitsCode(2, "rms", "lloyd-max"),)),
                        stream([(8, 4), (4, 2), (4, 0)], scale="rms", quantizer="lloyd-max",
                               by_bits=(BitsCode(4, "token", "uniform"),))),
+    # the tuner's keys rung with RMS tails (kvhub.tuning.stream_ladders): 8-bit leading components, absmax 4-bit
+    # ones and a 2-bit RMS tail as vector codes, all in one stream
+    "tails-rung": (stream([(2, 8), (10, 4), (4, 2)], scale_format="log8", by_bits=(BitsCode(2, "rms", "vq"),)),
+                   stream([(8, 4), (8, 2)], scale="rms", quantizer="vq")),
 }
 # The fused kernels read scalar codes only; a call on vector codes must fall back to the PyTorch backend.
-SCALAR_ONLY = {"vq", "by-bits-vq"}
+SCALAR_ONLY = {"vq", "by-bits-vq", "tails-rung"}
 KV_HEADS, Q_HEADS, DIM, BATCH, HISTORY_TOKENS = 2, 4, 16, 2, 60
 SCALING, SOFTCAP = 0.31, 20.0
 QUERY_LENGTHS = (1, 4, MAX_KERNEL_QUERIES + 4)
