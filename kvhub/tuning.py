@@ -23,7 +23,11 @@
    three-percent tune chose a level at a mean of +2.74% whose seeds spread from +2.03% to +3.59%, and it lost
    +3.07% on held-out documents). When a uniform level does not hold, the steps between it and the next level are
    measured (:func:`promoted_rungs`: its most sensitive layers on the next level's rungs), then that level, and
-   confirmed in turn: one level's step of the ladder is up to half a times of compression.
+   confirmed in turn: one level's step of the ladder is up to half a times of compression. With
+   ``--confirm-windows fresh`` each further seed is measured on its own held-out window of every domain, next to the
+   search's: one window is one draw of a domain's text as one seed is one draw of the codes' noise, and the target
+   is a domain's, not a window's (the same setting at the same seed moved a domain by up to half a point from one
+   window to the next: benchmarks/results/frontier-4.md).
 
 A Lagrangian allocation (sensitivity x distortion per layer) was tried first and measured worse than the uniform
 ladder on SmolLM2 (+2.7% against +0.9% at similar bytes): errors compound across layers non-linearly, so the
@@ -210,6 +214,7 @@ class TuneResult:
     seconds: float
     sensitivity: dict[tuple[int, str], float]
     confirm_seeds: tuple[int, ...] = ()  # the other rotation seeds the choice was measured at (step 5)
+    confirm_windows: str = "same"  # "fresh": each of those seeds on another held-out window of every domain
 
 
 def measure_trial(model, name: str, codec: CacheCodec, bases: Bases, windows: dict[str, list[torch.Tensor]],
@@ -288,6 +293,7 @@ def search(
     confirm_seeds: tuple[int, ...] = (),
     secondary_sinks: float = 0.0,
     key_tails: str = "absmax",
+    confirm_windows: str = "same",
 ) -> TuneResult:
     """Steps 2-5 of the module docstring. ``tune_windows`` maps each calibration domain to its held-out windows; a
     trial passes when its *worst* domain is within ``target_delta`` (a fraction: 0.01 = +1% perplexity).
@@ -295,8 +301,13 @@ def search(
     every codec tried keeps them exact at that threshold (:mod:`kvhub.secondary_sinks`; their bytes are in each
     trial's measured ratio). ``confirm_seeds``:
     the rotation seeds a passing trial is measured again at before it is chosen (none: the first pass is trusted).
-    ``key_tails``: how the keys' 2-bit segments are coded (:func:`stream_ladders`)."""
+    ``key_tails``: how the keys' 2-bit segments are coded (:func:`stream_ladders`). ``confirm_windows="fresh"``: each
+    domain's first window is the search's and its ``i``-th further window is where seed ``confirm_seeds[i - 1]``
+    is measured (:func:`held_out_windows`)."""
     t0 = time.time()
+    fresh = confirm_windows == "fresh"
+    texts = [{d: w[i:i + 1] for d, w in tune_windows.items()} for i in range(1, len(confirm_seeds) + 1)] if fresh else []
+    tune_windows = {d: w[:1] for d, w in tune_windows.items()} if fresh else tune_windows
     shape = ModelShape.from_config(model.config)
     n = shape.num_layers
     ladders = stream_ladders(shape.head_dim, quantizer, scale_format, key_tails)
@@ -320,10 +331,16 @@ def search(
         log("  tried " + trial.line)
         return trial
 
+    fresh_base: list[dict[str, float]] = []
+
     def confirm(trial: Trial) -> Trial | None:
         """Step 5 for one passing trial: its mean over ``confirm_seeds`` and its own seed, when that passes with
         one standard error to spare."""
-        averaged = averaged_over_seeds(model, trial, confirm_seeds, bases, tune_windows, base, trials)
+        if fresh and not fresh_base:  # each further window's DynamicCache perplexity, once
+            fresh_base.extend({d: perplexity(model, w, lambda: DynamicCache(config=model.config)).ppl
+                               for d, w in text.items()} for text in texts)
+        averaged = averaged_over_seeds(model, trial, confirm_seeds, bases, tune_windows, base, trials,
+                                       list(zip(texts, fresh_base)) or None)
         held = averaged.bound_pct <= target_pct
         log(f"  {'confirmed' if held else 'not confirmed'} {averaged.line}")
         return averaged if held else None
@@ -397,23 +414,27 @@ def search(
            "other seeds and means)")
     log(f"chose {chosen.line}: {how}; {passed} of {len(settings)} settings within {target_pct:+.2f}% on every domain "
         "of the tuning split")
-    return TuneResult(chosen.codec, trials, chosen, base, time.time() - t0, sens, confirm_seeds)
+    return TuneResult(chosen.codec, trials, chosen, base, time.time() - t0, sens, confirm_seeds, confirm_windows)
 
 
 def averaged_over_seeds(model, trial: Trial, seeds: tuple[int, ...], bases: Bases,
                         windows: dict[str, list[torch.Tensor]], baseline_ppl: dict[str, float],
-                        trials: list[Trial]) -> Trial:
+                        trials: list[Trial],
+                        texts: list[tuple[dict[str, list[torch.Tensor]], dict[str, float]]] | None = None) -> Trial:
     """``trial``'s codec measured again at ``seeds`` of the segments' rotation, and the mean of those runs and its
     own per domain, as a trial (runs and mean appended to ``trials``). One window's delta is one draw of the codes'
     noise, and a search that keeps what passes once keeps lucky draws: the setting the three-percent tune passed at
     +3.39% loses +4.35% on average over three seeds (benchmarks/results/vector_codes.json), and its choice missed
-    its target on the evaluation text (benchmarks/results/frontier-4.md)."""
-    runs = [trial] + [measure_trial(model, f"{trial.name} seed {seed}", trial.codec, bases, windows, baseline_ppl, seed)
-                      for seed in seeds]
+    its target on the evaluation text (benchmarks/results/frontier-4.md). ``texts``: for each seed, the windows and
+    their baseline perplexity to measure it on instead of ``trial``'s own (``--confirm-windows fresh``)."""
+    where = [(f" seed {seed} window {i}", *text) for i, (seed, text) in enumerate(zip(seeds, texts), 1)] if texts else \
+        [(f" seed {seed}", windows, baseline_ppl) for seed in seeds]
+    runs = [trial] + [measure_trial(model, trial.name + label, trial.codec, bases, w, b, seed)
+                      for seed, (label, w, b) in zip(seeds, where)]
     mean = {d: sum(r.by_domain[d] for r in runs) / len(runs) for d in windows}
     se = {d: standard_error([r.by_domain[d] for r in runs]) or 0.0 for d in windows}
-    averaged = Trial(f"{trial.name}, mean of {len(runs)} seeds", trial.window, trial.key_bits, trial.value_bits, mean,
-                     trial.ratio, trial.codec, seed=None, se=se)
+    averaged = Trial(f"{trial.name}, mean of {len(runs)} seeds" + (" and windows" if texts else ""), trial.window,
+                     trial.key_bits, trial.value_bits, mean, trial.ratio, trial.codec, seed=None, se=se)
     trials.extend(runs[1:] + [averaged])
     return averaged
 
@@ -423,7 +444,9 @@ def tuning_summary(result: TuneResult) -> dict[str, Any]:
     return {
         "method": "bisection over a bits ladder with steps between its levels, then sensitivity-ordered reallocation (worst over domains, repeated while it passes), each verified by chunked perplexity on a tuning split"
                   + (", the choice confirmed as a mean over rotation seeds 0 and "
-                     + ", ".join(map(str, result.confirm_seeds)) + " within target with one standard error to spare"
+                     + ", ".join(map(str, result.confirm_seeds))
+                     + (", each further seed on a fresh held-out window of every domain," if result.confirm_windows == "fresh" else "")
+                     + " within target with one standard error to spare"
                      if result.confirm_seeds else ""),
         "target_on": WORST_DOMAIN,
         "baseline_ppl": {d: round(p, 4) for d, p in result.baseline_ppl.items()},
@@ -461,6 +484,7 @@ class TuneConfig:
     secondary_sinks: float = 0.0  # keep token-heads with short values exact (kvhub.secondary_sinks); 0: none
     key_tails: str = "absmax"  # the keys' 2-bit segments: absmax scales and uniform levels, or "rms" (stream_ladders)
     confirm_seeds: int = 2  # other rotation seeds a passing trial must also pass at, on average, to be chosen
+    confirm_windows: str = "same"  # where those seeds are measured: the search's windows, or "fresh" ones
     device: str | None = None
     dtype: str = "float32"
     progress: bool = True
@@ -478,8 +502,31 @@ def split_calibration(tokenizer, calib_files: list[str], cfg: TuneConfig):
         cut = text.rfind("\n\n", 0, int(len(text) * 0.85))
         cut = cut if cut > 0 else int(len(text) * 0.85)
         fit += token_windows(tokenizer, text[:cut], cfg.calib_seq_len, cfg.calib_windows_per_file, where="spread")
-        held[name] = token_windows(tokenizer, text[cut:], cfg.tune_window_tokens, cfg.tune_windows)
+        held[name] = held_out_windows(tokenizer, text[cut:], cfg, name)
     return fit, held
+
+
+def held_out_windows(tokenizer, text: str, cfg: TuneConfig, name: str) -> list[torch.Tensor]:
+    """A domain's tuning windows from its held-out ``text``: ``cfg.tune_windows`` from the middle, or, with
+    ``confirm_windows="fresh"``, the search's one middle window (the same tokens as with one window) followed by one
+    for each confirming seed, nearest the middle first, none overlapping."""
+    from .errors import KVHubError
+    from .text import token_windows
+
+    if cfg.confirm_windows != "fresh":
+        return token_windows(tokenizer, text, cfg.tune_window_tokens, cfg.tune_windows)
+    if cfg.tune_windows != 1:
+        raise KVHubError(f"--confirm-windows fresh measures the search on one window per domain, not "
+                         f"{cfg.tune_windows}; fix: leave tune_windows at 1")
+    side = (cfg.confirm_seeds + 1) // 2
+    windows = token_windows(tokenizer, text, cfg.tune_window_tokens, 2 * side + 1)
+    if len(windows) < 2 * side + 1:
+        raise KVHubError(f"the held-out text of calibration file {name!r} holds {len(windows)} window(s) of "
+                         f"{cfg.tune_window_tokens} tokens, fewer than the {2 * side + 1} --confirm-windows fresh needs "
+                         f"with --confirm-seeds {cfg.confirm_seeds}; fix: give that file more text, or pass "
+                         "--confirm-windows same")
+    order = [side] + [j for i in range(1, side + 1) for j in (side - i, side + i)]
+    return [windows[j] for j in order[:1 + cfg.confirm_seeds]]
 
 
 # --- where the preset goes ----------------------------------------------------------------------------------------
@@ -550,7 +597,7 @@ def tune(cfg: TuneConfig, out: str | None = None, log: Callable[[str], None] = p
     result = search(model, bases, held, cfg.target_ppl_delta, cfg.sink, cfg.windows, log=log, quantizer=cfg.quantizer,
                     scale_format=cfg.scale_format, keys_before_rope=cfg.keys_before_rope,
                     confirm_seeds=tuple(range(1, cfg.confirm_seeds + 1)), secondary_sinks=cfg.secondary_sinks,
-                    key_tails=cfg.key_tails)
+                    key_tails=cfg.key_tails, confirm_windows=cfg.confirm_windows)
     log(f"tuning took {time.time() - t0:.0f} s")
     metrics = None
     if cfg.eval_files:

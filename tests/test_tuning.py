@@ -260,6 +260,75 @@ def test_a_pass_that_other_seeds_do_not_repeat_is_not_chosen(searched, monkeypat
     assert "confirmed as a mean over rotation seeds 0 and 1, 2 within target with one standard error" in summary["method"]
 
 
+def test_fresh_windows_confirm_each_seed_on_its_own_text_and_catch_a_search_window_easier_than_its_domain(
+        searched, monkeypatch):
+    """``confirm_windows="fresh"``: the search measures the domain's first window only, and confirming seeds 1 and 2
+    are measured on its second and third. Here the search's window loses ``HARDER`` points less than the domain's
+    other text at any seed: confirming on the same window holds level 9, confirming on fresh windows does not (mean
+    +HARDER * 2/3, error HARDER / 3), so a less compressed setting is chosen."""
+    import kvhub.tuning
+
+    model, bases, _, _, _ = searched
+    gen = torch.Generator().manual_seed(4)
+    text = [torch.randint(3, VOCAB, (1, 96), generator=gen) for _ in range(3)]
+    layers = model.config.num_hidden_layers
+    ladders = stream_ladders(64)
+    k, v = LEVELS[9]
+    bits9 = (ladders["keys"][k].bits_per_token() + ladders["values"][v].bits_per_token()) * layers
+    harder = 0.5
+    calls: list[tuple[int, list[int]]] = []  # (seed, which of ``text`` it was measured on)
+
+    def fake_measure(model, name, codec, bases, windows, baseline_ppl, seed=0):
+        which = [next(i for i, t in enumerate(text) if t is w) for w in windows["d"]]
+        calls.append((seed, which))
+        bits = sum(layer.keys.bits_per_token() + layer.values.bits_per_token() for layer in codec.layers)
+        loss = 0.999 * bits9 / bits + (harder if which != [0] else 0.0)  # level 9 and up pass on the first window
+        return Trial(name, codec.layers[0].window, bits, 0.0, {"d": loss}, 1000 / bits, codec, seed)
+
+    monkeypatch.setattr(kvhub.tuning, "measure_trial", fake_measure)
+    kwargs = dict(target_delta=0.01, sink=2, windows=(0,), flush_block=4, log=lambda _: None, confirm_seeds=(1, 2))
+    same = search(model, bases, {"d": text[:1]}, **kwargs)
+    calls.clear()
+    fresh = search(model, bases, {"d": text}, confirm_windows="fresh", **kwargs)
+    assert all(which == [0] for seed, which in calls if seed == 0)  # the search: the first window alone
+    confirming = [(seed, which) for seed, which in calls if seed]
+    assert confirming and all(which == [seed] for seed, which in confirming)  # seed i on the i-th further window
+    level9 = next(t for t in fresh.trials if t.name == "uniform level 9, mean of 3 seeds and windows")
+    assert level9.by_domain["d"] == pytest.approx(0.999 + 2 * harder / 3, abs=1e-3)
+    assert level9.se["d"] == pytest.approx(harder / 3, abs=1e-3)  # sd of (0, h, h) is h / sqrt(3); / sqrt(3)
+    assert same.chosen.name == "uniform level 9, mean of 3 seeds" and same.chosen.bound_pct <= 1.0
+    assert fresh.chosen.ratio < same.chosen.ratio and fresh.chosen.bound_pct <= 1.0
+    assert "each further seed on a fresh held-out window" in tuning_summary(fresh)["method"]
+    assert "fresh" not in tuning_summary(same)["method"]
+
+
+class _CharTokenizer:
+    """One token per character: windows of held-out text are then spans of characters."""
+
+    def __call__(self, text, return_tensors="pt", add_special_tokens=False):
+        return {"input_ids": torch.tensor([[ord(c) for c in text]])}
+
+
+@pytest.mark.parametrize("seeds", [1, 2, 4])
+def test_fresh_windows_keep_the_search_window_and_add_disjoint_ones_nearest_the_middle_first(seeds):
+    from kvhub.errors import KVHubError
+    from kvhub.tuning import TuneConfig, held_out_windows
+
+    text = "".join(chr(256 + i) for i in range(1000))  # token id - 256 is the token's position in the text
+    one = held_out_windows(_CharTokenizer(), text, TuneConfig("m", [], tune_window_tokens=100), "x")
+    cfg = TuneConfig("m", [], tune_window_tokens=100, confirm_seeds=seeds, confirm_windows="fresh")
+    windows = held_out_windows(_CharTokenizer(), text, cfg, "x")
+    assert len(one) == 1 and len(windows) == 1 + seeds
+    assert torch.equal(windows[0], one[0])  # the search measures what it measured with one window
+    for w in windows:  # each a contiguous span of the text
+        assert w[0].tolist() == list(range(int(w[0, 0]), int(w[0, 0]) + 100))
+    middle = (len(text) - 100) // 2
+    # each a window's length from the last on alternate sides of the middle, so none overlaps another
+    assert [int(w[0, 0]) - 256 for w in windows] == [middle + k * 100 for k in (0, -1, 1, -2, 2)][:1 + seeds]
+    with pytest.raises(KVHubError, match="fewer than the .* --confirm-windows fresh needs.*fix:"):
+        held_out_windows(_CharTokenizer(), text[:250], cfg, "x")
+
+
 def search_where_layer_1s_keys_weigh_most(searched, monkeypatch, scale: float, offset: dict[int, float] | None = None,
                                           **kwargs):
     """``search`` on one domain with a fake measurement whose loss weighs layer 1's keys 97 times as much as layer

@@ -70,6 +70,10 @@ def _from_recipe(path: Path, model: str | None, target: float | None):
               help="Before choosing a passing trial, measure it again at this many other seeds of the segments' "
                    "rotation and keep it only if its mean passes with one standard error over the seeds to spare (0: trust one "
                    "measurement; each seed costs a trial).")
+@click.option("--confirm-windows", type=click.Choice(["same", "fresh"]), default="same", show_default=True,
+              help="Where --confirm-seeds' seeds are measured: on the search's one held-out window per domain (same), "
+                   "or each on another held-out window of every domain (fresh: the text's noise too, not only the "
+                   "codes'; needs 1 + --confirm-seeds windows of held-out text per calibration file).")
 @click.option("--calib-windows-per-file", default=8, show_default=True)
 @click.option("--calib-seq-len", default=1024, show_default=True, help="Tokens per calibration window.")
 @click.option("--tune-window-tokens", default=2048, show_default=True,
@@ -78,7 +82,7 @@ def _from_recipe(path: Path, model: str | None, target: float | None):
 @device_option
 @click.option("--dtype", default="float32", show_default=True)
 def tune(model, recipe_path, calib_files, target_ppl_delta, out, overwrite, eval_files, needle, windows, quantizer,
-         scale_format, keys_before_rope, secondary_sinks, key_tails, confirm_seeds, calib_windows_per_file, calib_seq_len, tune_window_tokens,
+         scale_format, keys_before_rope, secondary_sinks, key_tails, confirm_seeds, confirm_windows, calib_windows_per_file, calib_seq_len, tune_window_tokens,
          device, dtype):
     """Search ranks, bits and windows per layer for the most compression within --target-ppl-delta.
 
@@ -101,7 +105,7 @@ def tune(model, recipe_path, calib_files, target_ppl_delta, out, overwrite, eval
                      calib_windows_per_file, calib_seq_len=calib_seq_len, tune_window_tokens=tune_window_tokens,
                      windows=tuple(int(w) for w in windows.split(",")), quantizer=quantizer, scale_format=scale_format,
                      keys_before_rope=keys_before_rope, secondary_sinks=secondary_sinks, key_tails=key_tails,
-                     confirm_seeds=confirm_seeds, device=device,
+                     confirm_seeds=confirm_seeds, confirm_windows=confirm_windows, device=device,
                      dtype=dtype, model_id=model_id)
     if out is None:
         folder = folder or Path("presets") / (BENCHMARK_MODEL_ID if is_benchmark_model(model) else model).replace("/", "--")
