@@ -26,8 +26,8 @@
    confirmed in turn: one level's step of the ladder is up to half a times of compression. With
    ``--confirm-windows fresh`` each further seed is measured on its own held-out window of every domain, next to the
    search's: one window is one draw of a domain's text as one seed is one draw of the codes' noise, and the target
-   is a domain's, not a window's (the same setting at the same seed moved a domain by up to half a point from one
-   window to the next: benchmarks/results/frontier-4.md).
+   is a domain's, not a window's (at the three-percent target the same setting at the same seed moved a domain by
+   more than a point from one held-out window to another: benchmarks/results/tuning_windows.json).
 
 A Lagrangian allocation (sensitivity x distortion per layer) was tried first and measured worse than the uniform
 ladder on SmolLM2 (+2.7% against +0.9% at similar bytes): errors compound across layers non-linearly, so the
