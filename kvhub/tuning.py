@@ -188,8 +188,8 @@ class Trial:
 
     @property
     def bound_pct(self) -> float:
-        """The worst domain's delta plus its standard error over seeds (the delta alone for one run): what a
-        confirmation is held to."""
+        """The worst domain's delta plus its standard error over its runs (seeds, and windows too when confirmed on
+        fresh ones; the delta alone for one run): what a confirmation is held to."""
         return max(v + (self.se or {}).get(d, 0.0) for d, v in self.by_domain.items())
 
     @property
@@ -199,7 +199,7 @@ class Trial:
     @property
     def line(self) -> str:
         mean = sum(self.by_domain.values()) / len(self.by_domain)
-        bound = f" (+ one standard error over seeds: {self.bound_pct:+.3f}%)" if self.se else ""
+        bound = f" (+ one standard error over its runs: {self.bound_pct:+.3f}%)" if self.se else ""
         return (f"{self.name:<22s} window={self.window:<3d} bits/token/head K={self.key_bits:5.1f} V={self.value_bits:5.1f} "
                 f"-> PPL delta worst {self.measured_delta_pct:+.3f}% ({self.worst_domain}){bound}, mean {mean:+.3f}%, "
                 f"compression {self.ratio:.2f}x")
