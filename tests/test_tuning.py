@@ -263,9 +263,9 @@ def test_a_pass_that_other_seeds_do_not_repeat_is_not_chosen(searched, monkeypat
 def test_fresh_windows_confirm_each_seed_on_its_own_text_and_catch_a_search_window_easier_than_its_domain(
         searched, monkeypatch):
     """``confirm_windows="fresh"``: the search measures the domain's first window only, and confirming seeds 1 and 2
-    are measured on its second and third. Here the search's window loses ``HARDER`` points less than the domain's
+    are measured on its second and third. Here the search's window loses ``harder`` points less than the domain's
     other text at any seed: confirming on the same window holds level 9, confirming on fresh windows does not (mean
-    +HARDER * 2/3, error HARDER / 3), so a less compressed setting is chosen."""
+    +harder * 2/3, error harder / 3), so a less compressed setting is chosen."""
     import kvhub.tuning
 
     model, bases, _, _, _ = searched
@@ -327,6 +327,25 @@ def test_fresh_windows_keep_the_search_window_and_add_disjoint_ones_nearest_the_
     assert [int(w[0, 0]) - 256 for w in windows] == [middle + k * 100 for k in (0, -1, 1, -2, 2)][:1 + seeds]
     with pytest.raises(KVHubError, match="fewer than the .* --confirm-windows fresh needs.*fix:"):
         held_out_windows(_CharTokenizer(), text[:250], cfg, "x")
+
+
+def test_tune_with_fresh_windows_refuses_a_calibration_file_too_short_for_them_in_one_line(tmp_path, capsys):
+    """`kvhub tune --confirm-windows fresh` on a calibration file whose held-out text holds one tuning window, not
+    three: exit 1, one line naming the file and both fixes, no traceback, nothing written."""
+    from kvhub.cli import main
+    from tests.paths import CALIBRATION
+
+    short = tmp_path / "calib" / "short_novel.txt"
+    short.parent.mkdir()
+    short.write_text((CALIBRATION / "austen_mansfield_park.txt").read_text(encoding="utf-8")[:12000])
+    out = tmp_path / "out"
+    code = main(["tune", "--model", "smollm2", "--calib", str(short.parent), "--out", str(out), "--confirm-windows",
+                 "fresh", "--tune-window-tokens", "256", "--no-needle"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err, err
+    [line] = [line for line in err.splitlines() if line.startswith("error:")]
+    assert "'short_novel'" in line and "--confirm-windows same" in line and "more text" in line, line
+    assert not out.exists()
 
 
 def search_where_layer_1s_keys_weigh_most(searched, monkeypatch, scale: float, offset: dict[int, float] | None = None,
