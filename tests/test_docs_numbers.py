@@ -430,8 +430,10 @@ def worst_with_error(path: str) -> str:
 def rerun_spread(before: str, after: str) -> str:
     """The largest move of one domain's delta between two tunes' trials of the same name (same setting, seed and
     window): their run-to-run spread."""
-    first = {t["name"]: t for t in load(before)["calibration"]["tuning"]["trials"]}
-    return f"{max(abs(v - first[t['name']]['by_domain'][d]) for t in load(after)['calibration']['tuning']['trials'] if t['name'] in first for d, v in t['by_domain'].items()):.2f}"
+    first = {t["name"]: t["by_domain"] for t in load(before)["calibration"]["tuning"]["trials"]}
+    moves = [abs(v - first[t["name"]][d]) for t in load(after)["calibration"]["tuning"]["trials"] if t["name"] in first
+             for d, v in t["by_domain"].items()]
+    return f"{max(moves):.2f}"
 
 
 def window_spread(data: dict) -> str:
