@@ -427,13 +427,13 @@ def averaged_over_seeds(model, trial: Trial, seeds: tuple[int, ...], bases: Base
     +3.39% loses +4.35% on average over three seeds (benchmarks/results/vector_codes.json), and its choice missed
     its target on the evaluation text (benchmarks/results/frontier-4.md). ``texts``: for each seed, the windows and
     their baseline perplexity to measure it on instead of ``trial``'s own (``--confirm-windows fresh``)."""
-    where = [(f" seed {seed} window {i}", *text) for i, (seed, text) in enumerate(zip(seeds, texts), 1)] if texts else \
-        [(f" seed {seed}", windows, baseline_ppl) for seed in seeds]
-    runs = [trial] + [measure_trial(model, trial.name + label, trial.codec, bases, w, b, seed)
-                      for seed, (label, w, b) in zip(seeds, where)]
+    fresh = texts is not None
+    texts = texts or [(windows, baseline_ppl)] * len(seeds)
+    runs = [trial] + [measure_trial(model, f"{trial.name} seed {seed}" + (f" window {i}" if fresh else ""), trial.codec,
+                                    bases, w, b, seed) for i, (seed, (w, b)) in enumerate(zip(seeds, texts), 1)]
     mean = {d: sum(r.by_domain[d] for r in runs) / len(runs) for d in windows}
     se = {d: standard_error([r.by_domain[d] for r in runs]) or 0.0 for d in windows}
-    averaged = Trial(f"{trial.name}, mean of {len(runs)} seeds" + (" and windows" if texts else ""), trial.window,
+    averaged = Trial(f"{trial.name}, mean of {len(runs)} seeds" + (" and windows" if fresh else ""), trial.window,
                      trial.key_bits, trial.value_bits, mean, trial.ratio, trial.codec, seed=None, se=se)
     trials.extend(runs[1:] + [averaged])
     return averaged
