@@ -318,7 +318,11 @@ def search(
     sens = domain_sensitivities(model, {d: w[0] for d, w in tune_windows.items()}, bases, sink, rope=rope)
     log("most sensitive: " + ", ".join(f"L{i}.{s[0].upper()} +{d:.4f} nats" for (i, s), d in
                                        sorted(sens.items(), key=lambda kv: -kv[1])[:6]))
-    base = {d: perplexity(model, w, lambda: DynamicCache(config=model.config)).ppl for d, w in tune_windows.items()}
+    def baseline(windows: dict[str, list[torch.Tensor]]) -> dict[str, float]:
+        """DynamicCache's perplexity on each domain's ``windows``: what a trial's deltas are against."""
+        return {d: perplexity(model, w, lambda: DynamicCache(config=model.config)).ppl for d, w in windows.items()}
+
+    base = baseline(tune_windows)
     log(f"tuning split: {len(base)} domain(s) x {len(next(iter(tune_windows.values())))} window(s) x "
         f"{first.shape[-1]} tokens; baseline PPL " + ", ".join(f"{d} {p:.3f}" for d, p in base.items()))
     target_pct = 100 * target_delta
@@ -337,8 +341,7 @@ def search(
         """Step 5 for one passing trial: its mean over ``confirm_seeds`` and its own seed, when that passes with
         one standard error to spare."""
         if fresh and not fresh_base:  # each further window's DynamicCache perplexity, once
-            fresh_base.extend({d: perplexity(model, w, lambda: DynamicCache(config=model.config)).ppl
-                               for d, w in text.items()} for text in texts)
+            fresh_base.extend(baseline(text) for text in texts)
         averaged = averaged_over_seeds(model, trial, confirm_seeds, bases, tune_windows, base, trials,
                                        list(zip(texts, fresh_base)) or None)
         held = averaged.bound_pct <= target_pct
