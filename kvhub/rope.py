@@ -30,12 +30,6 @@ class RopeFrameError(CodecError):
     """The model's RoPE cannot be undone per position, so its keys cannot be coded before RoPE."""
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """transformers' ``rotate_half``: channel ``i`` pairs with ``i + d/2``."""
-    half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], -1)
-
-
 @dataclass(frozen=True, eq=False)
 class RotaryFrame:
     """A model's RoPE: ``inv_freq`` [d/2] (float32) and the factor ``scaling`` its cos and sin carry (1 for plain
@@ -71,19 +65,34 @@ class RotaryFrame:
         return cls(inv_freq.float(), float(scaling))
 
     def _angles(self, positions: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin [B, 1, T, d] (float32, unscaled) of ``positions`` [B, T]."""
+        """cos and sin [B, 1, T, d/2] (float32, unscaled) of ``positions`` [B, T]: one angle per channel pair (the
+        model's [cos, cos] halves are equal, so half the trigonometry of a step that turns every stored key)."""
         freqs = positions.to(device=device, dtype=torch.float32)[..., None] * self.inv_freq.to(device)
-        emb = torch.cat([freqs, freqs], -1)[:, None]
-        return emb.cos(), emb.sin()
+        return freqs[:, None].cos(), freqs[:, None].sin()
+
+    def _rotate(self, x: torch.Tensor, positions: torch.Tensor, sign: float) -> torch.Tensor:
+        """Each channel pair ``(i, i + d/2)`` of ``x`` turned by ``sign`` times its angle (float32 out): transformers'
+        ``x * cos + rotate_half(x) * sin`` (sign 1) or its inverse (sign -1), computed on the two halves, with the
+        same roundings (``a + (-b)`` is ``a - b`` exactly)."""
+        cos, sin = self._angles(positions, x.device)
+        x = x.float()
+        half = x.shape[-1] // 2
+        x1, x2 = x[..., :half], x[..., half:]
+        out = torch.empty_like(x)
+        if sign > 0:
+            torch.sub(x1 * cos, x2 * sin, out=out[..., :half])
+            torch.add(x2 * cos, x1 * sin, out=out[..., half:])
+        else:
+            torch.add(x1 * cos, x2 * sin, out=out[..., :half])
+            torch.sub(x2 * cos, x1 * sin, out=out[..., half:])
+        return out
 
     def turn(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """RoPE at ``positions`` [B, T] on ``x`` [B, H, T, d], as the model applies it (float32 out)."""
-        cos, sin = self._angles(positions, x.device)
-        x = x.float()
-        return (x * cos + _rotate_half(x) * sin) * self.scaling
+        out = self._rotate(x, positions, 1.0)
+        return out if self.scaling == 1.0 else out * self.scaling
 
     def unturn(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """The inverse of :meth:`turn`: keys as ``k_proj`` made them (float32 out)."""
-        cos, sin = self._angles(positions, x.device)
-        x = x.float()
-        return (x * cos - _rotate_half(x) * sin) / self.scaling
+        out = self._rotate(x, positions, -1.0)
+        return out if self.scaling == 1.0 else out / self.scaling

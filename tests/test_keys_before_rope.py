@@ -58,6 +58,24 @@ def test_the_frame_is_the_models_own_rope(arch):
     torch.testing.assert_close(frame.unturn(want, positions), x, atol=1e-5, rtol=1e-5)
 
 
+def test_turning_the_halves_of_each_pair_is_bit_identical_to_transformers_formula():
+    """The frame turns the two halves of each channel pair without ``rotate_half``'s copy; stored keys must not move
+    by a bit against transformers' ``x * cos + rotate_half(x) * sin`` (and its inverse) over the same angles, with
+    and without a scaled cos and sin."""
+    from transformers.models.llama.modeling_llama import rotate_half
+
+    gen = torch.Generator().manual_seed(2)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, 64, 2, dtype=torch.float32) / 64))
+    x = torch.randn(2, 3, 300, 64, generator=gen) * 5
+    positions = torch.randint(0, 8192, (2, 300), generator=gen)
+    emb = torch.cat([positions[..., None].float() * inv_freq] * 2, -1)[:, None]
+    cos, sin = emb.cos(), emb.sin()
+    for scaling in (1.0, 1.25):
+        frame = RotaryFrame(inv_freq, scaling)
+        assert torch.equal(frame.turn(x, positions), (x * cos + rotate_half(x) * sin) * scaling)
+        assert torch.equal(frame.unturn(x, positions), (x * cos - rotate_half(x) * sin) / scaling)
+
+
 @pytest.mark.parametrize("params", [
     {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
      "original_max_position_embeddings": 256},
