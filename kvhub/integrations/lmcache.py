@@ -4,7 +4,8 @@ LMCache's v1 storage path runs a *serde* around every L2 adapter (local disk, re
 chunk before it leaves L1 memory and deserializes it on prefetch. Importing this module registers ``kvhub``, so an
 adapter configured with ::
 
-    {"type": "fs", "base_path": "/cache", "serde": {"type": "kvhub", "preset": "HuggingFaceTB/SmolLM2-135M-Instruct"}}
+    {"type": "fs", "base_path": "/cache",
+     "serde": {"type": "kvhub", "preset": "HuggingFaceTB/SmolLM2-135M-Instruct", "form": "storage"}}
 
 stores every chunk with the preset's calibrated codec (:mod:`kvhub.integrations.chunks`). Serde options:
 
@@ -13,7 +14,9 @@ stores every chunk with the preset's calibrated codec (:mod:`kvhub.integrations.
 * ``form``: ``"attention"`` (default) stores chunks in the form the cache attends to (per layer and head, per-token
   scales, about 4x smaller than fp16); ``"storage"`` in the preset's storage codec (cross-layer transform, fixed
   bits, no scales: 10x and more, :mod:`kvhub.storage_codec`), for chunks at rest that are only decoded on prefetch.
-  docs/lmcache.md says which to pick;
+  docs/lmcache.md says which to pick. A chunk carries no token positions and no room for extra exact rows, so the
+  attention form refuses presets that code keys before RoPE or keep secondary sinks (the bundled SmolLM2 preset
+  does both: store its chunks in the storage form);
 * ``budget`` (storage form only; default: the smallest): which of the storage codec's budgets, e.g. ``"10x"``;
 * ``device`` (storage form only; default: where the chunk is, LMCache's CPU memory): ``"cuda"`` runs the storage
   codec's transform on a GPU, as LMCache's turboquant serde stages its chunks;
@@ -127,6 +130,18 @@ def _int_option(kwargs: dict[str, Any], name: str) -> int | None:
     return value
 
 
+def _attention_codec(preset: KVPreset, exact: int | None) -> ChunkCodec:
+    """The attention form's codec, or the chunk codec's refusal with the storage form named as the fix when the
+    preset carries a storage codec (which codes any K/V as the engine hands it over, whatever its attention codec)."""
+    try:
+        return ChunkCodec(preset, exact)
+    except CodecError as e:
+        if preset.storage is None:
+            raise
+        raise CodecError(f"{e}, or store this preset's chunks in its storage form (serde option \"form\": "
+                         "\"storage\")") from None
+
+
 def create_serde(kwargs: dict[str, Any]) -> SerdeProcessor:
     """LMCache's factory for ``{"type": "kvhub", ...}``: validates the options and loads the preset once."""
     unknown = sorted(set(kwargs) - _OPTIONS)
@@ -154,7 +169,7 @@ def create_serde(kwargs: dict[str, Any]) -> SerdeProcessor:
     if form == "storage":
         codec = StorageChunkCodec(preset, kwargs.get("budget"), kwargs.get("device"))
     else:
-        codec = ChunkCodec(preset, _int_option(kwargs, "exact"))
+        codec = _attention_codec(preset, _int_option(kwargs, "exact"))
     model = model or preset.base_model["id"]
     return AsyncSerdeProcessor(
         KVHubSerializer(codec, tp_size, tp_rank, model),
