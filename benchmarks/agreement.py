@@ -33,7 +33,7 @@ def main() -> None:
     shape = ModelShape.from_config(model.config)
     calib_text = read_texts([CORPORA / "calibration"])[0][1]
     inherited = calibrate(model, token_windows(tok, calib_text, 1024, 1, where="spread"), sink=0, progress=False)[0]
-    preset = KVPreset.from_pretrained(ROOT / "presets" / "HuggingFaceTB--SmolLM2-135M-Instruct")
+    preset = KVPreset.from_pretrained(ROOT / "benchmarks" / "presets" / "smollm2-1pct-books")
     setups = {
         "(a) inherited: V-only PCA rank 48 int8, K fp16, 1024-token basis":
             lambda: CompressedCache(model.config, CacheCodec.uniform(shape, 16, 8, value_rank=48, sink=0, window=0,

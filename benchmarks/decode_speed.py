@@ -42,7 +42,9 @@ from kvhub.cache import CompressedCache
 from kvhub.codec import CacheCodec, ModelShape, Segment, StreamCodec
 
 ROOT = Path(__file__).resolve().parents[1]
-PRESET = ROOT / "presets" / "HuggingFaceTB--SmolLM2-135M-Instruct"
+# the books-tuned one-percent preset, bundled until 2026-12-07: decode_speed.json, user_paths.json and gpu_check.py
+# time it, as the preset whose codes the fused kernels read (the bundled one decodes on PyTorch: --presets times it)
+PRESET = ROOT / "benchmarks" / "presets" / "smollm2-1pct-books"
 FILL_CHUNK = 512
 
 
@@ -213,8 +215,9 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--presets", default=None,
-                    help="comma-separated preset folders, each timed as 'kvhub: <folder name>' (default: the bundled "
-                         "preset, as 'kvhub')")
+                    help="comma-separated preset folders, each timed as 'kvhub: <folder name>' (default: "
+                         "benchmarks/presets/smollm2-1pct-books, the bundled preset when decode_speed.json was "
+                         "measured, as 'kvhub')")
     ap.add_argument("--fill", choices=("synthetic", "text"), default="synthetic",
                     help="fill the caches with synthetic K/V through their update (default), or by the real model "
                          f"reading {TEXT.name} (smollm2 only)")

@@ -36,7 +36,7 @@ from kvhub.text import read_texts, token_windows
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "eval_cost.json"
-PRESET = ROOT / "presets" / "HuggingFaceTB--SmolLM2-135M-Instruct"
+PRESET = ROOT / "benchmarks" / "presets" / "smollm2-1pct-books"
 EVALUATION = CORPORA / "evaluation"
 
 

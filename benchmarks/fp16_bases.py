@@ -26,7 +26,7 @@ from kvhub.eval.ppl import perplexity
 from kvhub.text import read_texts, token_windows
 
 ROOT = Path(__file__).resolve().parents[1]
-PRESET = ROOT / "presets" / "HuggingFaceTB--SmolLM2-135M-Instruct"
+PRESET = ROOT / "benchmarks" / "presets" / "smollm2-1pct-books"
 
 
 def main() -> None:

@@ -3,13 +3,15 @@
 Run by ``benchmarks/gpu_check.sh`` (which installs, runs the ``triton`` kernel tests, and hands this script what is
 left of its 8-minute budget). Four parts, each with its checks and their thresholds written into the JSON:
 
-* ``bundled_preset``: SmolLM2-135M-Instruct (the benchmark checkpoint) in bf16 on CUDA with the bundled preset
-  (Lloyd-Max values, log8 scales). ``kvhub.backends.recording()`` must show every decode step served by the Triton
+* ``smollm2_preset``: SmolLM2-135M-Instruct (the benchmark checkpoint) in bf16 on CUDA with the books-tuned
+  one-percent preset (``benchmarks/presets/smollm2-1pct-books``: keys after RoPE, Lloyd-Max values, log8 scales; the
+  bundled preset until 2026-12-07). The fused kernels read its codes; today's bundled preset codes keys before RoPE
+  as vector codes with secondary sinks, which decode on the PyTorch backend (README, "Which attention runs when"). ``kvhub.backends.recording()`` must show every decode step served by the Triton
   backend with no fallback. Against DynamicCache on the same model: top-1 agreement over greedy decode steps after an
   evaluation-text prompt (both fed the DynamicCache's greedy tokens, so every step compares the same context), the
   largest logit difference, perplexity of one evaluation window read in 16-token chunks (each chunk after the first
   reads compressed history through the kernels); decode-step time against DynamicCache + SDPA after a real prefill.
-* ``llama3_8b_layer``: a Llama-3-8B-shaped model (random weights, real widths) with the bundled layout at head_dim
+* ``llama3_8b_layer``: a Llama-3-8B-shaped model (random weights, real widths) with the books-tuned layout at head_dim
   128, at 4k and 32k tokens, batch 1 and 8. ``attention_only``: one layer's decode attention, transformers' SDPA over
   the bf16 K/V against ``kvhub.kernels.decode_attention`` over the codes (a few launch configurations), and the
   kernel's error against SDPA over what the codes decode to. ``model_step``: a whole decode step, both caches
@@ -18,15 +20,16 @@ left of its 8-minute budget). Four parts, each with its checks and their thresho
   flash-attention mask function, which hands kernels no mask at all: the layer alone must hide tokens older than
   the window. The kernel is ``flash_attention_2`` where flash-attn imports, else a plain-torch stand-in with
   flash-attention's contract (``tests/flash_like.py``; the reason is recorded). A lossless codec must give
-  DynamicCache's logits (same kernel) at decode steps past the window; then decode-step time of the bundled layout
+  DynamicCache's logits (same kernel) at decode steps past the window; then decode-step time of the books-tuned layout
   against DynamicCache + SDPA.
 
-* ``storage_codec``: issue 24's speed condition. A SmolLM2 chunk (LMCache's 256 tokens, fp16 in CPU memory as LMCache's
-  L1 holds it) through the bundled preset's storage codec at each budget with the transform on the GPU
-  (``"device": "cuda"``), against the fp16 chunk's bytes written to and read from local disk (fsync'd write; the read
-  of a file just written): encode + write and read + decode, each as a ratio to fp16's. The check that the GPU's
-  decode of the stored bytes matches the CPU's runs everywhere; the ratios are checks (at most 1.0: not slower than
-  fp16) on a GPU only, as on CPU the transform is known to cost more than a local disk (lmcache_reuse.json).
+* ``storage_codec``: issue 24's speed condition. A SmolLM2 chunk (LMCache's 256 tokens, fp16 in CPU memory as
+  LMCache's L1 holds it) through the bundled preset's storage codec (the books-tuned preset carries the same file) at
+  each budget with the transform on the GPU (``"device": "cuda"``), against the fp16 chunk's bytes written to and
+  read from local disk (fsync'd write; the read of a file just written): encode + write and read + decode, each as a
+  ratio to fp16's. The check that the GPU's decode of the stored bytes matches the CPU's runs everywhere; the ratios
+  are checks (at most 1.0: not slower than fp16) on a GPU only, as on CPU the transform is known to cost more than a
+  local disk (lmcache_reuse.json).
 
 The JSON is rewritten after every row, so a run stopped by the budget keeps what it measured; a part the budget
 does not reach is recorded as skipped. Exit status: 1 if a check failed or a part raised, else 2 if anything was
@@ -109,7 +112,7 @@ TINY_RUN = dict(
     warmup=0, reps=1, steps=1,
 )
 PPL_CHUNK = 16  # the fused kernels' query limit: every chunk after the first reads the codes through them
-# Thresholds, bf16 on both sides. The bundled preset is lossy (+1% perplexity in fp32 on the books, 31/32 forced
+# Thresholds, bf16 on both sides. The books-tuned preset is lossy (+1% perplexity in fp32 on the books, 31/32 forced
 # top-1 agreement on Emma, benchmarks/results/agreement.json); the bounds leave bf16 room and still catch a decode
 # that reads the wrong history or garbage (that moves logits by their own size and perplexity by far more).
 PRESET_LIMITS = dict(forced_top1_agreement=0.8, max_logit_rel_diff=0.25, ppl_rel_delta=0.05)
@@ -199,17 +202,17 @@ def random_ids(batch: int, tokens: int, vocab: int, seed: int, device) -> torch.
 
 
 # --- part 1 ----------------------------------------------------------------------------------------------------------
-def bundled_preset(env: Env, part: dict) -> None:
-    """The shipped preset on the real benchmark model: the path a user takes, so the backend record is the proof
-    that the fused kernels, not the PyTorch fallback, decode it on CUDA (module docstring)."""
+def smollm2_preset(env: Env, part: dict) -> None:
+    """A calibrated preset on the real benchmark model, whose codes the fused kernels read: the backend record is the
+    proof that they, not the PyTorch fallback, decode it on CUDA (module docstring)."""
     run = env.run["preset"]
-    if env.tiny:  # a tiny random Llama with the bundled layout scaled to its head_dim
+    if env.tiny:  # a tiny random Llama with the books-tuned layout scaled to its head_dim
         model = tiny_model("llama").to(env.dtype)
         shape = ModelShape.from_config(model.config)
         codec, bases = scaled_codec(KVPreset.from_pretrained(str(PRESET)), shape), random_bases(shape)
         make_kvhub = lambda: CompressedCache(model.config, codec, bases)  # noqa: E731
         ids_for = lambda tokens, batch: random_ids(batch, tokens, VOCAB, 0, env.device)  # noqa: E731
-        part["model"] = "tiny random Llama (tests/tiny_models.py), bundled layout at head_dim 16"
+        part["model"] = "tiny random Llama (tests/tiny_models.py), books-tuned layout at head_dim 16"
     else:
         try:
             model, tok = load_model(MODEL_ID, dtype="bfloat16", device=str(env.device))
@@ -433,7 +436,7 @@ def sliding_flash_masks(env: Env, part: dict) -> None:
         for cache in caches.values():
             for start in range(0, run["context"], run["chunk"]):
                 model(input_ids=ids[:, start : start + run["chunk"]], cache=cache, use_cache=True)
-    part["step"] = step_row(env, part, model, caches, run["batch"], run["context"], "bundled layout")
+    part["step"] = step_row(env, part, model, caches, run["batch"], run["context"], "books-tuned layout")
     env.save()
 
 
@@ -497,7 +500,7 @@ def storage_codec(env: Env, part: dict) -> None:
 
 # In run order: the correctness proofs first, the 32k timings, then the storage codec's chunk timings. Each part's
 # sizes are under its run key.
-PARTS = {"bundled_preset": (bundled_preset, "preset"), "sliding_flash_masks": (sliding_flash_masks, "sliding"),
+PARTS = {"smollm2_preset": (smollm2_preset, "preset"), "sliding_flash_masks": (sliding_flash_masks, "sliding"),
          "llama3_8b_layer": (llama3_8b_layer, "layer"), "storage_codec": (storage_codec, "storage")}
 
 

@@ -5,7 +5,7 @@
 #   bash benchmarks/gpu_check.sh [OUT_DIR] [--tiny]
 #
 # Writes under OUT_DIR (default: $OUT, else benchmarks/results/gpu_check): triton_tests.log (the `triton` kernel tests
-# run on CUDA, at most 150 s) and gpu_check.json (benchmarks/gpu_check.py: the bundled preset on SmolLM2 through the
+# run on CUDA, at most 150 s) and gpu_check.json (benchmarks/gpu_check.py: the books-tuned preset on SmolLM2 through the
 # Triton kernels, a Llama-3-8B-shaped layer at 4k/32k tokens, a sliding model under flash-attention masks, the
 # storage codec's chunk store and prefetch on the GPU against fp16 on disk; each
 # part's checks with their thresholds). The JSON is rewritten after every row: when the budget runs out the Python

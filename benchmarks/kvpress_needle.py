@@ -36,7 +36,7 @@ def context_text(tokenizer, haystack_ids, context: int, depth: float, key: str, 
 
 
 def main() -> None:
-    preset = json.loads((ROOT / "presets" / "HuggingFaceTB--SmolLM2-135M-Instruct" / "kvhub_preset.json").read_text())
+    preset = json.loads((ROOT / "benchmarks" / "presets" / "smollm2-1pct-books" / "kvhub_preset.json").read_text())
     target = preset["metrics"]["compression"]["total"]
     ratio = 1 - 1 / target
     folder = benchmark_model_dir()

@@ -44,7 +44,7 @@ from kvhub.protocol import worst_of  # noqa: E402
 from kvhub.text import read_texts  # noqa: E402
 from tests.paths import EVALUATION  # noqa: E402  (the one place that says where the evaluation corpora are)
 
-PRESET = ROOT / "presets" / "HuggingFaceTB--SmolLM2-135M-Instruct"
+PRESET = ROOT / "benchmarks" / "presets" / "smollm2-1pct-books"
 NOT_RUN = {"LMCache turboquant serde": "stages every chunk through a CUDA device (TurboQuantSerdeConfig.cuda_device), "
                                        "even for CPU tensors: needs a GPU; this machine has none"}
 
@@ -96,7 +96,8 @@ def main() -> None:
     ap.add_argument("--corpora", default=None, help="comma-separated corpus names (default: every evaluation corpus)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "lmcache_reuse.json"))
     ap.add_argument("--write-metrics", action="store_true",
-                    help="record each storage budget's per-corpus deltas in the bundled preset's config (what the "
+                    help="record each storage budget's per-corpus deltas in the measured preset's config (the "
+                         "bundled preset carries the same storage codec and its copy of these metrics, which the "
                          "registry index and the zoo show)")
     args = ap.parse_args()
     if args.prefix % args.chunk:

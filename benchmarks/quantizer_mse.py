@@ -56,7 +56,7 @@ def rel_mse(stream_codec, basis, x: torch.Tensor) -> float:
 def main() -> None:
     t0 = time.time()
     model, tok = load_model("HuggingFaceTB/SmolLM2-135M-Instruct")
-    preset = KVPreset.from_pretrained(ROOT / "presets" / "HuggingFaceTB--SmolLM2-135M-Instruct")
+    preset = KVPreset.from_pretrained(ROOT / "benchmarks" / "presets" / "smollm2-1pct-books")
     out = {}
     for name, text in read_texts([d for d in EVALUATION if d.is_dir()]):
         ids = token_windows(tok, text, 1024, 1)[0]

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default=str(ROOT / "presets" / "HuggingFaceTB--SmolLM2-135M-Instruct"))
+    ap.add_argument("--preset", default=str(ROOT / "benchmarks" / "presets" / "smollm2-1pct-books"))
     ap.add_argument("--calib", action="append", help="calibration file or folder (repeatable)")
     ap.add_argument("--keep-bases", action="store_true", help="refit nothing: keep the preset's bases and calibration")
     ap.add_argument("--quantizer", choices=["uniform", "lloyd-max"], default=None,

@@ -55,7 +55,7 @@ from kvhub.tuning import (TuneConfig, codec_from_rungs, measure_trial, split_cal
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "secondary_sinks.json"
 SEEDS = (0, 1, 2)
-PRESETS = {"bundled 1% preset": ROOT / "presets" / "HuggingFaceTB--SmolLM2-135M-Instruct",
+PRESETS = {"bundled 1% preset": ROOT / "benchmarks" / "presets" / "smollm2-1pct-books",
            "3% preset, vector-coded values": ROOT / "benchmarks" / "presets" / "smollm2-3pct-vq"}
 CHUNK, WINDOW_TOKENS, WINDOWS = 128, 2048, 3  # the evaluation protocol (kvhub.eval.EvalConfig)
 SINK = 4  # the presets' exact sink tokens

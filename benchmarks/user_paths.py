@@ -1,13 +1,13 @@
 """The paths users take, measured against DynamicCache in the same run (ratios, never absolute targets).
 
-* ``peak``: peak RSS increase of one ``model.generate`` on an 8k-token prompt in a single call (SmolLM2, bundled
-  preset), a fresh process per method.
+* ``peak``: peak RSS increase of one ``model.generate`` on an 8k-token prompt in a single call (SmolLM2, the
+  books-tuned preset of ``decode_speed.PRESET``, whose codes the fused kernels read), a fresh process per method.
 * ``short``: decode step at 1k tokens, batch 1 (a short chat), caches filled by a real single-shot prefill.
 * ``real4k``: decode step at 4k tokens, batch 4, caches filled by a real single-shot prefill of evaluation text.
 * ``sliding``: decode step at 8k tokens, batch 4, on a Mistral-shaped model whose every layer slides (window 4096,
   32 heads, 8 KV heads, head_dim 128; 8 layers and a narrow MLP so 2 CPU cores can run it: the subject is the
   attention layer), kvhub's compressed sliding layers against DynamicCache's sliding layers.
-* ``bytes``: per sequence, what a cache built from the bundled preset allocates (every tensor reachable from its
+* ``bytes``: per sequence, what a cache built from that preset allocates (every tensor reachable from its
   layers, walked, shared preset tensors excluded) against ``nbytes()`` and against fp16, at 2k and 8k tokens.
 
     python benchmarks/user_paths.py                 # everything, ~15 min on 2 cores

@@ -19,7 +19,7 @@ from tests.paths import ROOT
 
 pytest.importorskip("triton")
 
-PARTS = {"bundled_preset", "llama3_8b_layer", "sliding_flash_masks", "storage_codec"}
+PARTS = {"smollm2_preset", "llama3_8b_layer", "sliding_flash_masks", "storage_codec"}
 
 
 def gpu_check():
@@ -49,7 +49,7 @@ def test_gpu_check_tiny_end_to_end(tmp_path):
         assert part["status"] == "passed", part.get("traceback") or part
         assert_checks_pass(part)
 
-    preset = result["parts"]["bundled_preset"]
+    preset = result["parts"]["smollm2_preset"]
     assert {"forced_top1_agreement", "max_logit_rel_diff", "ppl_rel_delta"} <= set(preset["checks"])
     # every decode step of both layers on the Triton backend (the interpreter here), nothing passed over
     assert preset["decode"]["backends"] == {"calls": {"triton": 2 * preset["decode"]["steps"]}, "fallbacks": {}}

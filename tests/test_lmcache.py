@@ -29,11 +29,14 @@ from kvhub.integrations.chunks import HEADER_BYTES, ChunkCodec, HeadSlice, from_
 from kvhub.integrations.lmcache import SERDE_TYPE, create_serde  # noqa: E402
 from kvhub.integrations.lmcache_disk import DiskStore  # noqa: E402
 from kvhub.text import read_texts, token_windows  # noqa: E402
-from tests.paths import EVALUATION, PRESETS  # noqa: E402
+from tests.paths import EVALUATION, PRESETS, ROOT  # noqa: E402
 
 pytestmark = pytest.mark.lmcache
 
-PRESET = PRESETS / "HuggingFaceTB--SmolLM2-135M-Instruct"
+# the attention form takes presets whose keys are coded after RoPE, without secondary sinks: the books-tuned preset
+# (bundled until 2026-12-07); the bundled preset stores its chunks in the storage form, with the same storage codec
+PRESET = ROOT / "benchmarks" / "presets" / "smollm2-1pct-books"
+BUNDLED = PRESETS / "HuggingFaceTB--SmolLM2-135M-Instruct"
 CHUNK = 256  # LMCache's default chunk size
 PREFIX, CONTINUATION = 2 * CHUNK, 64
 
@@ -285,15 +288,15 @@ def test_bf16_chunks_keep_their_dtype(chunks, preset):
 
 
 # --- the storage form (issue 24) ------------------------------------------------------------------------------------
-def storage_serde(budget, **extra):
-    return kvhub_serde(form="storage", budget=budget, **extra)
+def storage_serde(budget, preset=BUNDLED, **extra):
+    return kvhub_serde(form="storage", budget=budget, preset=str(preset), **extra)
 
 
 def storage_layout_bytes(preset, budget, tokens=CHUNK):
     """The stored chunk's size counted here from the layout in kvhub/integrations/storage_chunks.py: header, the
     first token of each layer's K and V at 16 bits, and per group and bit width b the n_b coefficients' codes of the
     other tokens, b bits each, rounded up to whole bytes per run."""
-    section = json.loads((PRESET / "kvhub_preset.json").read_text())["storage"]
+    section = json.loads((BUNDLED / "kvhub_preset.json").read_text())["storage"]
     exact = section["exact_tokens"]
     bits = preset.storage.budgets[budget]
     runs = sum(-(-int((b == w).sum()) * (tokens - exact) * w // 8) for b in bits for w in range(1, 9))
@@ -320,7 +323,7 @@ def test_storage_form_refuses_another_preset_budget_and_truncation(chunks, prese
     with DiskStore(tmp_path / "store", storage_serde("10x")) as store:
         keys = [store.key(src[0])]
         store.put(src, keys)
-    other = KVPreset.from_pretrained(PRESET)  # another storage codec: the same but one group's mean moved
+    other = KVPreset.from_pretrained(BUNDLED)  # another storage codec: the same but one group's mean moved
     other.storage.groups[0].mean += 0.01
     other = other.save_pretrained(tmp_path / "other-storage")
     with DiskStore(tmp_path / "store", storage_serde("10x", preset=str(other))) as store:
@@ -340,6 +343,18 @@ def test_storage_form_refuses_another_preset_budget_and_truncation(chunks, prese
     with pytest.raises(ChunkTruncatedError):
         StorageChunkCodec(preset, "10x").decode(torch.frombuffer(bytearray(data[:-1]), dtype=torch.uint8),
                                                 torch.empty_like(src[0]), HeadSlice(0, 3))
+
+
+def test_the_bundled_preset_is_refused_by_the_attention_form_in_one_line_naming_the_storage_form():
+    """The bundled preset codes keys before RoPE and keeps secondary sinks, for which a chunk has neither positions
+    nor room; it carries a storage codec, so the refusal names that form as the fix (which the round trips above
+    store it in)."""
+    with pytest.raises(CodecError, match='before RoPE.*"form": "storage"') as refused:
+        create_serde({"preset": str(BUNDLED)})
+    assert "\n" not in str(refused.value)
+    with pytest.raises(CodecError, match="before RoPE") as refused:  # no storage codec: the chunk codec's own fix
+        create_serde({"preset": str(ROOT / "benchmarks" / "presets" / "smollm2-1pct-fresh-windows")})
+    assert "storage" not in str(refused.value)
 
 
 def test_storage_form_config_errors_are_typed():

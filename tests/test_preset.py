@@ -146,7 +146,7 @@ def test_validate_and_show_take_a_folder_its_config_or_a_model_name(saved, offli
 
 
 def test_show_names_scale_storage_and_levels_with_a_legend(saved, offline_cli):
-    shown = offline_cli("show", str(PRESETS / "HuggingFaceTB--SmolLM2-135M-Instruct"))[1]
+    shown = offline_cli("show", str(ROOT / "benchmarks" / "presets" / "smollm2-1pct-books"))[1]
     assert "64x4b token/log8" in shown and "32x4b+32x2b rms/log8 lloyd-max" in shown
     assert "/log8: each scale stored in one byte" in shown and "lloyd-max: non-uniform levels" in shown
     tiny = offline_cli("show", str(saved))[1]  # uniform levels, fp16 scales: no legend for either
@@ -156,6 +156,10 @@ def test_show_names_scale_storage_and_levels_with_a_legend(saved, offline_cli):
     shown = offline_cli("show", str(tails))[1]
     assert "32x4b+32x2b token/log8, 2b rms vq" in shown and "rms: per-token RMS scale" in shown
     assert "32x4b+32x2b (token, log8 scales, 2-bit: rms vq)" in (tails / "README.md").read_text()
+    # the bundled preset: keys before RoPE and secondary sinks say which backends decode them
+    shown = offline_cli("show", str(PRESETS / "HuggingFaceTB--SmolLM2-135M-Instruct"))[1]
+    assert "4x8b+36x4b+24x2b token/log8, 2b rms vq" in shown and "32x4b+32x2b rms/log8 vq" in shown
+    assert "keys coded before RoPE" in shown and "scored on the PyTorch backend" in shown
 
 
 def test_list_explains_the_needle_column(offline_cli):

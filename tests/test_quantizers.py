@@ -80,10 +80,11 @@ def _legacy_codes(z: torch.Tensor, bits: int, scale: str, sigma: torch.Tensor | 
     return torch.round(z / step + h).clamp_(0, 2**bits - 1).to(torch.uint8)
 
 
-def test_default_quantizer_is_bit_identical_to_the_legacy_formula_on_the_bundled_preset():
-    """The bundled preset's own bases and codec: every code equal to the pre-plugin formula's, so its logits are
-    unchanged bit for bit (the rest of the path did not change)."""
-    preset = KVPreset.from_pretrained(PRESETS / "HuggingFaceTB--SmolLM2-135M-Instruct")
+def test_default_quantizer_is_bit_identical_to_the_legacy_formula_on_a_calibrated_preset():
+    """The books-tuned preset's own bases and codec (scalar codes, keys after RoPE; the bundled preset when the
+    quantizers became plug-ins): every code equal to the pre-plugin formula's, so its logits are unchanged bit for
+    bit (the rest of the path did not change)."""
+    preset = KVPreset.from_pretrained(PRESETS.parent / "benchmarks" / "presets" / "smollm2-1pct-books")
     gen = torch.Generator().manual_seed(3)
     for (i, name), basis in sorted(preset.bases.items())[:6]:
         codec = preset.codec.layers[i].stream(name)
