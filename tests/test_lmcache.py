@@ -229,8 +229,9 @@ def test_serde_config_errors_are_typed():
         create_serde({})
     with pytest.raises(CodecError, match="exact"):
         create_serde({"preset": str(PRESET), "exact": -1})
-    with pytest.raises(CodecError, match="between 0 and 32767"):
+    with pytest.raises(CodecError, match="between 0 and 32767") as refused:
         create_serde({"preset": str(PRESET), "exact": 40000})
+    assert "storage form" not in str(refused.value)  # the storage form is no fix for a bad option
     with pytest.raises(CodecError, match="tp_size"):
         create_serde({"preset": str(PRESET), "tp_rank": 1})
     from lmcache.v1.distributed.serde import get_registered_serde_types

@@ -131,12 +131,14 @@ def _int_option(kwargs: dict[str, Any], name: str) -> int | None:
 
 
 def _attention_codec(preset: KVPreset, exact: int | None) -> ChunkCodec:
-    """The attention form's codec, or the chunk codec's refusal with the storage form named as the fix when the
-    preset carries a storage codec (which codes any K/V as the engine hands it over, whatever its attention codec)."""
+    """The attention form's codec. A preset whose codes a chunk cannot hold (keys before RoPE, secondary sinks) but
+    which carries a storage codec (it codes any K/V as the engine hands it over, whatever the attention codec) gets
+    the chunk codec's refusal with the storage form named as the fix; other errors pass unchanged."""
+    unchunkable = preset.codec.keys_before_rope or preset.codec.secondary_sinks
     try:
         return ChunkCodec(preset, exact)
     except CodecError as e:
-        if preset.storage is None:
+        if not unchunkable or preset.storage is None:
             raise
         raise CodecError(f"{e}, or store this preset's chunks in its storage form (serde option \"form\": "
                          "\"storage\")") from None
