@@ -3,7 +3,7 @@
 The full protocol (3 files x 3 windows x 2048 tokens through both caches, and a needle grid of 3 lengths x 5 depths
 through both) takes tens of minutes on 2 CPU cores, so it is not run whole here. Measured:
 
-* ``quick``: `kvhub eval <bundled preset> --needle --quick` as the CLI runs it (:data:`kvhub.eval.QUICK`), its
+* ``quick``: `kvhub eval <books-tuned preset> --needle --quick` as the CLI runs it (:data:`kvhub.eval.QUICK`), its
   perplexity part and its needle part timed separately; the model load is timed apart and not included.
 * ``full``: the units the full run is made of, each once: one 2048-token window through DynamicCache and through the
   preset (the full run has 9), and one needle cell at each length (depth 0.5) through a fresh DynamicCache and
@@ -91,7 +91,7 @@ def main() -> None:
         "command": "python benchmarks/eval_cost.py",
         "model_load_seconds": round(load_seconds, 1),
         "quick": {
-            "what": "measured whole: the work of kvhub eval <bundled preset> --needle --quick (evaluate on the quick "
+            "what": "measured whole: the work of kvhub eval <books-tuned preset> --needle --quick (evaluate on the quick "
                     "windows, then the two needle grids), model load excluded",
             "config": {"windows": quick.windows, "window_tokens": quick.window_tokens,
                        "needle_contexts": list(quick.contexts), "needle_depths": list(quick.depths)},

@@ -1,5 +1,5 @@
-"""What storing the bases in fp16 (preset format 1.1) costs: the bundled SmolLM2 preset (stored in fp32, format 1.0)
-with its basis columns rounded to fp16 in memory, against the same preset as stored, on one 2048-token evaluation
+"""What storing the bases in fp16 (preset format 1.1) costs: the books-tuned SmolLM2 preset (the bundled one then,
+stored in fp32, format 1.0) with its basis columns rounded to fp16 in memory, against the same preset as stored, on one 2048-token evaluation
 window per corpus (the middle of each text, as ``kvhub eval`` takes it), prefilled in 128-token chunks; DynamicCache
 is the baseline. Also the largest orthonormality error of the rounded bases.
 

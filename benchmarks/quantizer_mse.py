@@ -1,7 +1,7 @@
 """How close to Gaussian the coefficients a preset quantizes are, and what Lloyd-Max levels buy on them.
 
 One forward pass of 1024 tokens per evaluation corpus through SmolLM2 records every layer's keys and values (after
-the sink); each stream is projected on the bundled preset's bases and each quantized segment is encoded with
+the sink); each stream is projected on the books-tuned preset's bases and each quantized segment is encoded with
 uniform and with Lloyd-Max levels under an RMS scale (what the values use), at the segment's own bits. Reported per
 corpus and stream: relative MSE of the coefficients (error energy / coefficient energy) for both, and the excess
 kurtosis of the RMS-normalized coefficients (0 for a Gaussian; Lloyd-Max levels for a Gaussian are only optimal
@@ -81,7 +81,7 @@ def main() -> None:
         out[name] = row
         print(name, json.dumps(row), flush=True)
     result = {"command": "python " + " ".join(sys.argv), "hardware": hardware(), "seconds": round(time.time() - t0),
-              "what": "mean over layers of relative coefficient MSE under the bundled preset's layout; kurtosis of "
+              "what": "mean over layers of relative coefficient MSE under the books-tuned preset's layout; kurtosis of "
                       "RMS-normalized coefficients per segment (Gaussian: 0)", "corpora": out}
     (ROOT / "benchmarks" / "results" / "quantizer_mse.json").write_text(json.dumps(result, indent=2) + "\n")
 

@@ -55,6 +55,7 @@ from kvhub.tuning import (TuneConfig, codec_from_rungs, measure_trial, split_cal
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "secondary_sinks.json"
 SEEDS = (0, 1, 2)
+# "bundled 1% preset": the label secondary_sinks.json records for the books-tuned preset, bundled when it ran
 PRESETS = {"bundled 1% preset": ROOT / "benchmarks" / "presets" / "smollm2-1pct-books",
            "3% preset, vector-coded values": ROOT / "benchmarks" / "presets" / "smollm2-3pct-vq"}
 CHUNK, WINDOW_TOKENS, WINDOWS = 128, 2048, 3  # the evaluation protocol (kvhub.eval.EvalConfig)
