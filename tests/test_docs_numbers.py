@@ -452,11 +452,26 @@ def rerun_spread(before: str, after: str) -> str:
     return f"{max(moves):.2f}"
 
 
+def recorded_deltas(path: str) -> dict[str, float]:
+    """A preset's recorded evaluation delta per corpus."""
+    return {c: r["delta_pct"] for c, r in load(path)["metrics"]["perplexity"]["corpora"].items()}
+
+
+def bundled_row_deltas() -> dict[str, float]:
+    """frontier.json's deltas per corpus for the bundled preset (another run of the same files)."""
+    return load(FRONTIER)["rows"][PRESET[1]]["delta_pct"]
+
+
+def largest_move(first: dict[str, float], second: dict[str, float]) -> tuple[float, str]:
+    """The largest difference of one corpus's delta between two measurements of the same codes, and that corpus."""
+    corpus = max(first, key=lambda c: abs(second[c] - first[c]))
+    return abs(second[corpus] - first[corpus]), corpus
+
+
 def eval_moves(before: str, after: str) -> str:
-    """The largest move of one corpus's evaluation delta between two records of the same codes, and that corpus."""
-    first, second = (load(p)["metrics"]["perplexity"]["corpora"] for p in (before, after))
-    corpus = max(first, key=lambda c: abs(second[c]["delta_pct"] - first[c]["delta_pct"]))
-    return f"{abs(second[corpus]['delta_pct'] - first[corpus]['delta_pct']):.2f} points ({corpus})"
+    """:func:`largest_move` between two preset records, as frontier-4.md quotes it."""
+    move, corpus = largest_move(recorded_deltas(before), recorded_deltas(after))
+    return f"{move:.2f} points ({corpus})"
 
 
 def window_spread(data: dict) -> str:
@@ -834,14 +849,13 @@ CLAIMS = [
     Claim(README, "{}", FRONTIER, lambda d: frontier_table()),
     Claim(README, "keys take {}x and", MEASURED, ("metrics", "compression", "keys")),
     Claim(README, "values {}x (the", MEASURED, ("metrics", "compression", "values")),
-    Claim(README, "the bundled preset's needle grid ({})", FRONTIER, lambda d: needle(d["rows"]["kvhub 1% preset (bundled)"]["needle"])),
+    Claim(README, "the bundled preset's needle grid ({})", FRONTIER, lambda d: needle(d["rows"][PRESET[1]]["needle"])),
     Claim(README, "{}", MEASURED, lambda d: domain_table()),
     Claim(README, "decode steps take {}x to", DECODE_BUNDLED, lambda d: min(bundled_steps())),
     Claim(README, "x to {}x the books-tuned preset's", DECODE_BUNDLED, lambda d: max(bundled_steps())),
     Claim(README, "(up to {} in\n[its metrics]", BOOKS_TUNED, worst_pct),
-    Claim(README, "per corpus the two differ by at\nmost {} points", FRONTIER, lambda d: max(
-        abs(d["rows"]["kvhub 1% preset (bundled)"]["delta_pct"][c] - r["delta_pct"])
-        for c, r in load(MEASURED)["metrics"]["perplexity"]["corpora"].items())),
+    Claim(README, "per corpus the two differ by at\nmost {} points", FRONTIER,
+          lambda d: largest_move(recorded_deltas(MEASURED), bundled_row_deltas())[0]),
     Claim(README, "promise only at\n{}:", RETUNED, lambda d: preset_summary(RETUNED)),
     Claim(README, "the three-percent tune gives\n{}: the first", VQ3, lambda d: preset_summary(VQ3)),
     Claim(README, "`kvhub tune --secondary-sinks {}`", SINKS3, sinks_threshold),
@@ -1016,7 +1030,7 @@ CLAIMS = [
     Claim(FRONTIER4, "moved by up to {}, and", MEASURED, lambda d: eval_moves(FRESH1, MEASURED)),
     Claim(FRONTIER4, ", and {} bytes held became", FRESH1, ("metrics", "bytes", "total"), ","),
     Claim(FRONTIER4, "bytes held became {} (one", MEASURED, ("metrics", "bytes", "total"), ","),
-    Claim(FRONTIER4, "same files, next section): {}. Three", FRONTIER, lambda d: frontier_line("kvhub 1% preset (bundled)")),
+    Claim(FRONTIER4, "same files, next section): {}. Three", FRONTIER, lambda d: frontier_line(PRESET[1])),
     Claim(FRONTIER4, "each of its decode steps takes {}x to", DECODE_BUNDLED, lambda d: min(bundled_steps())),
     Claim(FRONTIER4, "x to {}x the books-tuned preset's\n  (`benchmarks", DECODE_BUNDLED, lambda d: max(bundled_steps())),
     Claim(FRONTIER4, "moves by up to {} points between", VECTOR_CODES,
@@ -1399,8 +1413,7 @@ def test_three_measurements_of_the_bundled_preset_agree_within_a_tenth_of_a_poin
     the same windows; per corpus they differ by less than 0.1 points, inside registry verify's tolerance."""
     from kvhub.registry_tools.verify import Tolerances
 
-    records = [{c: r["delta_pct"] for c, r in load(path)["metrics"]["perplexity"]["corpora"].items()}
-               for path in (FRESH1, MEASURED)] + [load(FRONTIER)["rows"]["kvhub 1% preset (bundled)"]["delta_pct"]]
+    records = [recorded_deltas(FRESH1), recorded_deltas(MEASURED), bundled_row_deltas()]
     assert all(sorted(r) == sorted(records[0]) for r in records)
     spread = max(max(r[c] for r in records) - min(r[c] for r in records) for c in records[0])
     assert spread < 0.1 <= Tolerances().ppl_pp
@@ -1409,10 +1422,10 @@ def test_three_measurements_of_the_bundled_preset_agree_within_a_tenth_of_a_poin
 def test_the_bundled_preset_is_the_tune_confirmed_on_fresh_windows_with_its_needle_grid_identical():
     """The issue's numbers are asked of the bundled preset: it must be that tune's codec and bases (not a look-alike),
     and its own recorded needle grid, over the whole protocol, identical to DynamicCache's cell by cell."""
-    from kvhub.eval.needle import CONTEXTS, DEPTHS
-
     import torch
     from safetensors.torch import load_file
+
+    from kvhub.eval.needle import CONTEXTS, DEPTHS
 
     bundled, tuned = load(MEASURED), load(FRESH1)
     assert bundled["codec"] == tuned["codec"] and bundled["calibration"] == tuned["calibration"]
