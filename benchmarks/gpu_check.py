@@ -6,15 +6,16 @@ left of its 8-minute budget). Four parts, each with its checks and their thresho
 * ``smollm2_preset``: SmolLM2-135M-Instruct (the benchmark checkpoint) in bf16 on CUDA with the books-tuned
   one-percent preset (``benchmarks/presets/smollm2-1pct-books``: keys after RoPE, Lloyd-Max values, log8 scales; the
   bundled preset until 2026-12-07). The fused kernels read its codes; today's bundled preset codes keys before RoPE
-  as vector codes with secondary sinks, which decode on the PyTorch backend (README, "Which attention runs when"). ``kvhub.backends.recording()`` must show every decode step served by the Triton
-  backend with no fallback. Against DynamicCache on the same model: top-1 agreement over greedy decode steps after an
-  evaluation-text prompt (both fed the DynamicCache's greedy tokens, so every step compares the same context), the
-  largest logit difference, perplexity of one evaluation window read in 16-token chunks (each chunk after the first
-  reads compressed history through the kernels); decode-step time against DynamicCache + SDPA after a real prefill.
-* ``llama3_8b_layer``: a Llama-3-8B-shaped model (random weights, real widths) with the books-tuned layout at head_dim
-  128, at 4k and 32k tokens, batch 1 and 8. ``attention_only``: one layer's decode attention, transformers' SDPA over
-  the bf16 K/V against ``kvhub.kernels.decode_attention`` over the codes (a few launch configurations), and the
-  kernel's error against SDPA over what the codes decode to. ``model_step``: a whole decode step, both caches
+  as vector codes with secondary sinks, which decode on the PyTorch backend (README, "Which attention runs when").
+  ``kvhub.backends.recording()`` must show every decode step served by the Triton backend with no fallback. Against
+  DynamicCache on the same model: top-1 agreement over greedy decode steps after an evaluation-text prompt (both fed
+  the DynamicCache's greedy tokens, so every step compares the same context), the largest logit difference,
+  perplexity of one evaluation window read in 16-token chunks (each chunk after the first reads compressed history
+  through the kernels); decode-step time against DynamicCache + SDPA after a real prefill.
+* ``llama3_8b_layer``: a Llama-3-8B-shaped model (random weights, real widths) with the books-tuned layout at
+  head_dim 128, at 4k and 32k tokens, batch 1 and 8. ``attention_only``: one layer's decode attention, transformers'
+  SDPA over the bf16 K/V against ``kvhub.kernels.decode_attention`` over the codes (a few launch configurations), and
+  the kernel's error against SDPA over what the codes decode to. ``model_step``: a whole decode step, both caches
   filled with random K/V through their own ``update`` (a real 32k x 8 prefill would dominate the run).
 * ``sliding_flash_masks``: a Mistral-shaped model, every layer sliding (window 4096, 8k context), under the
   flash-attention mask function, which hands kernels no mask at all: the layer alone must hide tokens older than

@@ -29,13 +29,13 @@ from kvhub.integrations.chunks import HEADER_BYTES, ChunkCodec, HeadSlice, from_
 from kvhub.integrations.lmcache import SERDE_TYPE, create_serde  # noqa: E402
 from kvhub.integrations.lmcache_disk import DiskStore  # noqa: E402
 from kvhub.text import read_texts, token_windows  # noqa: E402
-from tests.paths import EVALUATION, PRESETS, ROOT  # noqa: E402
+from tests.paths import BOOKS_TUNED, EVALUATION, PRESETS, ROOT  # noqa: E402
 
 pytestmark = pytest.mark.lmcache
 
 # the attention form takes presets whose keys are coded after RoPE, without secondary sinks: the books-tuned preset
 # (bundled until 2026-12-07); the bundled preset stores its chunks in the storage form, with the same storage codec
-PRESET = ROOT / "benchmarks" / "presets" / "smollm2-1pct-books"
+PRESET = BOOKS_TUNED
 BUNDLED = PRESETS / "HuggingFaceTB--SmolLM2-135M-Instruct"
 CHUNK = 256  # LMCache's default chunk size
 PREFIX, CONTINUATION = 2 * CHUNK, 64

@@ -34,7 +34,7 @@ from kvhub.errors import PresetWriteError
 from kvhub.preset import BASES_NAME, CONFIG_NAME
 from kvhub.preset_files import sha256_file
 from kvhub.recipe import Recipe, import_legacy_preset
-from tests.paths import PRESETS, ROOT
+from tests.paths import BOOKS_TUNED, PRESETS, ROOT
 from tests.tiny_models import VOCAB, tiny_bases, tiny_model
 
 CAL = {"corpus": "random", "corpus_sha256": "0" * 64, "tokens": 256, "seq_len": 64, "sink": 2}
@@ -146,7 +146,7 @@ def test_validate_and_show_take_a_folder_its_config_or_a_model_name(saved, offli
 
 
 def test_show_names_scale_storage_and_levels_with_a_legend(saved, offline_cli):
-    shown = offline_cli("show", str(ROOT / "benchmarks" / "presets" / "smollm2-1pct-books"))[1]
+    shown = offline_cli("show", str(BOOKS_TUNED))[1]
     assert "64x4b token/log8" in shown and "32x4b+32x2b rms/log8 lloyd-max" in shown
     assert "/log8: each scale stored in one byte" in shown and "lloyd-max: non-uniform levels" in shown
     tiny = offline_cli("show", str(saved))[1]  # uniform levels, fp16 scales: no legend for either

@@ -15,7 +15,7 @@ from kvhub.quant import unpack
 from kvhub.quantizers import QUANTIZERS, SCALE_FORMATS, SCALES
 from kvhub.schema import load_schema
 from kvhub.stream import CompressedStream
-from tests.paths import PRESETS
+from tests.paths import BOOKS_TUNED
 
 # MSE of N(0, 1) under the optimal quantizers (Max 1960, Tables I and II): Lloyd-Max and the best uniform step.
 PUBLISHED_MSE = {("lloyd-max", 2): 0.1175, ("lloyd-max", 4): 0.009497, ("uniform", 2): 0.1188, ("uniform", 4): 0.01154}
@@ -84,7 +84,7 @@ def test_default_quantizer_is_bit_identical_to_the_legacy_formula_on_a_calibrate
     """The books-tuned preset's own bases and codec (scalar codes, keys after RoPE; the bundled preset when the
     quantizers became plug-ins): every code equal to the pre-plugin formula's, so its logits are unchanged bit for
     bit (the rest of the path did not change)."""
-    preset = KVPreset.from_pretrained(PRESETS.parent / "benchmarks" / "presets" / "smollm2-1pct-books")
+    preset = KVPreset.from_pretrained(BOOKS_TUNED)
     gen = torch.Generator().manual_seed(3)
     for (i, name), basis in sorted(preset.bases.items())[:6]:
         codec = preset.codec.layers[i].stream(name)

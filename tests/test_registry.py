@@ -28,7 +28,7 @@ from kvhub.registry_tools.verify import compare_needle
 from kvhub.registry_tools.zoo import CLAIMS_HEADING, render_plot
 from tests.conftest import TINY_MODEL_ID
 from tests.hub_server import DEFAULT_TOKEN
-from tests.paths import EVALUATION
+from tests.paths import BOOKS_TUNED, EVALUATION
 from tests.tiny_models import tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -440,8 +440,7 @@ def test_benchmark_preset_verifies_on_cpu(tmp_path, capsys):
     The bundled preset keeps the target it was tuned for (+1% on every domain), so it verifies as it is; the
     books-tuned preset it replaced (+1% on the books' mean) misses it on the whole protocol, and verify refuses that
     one before measuring unless told to let it through."""
-    books = REPO / "benchmarks" / "presets" / "smollm2-1pct-books"
-    error = cli_error(capsys, "registry", "verify", books, "--device", "cpu", "--ppl", EVALUATION, "--report-dir",
+    error = cli_error(capsys, "registry", "verify", BOOKS_TUNED, "--device", "cpu", "--ppl", EVALUATION, "--report-dir",
                       tmp_path / "refused")
     assert "misses the target it was tuned for" in error  # +1% on the books' mean, not on every domain's
     folder = REPO / "presets" / "HuggingFaceTB--SmolLM2-135M-Instruct"

@@ -15,12 +15,11 @@ from kvhub.backends import recording
 from kvhub.eval.agreement import greedy_agreement
 from kvhub.eval.ppl import window_nll
 from kvhub.text import read_texts, token_windows
-from tests.paths import CALIBRATION, EVALUATION, PRESETS, ROOT
+from tests.paths import BOOKS_TUNED, CALIBRATION, EVALUATION, PRESETS, ROOT
 
 pytestmark = pytest.mark.slow
 
 BUNDLED = PRESETS / "HuggingFaceTB--SmolLM2-135M-Instruct"
-BOOKS = ROOT / "benchmarks" / "presets" / "smollm2-1pct-books"  # the bundled preset when agreement.json was measured
 AGREEMENT = ROOT / "benchmarks" / "results" / "agreement.json"
 PPL_BUDGET_PCT = 2.0  # the preset is tuned for +1% (mean of 3 corpora x 3 windows); one window gets twice that
 FORCED_MARGIN = 2  # of 32 teacher-forced positions: other hardware may flip a near tie or two
@@ -77,7 +76,7 @@ def test_books_preset_greedy_agreement_matches_the_benchmark(smollm2, evaluation
     benchmarks/results/agreement.json recorded for the preset it measured (the books-tuned one), less a margin. The teacher-forced count is the
     one asserted: a free-running continuation follows whichever side of a near tie the last bits pick."""
     model, tok = smollm2
-    preset = KVPreset.from_pretrained(BOOKS)
+    preset = KVPreset.from_pretrained(BOOKS_TUNED)  # what agreement.json measured
     recorded = json.loads(AGREEMENT.read_text())
     new_tokens = recorded["new_tokens"]
     expected = next(row for name, row in recorded["rows"].items() if "kvhub 1% preset" in name)["austen_emma"]
